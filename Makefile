@@ -1,0 +1,53 @@
+# The README's commands. `make run` and `make test` create the virtual environment when
+# it is missing (or when pyproject.toml / requirements.lock changed).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch goes in first: a bare `torch` requirement would pull a multi-GB
+# CUDA build. On a GPU machine: make TORCH_SPEC=torch==2.13.0 TORCH_INDEX= (PyPI's CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PORT ?= 3000
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export BENTOML_DO_NOT_TRACK ?= true
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv run test test-fast serve ui lint lock clean
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(BIN)/.installed
+
+run: venv  ## the whole pipeline on params.yaml (the embedded sample by default)
+	$(BIN)/textgate run
+	$(BIN)/textgate status
+
+test: venv  ## every test, the slow end-to-end ones included
+	$(BIN)/pytest
+
+test-fast: venv  ## everything but the end-to-end tests
+	$(BIN)/pytest -m "not slow"
+
+serve: venv  ## serve the production bento on $(PORT)
+	$(BIN)/textgate serve --port $(PORT)
+
+ui: venv  ## a local Prefect server and UI on http://127.0.0.1:4200
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+lock: venv  ## refresh requirements.lock from the current environment
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' > requirements.lock
+
+clean:
+	rm -rf data/validate data/prepare data/train data/evaluate .pytest_cache

@@ -1,0 +1,1 @@
+"""Stage tasks: read files, call the core, write files. Run as `python -m tasks.<stage>`."""

@@ -1,0 +1,57 @@
+"""DVC stage `prepare`: clean, redact, de-duplicate and split the validated raw data."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+from tasks.common import stage_main
+from textgate.config import Params
+from textgate.errors import DataError
+from textgate.io import atomic_path, read_json, read_labelled, write_json
+from textgate.prepare import clean_frame, stratified_split
+
+SPLITS = ("train", "val", "test")
+
+
+def run(params: Params) -> dict[str, int]:
+    """Write train/val/test Parquet files, the label map and cleaning statistics."""
+    data, prepare = params.data, params.prepare
+    labels = read_json(params.validate_.output_dir / "report.json")["labels"]
+    frame, stats = clean_frame(
+        read_labelled(data.train_path, data.text_column, data.label_column), prepare.redact_pii
+    )
+    if data.test_path is None:
+        fractions = {"val": prepare.val_fraction, "test": prepare.test_fraction}
+        parts = stratified_split(frame, fractions, prepare.seed)
+    else:
+        test, test_stats = clean_frame(
+            read_labelled(data.test_path, data.text_column, data.label_column), prepare.redact_pii
+        )
+        parts = stratified_split(frame, {"val": prepare.val_fraction}, prepare.seed)
+        parts["test"] = test
+        stats_test = asdict(test_stats)
+    unknown = sorted(set().union(*(set(part["label"]) for part in parts.values())) - set(labels))
+    if unknown:
+        raise DataError(f"labels not in the validated label set: {unknown}")
+
+    out = prepare.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            parts[name].to_parquet(tmp, index=False)
+    write_json(out / "label_map.json", {"labels": labels})
+    sizes = {name: len(parts[name]) for name in SPLITS}
+    summary = {"splits": sizes, "train_file": asdict(stats)}
+    if data.test_path is not None:
+        summary["test_file"] = stats_test
+    write_json(out / "stats.json", summary)
+    print(
+        f"prepare: {sizes}; PII redacted {stats.pii_redacted}; "
+        f"{stats.duplicates_dropped} duplicates dropped"
+    )
+    return sizes
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("prepare", run))

@@ -1,0 +1,69 @@
+"""DVC stage `train`: fine-tune the base encoder on the prepared splits and save the model."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import asdict
+
+import pandas as pd
+import torch
+import transformers
+
+from tasks.common import stage_main
+from textgate.config import Params
+from textgate.io import read_json, write_json
+from textgate.model import build_classifier, save_classifier, select_device
+from textgate.training import train_classifier
+
+
+def run(params: Params) -> dict[str, float]:
+    """Train, then write `model/` (weights, tokenizer, label map, metadata) and metrics.json."""
+    config, prepared = params.train, params.prepare.output_dir
+    labels: list[str] = read_json(prepared / "label_map.json")["labels"]
+    label_ids = {label: index for index, label in enumerate(labels)}
+    train = pd.read_parquet(prepared / "train.parquet")
+    val = pd.read_parquet(prepared / "val.parquet")
+    device = select_device(config.device)
+    print(f"train: {len(train)} examples, {len(labels)} labels, {config.base_model} on {device}")
+
+    model, tokenizer = build_classifier(config.base_model, labels)
+    result = train_classifier(
+        model,
+        tokenizer,
+        train["text"].tolist(),
+        train["label"].map(label_ids).tolist(),
+        val["text"].tolist(),
+        val["label"].map(label_ids).tolist(),
+        config,
+        device,
+    )
+    metadata = {
+        "base_model": config.base_model,
+        "max_length": config.max_length,
+        "redact_pii": params.prepare.redact_pii,
+        "labels": labels,
+        "train_config": config.model_dump(mode="json"),
+        "train_examples": len(train),
+        "val_examples": len(val),
+        "result": asdict(result),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    save_classifier(model.cpu(), tokenizer, labels, metadata, config.output_dir / "model")
+    metrics = {
+        "val_accuracy": result.val_accuracy,
+        "val_macro_f1": result.val_macro_f1,
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.seconds, 2),
+        "samples_per_second": round(result.samples_per_second, 2),
+    }
+    write_json(config.output_dir / "metrics.json", metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("train", run))

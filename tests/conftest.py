@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny randomly initialised BERT (no download) and tiny datasets."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Few distinctive words per intent, so a tiny model learns them in a couple of epochs.
+INTENT_WORDS = {
+    "refund": ["refund", "money back", "reimburse", "return my payment"],
+    "lost_card": ["lost card", "stolen card", "card missing", "wallet stolen"],
+    "login": ["password", "login", "sign in", "locked out"],
+}
+FILLERS = ["hi", "hello", "please help", "thanks", "urgent", "today", "asap", "team"]
+
+
+def make_rows(per_class: int = 12, seed: int = 0) -> list[tuple[str, str]]:
+    """A few dozen unique (text, label) rows over three intents."""
+    rng = random.Random(seed)
+    rows: list[tuple[str, str]] = []
+    for label, words in INTENT_WORDS.items():
+        seen: set[str] = set()
+        while len(seen) < per_class:
+            text = f"{rng.choice(FILLERS)} {rng.choice(words)} {rng.choice(FILLERS)} {len(seen)}"
+            seen.add(text)
+        rows += [(text, label) for text in sorted(seen)]
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label") -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header.split(","))
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer BERT (hidden size 32) with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from textgate.model import resolve_base_model
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("bundled:all-MiniLM-L6-v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> Path:
+    """An untrained but complete textgate model directory (for serving and packaging tests)."""
+    from textgate.model import build_classifier, save_classifier
+
+    labels = sorted(INTENT_WORDS)
+    model, tokenizer = build_classifier(str(tiny_base_model), labels)
+    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    metadata = {"max_length": 32, "redact_pii": True, "base_model": str(tiny_base_model)}
+    return save_classifier(model, tokenizer, labels, metadata, out)

@@ -1,0 +1,45 @@
+"""Helpers shared by tests: params built from the real params.yaml with overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from textgate.config import Params, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_overrides(work: Path, base_model: Path) -> dict[str, Any]:
+    """Paths under `work`, a tiny model and settings that train in seconds."""
+    return {
+        "data": {"raw_dir": str(work / "raw"), "train_file": "train.csv"},
+        "validate": {"output_dir": str(work / "validate"), "min_examples_per_class": 5},
+        "prepare": {"output_dir": str(work / "prepare"), "val_fraction": 0.2,
+                    "test_fraction": 0.2},
+        "train": {"output_dir": str(work / "train"), "base_model": str(base_model),
+                  "epochs": 2, "batch_size": 8, "max_length": 32, "learning_rate": 1.0e-3},
+        "evaluate": {"output_dir": str(work / "evaluate")},
+        "registry": {"path": str(work / "registry.json")},
+    }
+
+
+def make_params(overrides: dict[str, Any]) -> Params:
+    return parse_params(merge(raw_params(), overrides))

@@ -1,0 +1,165 @@
+"""Typed mirror of params.yaml: frozen models that reject unknown keys and wrong types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from textgate.errors import ConfigError
+
+# YAML gives strings for paths; everything else must have the right type as written.
+FilePath = Annotated[Path, Field(strict=False)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class DataConfig(_Section):
+    raw_dir: FilePath
+    train_file: str
+    test_file: str | None
+    text_column: str = Field(min_length=1)
+    label_column: str = Field(min_length=1)
+    labels: list[str] | None
+
+    @property
+    def train_path(self) -> Path:
+        return self.raw_dir / self.train_file
+
+    @property
+    def test_path(self) -> Path | None:
+        return None if self.test_file is None else self.raw_dir / self.test_file
+
+
+class ValidateConfig(_Section):
+    output_dir: FilePath
+    min_text_chars: int = Field(ge=1)
+    max_text_chars: int = Field(ge=1)
+    min_examples_per_class: int = Field(ge=1)
+    max_duplicate_fraction: float = Field(ge=0, le=1)
+    max_conflicting_texts: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError("min_text_chars must not exceed max_text_chars")
+        return self
+
+
+class PrepareConfig(_Section):
+    output_dir: FilePath
+    seed: int
+    val_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    redact_pii: bool
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PrepareConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        return self
+
+
+class TrainConfig(_Section):
+    output_dir: FilePath
+    base_model: str = Field(min_length=1)
+    max_length: int = Field(ge=8, le=4096)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    mixed_precision: Literal["auto", "off"]
+
+
+class EvaluateConfig(_Section):
+    output_dir: FilePath
+    batch_size: int = Field(ge=1)
+
+
+class GateConfig(_Section):
+    min_accuracy: float = Field(ge=0, le=1)
+    min_macro_f1: float = Field(ge=0, le=1)
+
+
+class PackageConfig(_Section):
+    model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    bentofile: FilePath
+
+
+class RegistryConfig(_Section):
+    path: FilePath
+
+
+class ServeConfig(_Section):
+    port: int = Field(ge=1, le=65535)
+
+
+class Params(_Section):
+    data: DataConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    prepare: PrepareConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    gate: GateConfig
+    package: PackageConfig
+    registry: RegistryConfig
+    serve: ServeConfig
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = where.replace("validate_", "validate")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (misspelt or not supported)")
+        elif item["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        else:
+            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping; raise ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source} is invalid:\n{_format_errors(error)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with the file and key at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_params(raw, source=str(path))
+
+
+def resolve_paths(params: Params, root: Path) -> Params:
+    """The same params with every relative path made absolute under `root` (the repo)."""
+    sections = {}
+    for name in Params.model_fields:
+        section = getattr(params, name)
+        updates = {
+            field: root / value
+            for field, value in section
+            if isinstance(value, Path) and not value.is_absolute()
+        }
+        sections[name] = section.model_copy(update=updates)
+    return params.model_copy(update=sections)
