@@ -32,10 +32,15 @@ def tiny_overrides(work: Path, base_model: Path) -> dict[str, Any]:
     return {
         "data": {"raw_dir": str(work / "raw"), "train_file": "train.csv"},
         "validate": {"output_dir": str(work / "validate"), "min_examples_per_class": 5},
-        "prepare": {"output_dir": str(work / "prepare"), "val_fraction": 0.2,
-                    "test_fraction": 0.2},
-        "train": {"output_dir": str(work / "train"), "base_model": str(base_model),
-                  "epochs": 2, "batch_size": 8, "max_length": 32, "learning_rate": 1.0e-3},
+        "prepare": {"output_dir": str(work / "prepare"), "val_fraction": 0.2, "test_fraction": 0.2},
+        "train": {
+            "output_dir": str(work / "train"),
+            "base_model": str(base_model),
+            "epochs": 2,
+            "batch_size": 8,
+            "max_length": 32,
+            "learning_rate": 1.0e-3,
+        },
         "evaluate": {"output_dir": str(work / "evaluate")},
         "registry": {"path": str(work / "registry.json")},
     }

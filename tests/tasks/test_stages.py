@@ -50,8 +50,13 @@ def test_train_and_evaluate_write_a_complete_model_and_metrics(params):
     prepare.run(params)
     metrics = train.run(params)
     model_dir = params.train.output_dir / "model"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "label_map.json",
-                 "training.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "label_map.json",
+        "training.json",
+    ):
         assert (model_dir / name).is_file(), name
     assert not list(params.train.output_dir.glob(".model.*")), "staging dir left behind"
     meta = json.loads((model_dir / "training.json").read_text())
@@ -63,8 +68,7 @@ def test_train_and_evaluate_write_a_complete_model_and_metrics(params):
     written = json.loads((out / "metrics.json").read_text())
     assert written["accuracy"] == pytest.approx(result.accuracy)
     assert written["n_test"] == len(pd.read_parquet(params.prepare.output_dir / "test.parquet"))
-    assert set(json.loads((out / "per_class.json").read_text())) == {"lost_card", "login",
-                                                                      "refund"}
+    assert set(json.loads((out / "per_class.json").read_text())) == {"lost_card", "login", "refund"}
     confusion = pd.read_csv(out / "confusion.csv")
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == result.n
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
