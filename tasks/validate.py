@@ -1,0 +1,380 @@
+"""Stage `validate`: check the raw labelled data with Great Expectations before anything trains.
+
+Writes `report.json` and Great Expectations Data Docs (`data_docs/index.html`) to
+`validate.output_dir`, then raises StageFailed (exit 1) when any check fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tasks.common import StageFailed, stage_main
+from textgate import validation as v
+from textgate.config import Params
+from textgate.io import read_labelled, write_json
+
+REPORT_FILE = "report.json"
+DATA_DOCS_DIR = "data_docs"
+DATA_DOCS_SITE = "textgate"
+EXAMPLES = 5  # offending rows or classes kept per check in report.json
+
+# The frames expectations run on; each is one Great Expectations asset, suite and validation.
+TRAIN_ROWS = "train_rows"  # v.row_features of the train file
+TRAIN_CLASSES = "train_classes"  # v.class_counts of the train labels
+TRAIN_TEXTS = "train_texts"  # v.text_conflicts of the train rows
+TEST_ROWS = "test_rows"  # v.row_features of the test file
+
+Frames = dict[str, pd.DataFrame]
+Result = dict[str, Any]  # the `result` dict of one Great Expectations expectation result
+Examples = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One expectation (by class name), the frame it runs on, and how to word its result."""
+
+    name: str
+    table: str
+    expectation: str  # class name in great_expectations.expectations
+    kwargs: dict[str, Any]
+    summarise: Callable[[Result, Frames], str]
+    examples: Callable[[Result, Frames], Examples]
+
+
+def _no_examples(result: Result, frames: Frames) -> Examples:
+    return []
+
+
+def _unexpected_rows(table: str) -> Callable[[Result, Frames], Examples]:
+    """Offending rows as Great Expectations lists them (by index of the row frame)."""
+
+    def examples(result: Result, frames: Frames) -> Examples:
+        index = result.get("partial_unexpected_index_list") or []
+        return v.row_examples(frames[table], index, EXAMPLES)
+
+    return examples
+
+
+def _counted(table: str, what: str) -> Callable[[Result, Frames], str]:
+    """Summary of a row check: 'N of M <what>; allowed: 0.'"""
+
+    def summarise(result: Result, frames: Frames) -> str:
+        total = result.get("element_count", len(frames[table]))
+        return f"{result.get('unexpected_count', 0)} of {total} {what}; allowed: 0."
+
+    return summarise
+
+
+def _row_checks(params: Params, table: str, labels: list[str], set_name: str) -> list[_Check]:
+    """Column, null, blank, length and label-set checks of one row frame (train or test)."""
+    data, cfg = params.data, params.validate_
+    is_test = table == TEST_ROWS
+    prefix, rows = ("test_", "test rows") if is_test else ("", "rows")
+    offending = _unexpected_rows(table)
+
+    def required_columns(result: Result, frames: Frames) -> str:
+        return (
+            f"The text column {data.text_column!r} and the label column {data.label_column!r} "
+            f"are present ({len(frames[table])} {rows})."
+        )
+
+    def text_length(result: Result, frames: Frames) -> str:
+        lengths = frames[table][v.TEXT_CHARS].dropna()
+        observed = f"observed {lengths.min():.0f}-{lengths.max():.0f}" if len(lengths) else "none"
+        return (
+            f"{result.get('unexpected_count', 0)} of {len(lengths)} non-blank texts are outside "
+            f"{cfg.min_text_chars}-{cfg.max_text_chars} characters after stripping whitespace "
+            f"({observed}); allowed: 0."
+        )
+
+    def labels_in_set(result: Result, frames: Frames) -> str:
+        found = sorted(set(frames[table][v.LABEL].dropna()) - set(labels))
+        more = ", …" if len(found) > EXAMPLES else ""
+        seen = f" (found {', '.join(map(repr, found[:EXAMPLES]))}{more})" if found else ""
+        total = result.get("element_count", len(frames[table]))
+        return (
+            f"{result.get('unexpected_count', 0)} of {total} {rows} have a label outside the "
+            f"{set_name} [{', '.join(labels)}]{seen}; allowed: 0."
+        )
+
+    checks = [
+        _Check(
+            "required_columns",
+            table,
+            "ExpectTableColumnsToMatchSet",
+            {"column_set": [v.TEXT, v.LABEL], "exact_match": False},
+            required_columns,
+            _no_examples,
+        ),
+        _Check(
+            "text_not_null",
+            table,
+            "ExpectColumnValuesToNotBeNull",
+            {"column": v.TEXT},
+            _counted(table, f"{rows} have a null text"),
+            offending,
+        ),
+        _Check(
+            "text_not_empty",
+            table,
+            "ExpectColumnValuesToBeInSet",
+            {"column": v.TEXT_BLANK, "value_set": [False]},
+            _counted(table, f"{rows} have a text that is empty after stripping whitespace"),
+            offending,
+        ),
+        _Check(
+            "text_length",
+            table,
+            "ExpectColumnValuesToBeBetween",
+            {
+                "column": v.TEXT_CHARS,
+                "min_value": cfg.min_text_chars,
+                "max_value": cfg.max_text_chars,
+            },
+            text_length,
+            offending,
+        ),
+        _Check(
+            "label_not_null",
+            table,
+            "ExpectColumnValuesToNotBeNull",
+            {"column": v.LABEL},
+            _counted(table, f"{rows} have no label (null or blank)"),
+            offending,
+        ),
+        _Check(
+            "labels_in_set",
+            table,
+            "ExpectColumnValuesToBeInSet",
+            {"column": v.LABEL, "value_set": labels},
+            labels_in_set,
+            offending,
+        ),
+    ]
+    if is_test:
+        # The tokenizer truncates long test texts like any served input: not a data error.
+        checks = [check for check in checks if check.name != "text_length"]
+    return [
+        _Check(prefix + c.name, c.table, c.expectation, c.kwargs, c.summarise, c.examples)
+        for c in checks
+    ]
+
+
+def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
+    """Class-size, duplicate, conflict and train/test overlap checks of the train file."""
+    cfg = params.validate_
+
+    def min_examples(result: Result, frames: Frames) -> str:
+        classes = frames[TRAIN_CLASSES]
+        need = cfg.min_examples_per_class
+        if classes.empty:
+            return (
+                f"No labelled rows, so there are no classes to count; required: {need} per class."
+            )
+        smallest = classes.loc[classes[v.N_EXAMPLES].idxmin()]
+        return (
+            f"{result.get('unexpected_count', 0)} of {len(classes)} classes have fewer than {need} "
+            f"examples (smallest: {smallest[v.LABEL]!r} with {smallest[v.N_EXAMPLES]}); "
+            f"required: at least {need} per class."
+        )
+
+    def offending_classes(result: Result, frames: Frames) -> Examples:
+        index = result.get("partial_unexpected_index_list") or []
+        return v.class_examples(frames[TRAIN_CLASSES], index, EXAMPLES)
+
+    def duplicate_fraction(result: Result, frames: Frames) -> str:
+        rows = frames[TRAIN_ROWS]
+        n_duplicates = int(rows[v.IS_DUPLICATE].sum())
+        return (
+            f"{n_duplicates} of {len(rows)} rows ({n_duplicates / len(rows):.1%}) repeat an "
+            f"earlier row's text and label; allowed: at most {cfg.max_duplicate_fraction:.1%}."
+        )
+
+    def duplicate_rows(result: Result, frames: Frames) -> Examples:
+        rows = frames[TRAIN_ROWS]
+        return v.row_examples(rows, rows.index[rows[v.IS_DUPLICATE]], EXAMPLES)
+
+    def conflicting(result: Result, frames: Frames) -> str:
+        texts = frames[TRAIN_TEXTS]
+        return (
+            f"{int(texts[v.CONFLICTING].sum())} of {len(texts)} distinct texts appear with more "
+            f"than one label; allowed: at most {cfg.max_conflicting_texts}."
+        )
+
+    def conflicting_rows(result: Result, frames: Frames) -> Examples:
+        rows = frames[TRAIN_ROWS]
+        return v.row_examples(rows, v.conflicting_rows(rows).index, EXAMPLES)
+
+    checks = [
+        _Check(
+            "min_examples_per_class",
+            TRAIN_CLASSES,
+            "ExpectColumnValuesToBeBetween",
+            {"column": v.N_EXAMPLES, "min_value": cfg.min_examples_per_class},
+            min_examples,
+            offending_classes,
+        ),
+        _Check(
+            # The mean of a 0/1 column is the fraction itself: exact at the threshold, where
+            # `mostly=1 - fraction` can miss by a rounding error.
+            "duplicate_fraction",
+            TRAIN_ROWS,
+            "ExpectColumnMeanToBeBetween",
+            {"column": v.IS_DUPLICATE, "max_value": cfg.max_duplicate_fraction},
+            duplicate_fraction,
+            duplicate_rows,
+        ),
+        _Check(
+            "conflicting_labels",
+            TRAIN_TEXTS,
+            "ExpectColumnSumToBeBetween",
+            {"column": v.CONFLICTING, "max_value": cfg.max_conflicting_texts},
+            conflicting,
+            conflicting_rows,
+        ),
+    ]
+    if has_test:
+        checks.append(
+            _Check(
+                "train_test_overlap",
+                TRAIN_ROWS,
+                "ExpectColumnValuesToBeInSet",
+                {"column": v.IN_TEST, "value_set": [False]},
+                _counted(TRAIN_ROWS, "train rows have a text that also appears in the test file"),
+                _unexpected_rows(TRAIN_ROWS),
+            )
+        )
+    return checks
+
+
+def _quiet_great_expectations() -> None:
+    """Switch off usage statistics before Great Expectations is imported."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+def _run_expectations(checks: list[_Check], frames: Frames, docs_dir: Path) -> dict[str, Result]:
+    """Validate each frame with its suite in an ephemeral context and build Data Docs.
+
+    Returns:
+        The `result` dict of each check by name, with `success` and `exception` added.
+    """
+    _quiet_great_expectations()
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    context.add_data_docs_site(
+        DATA_DOCS_SITE,
+        {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir),
+            },
+        },
+    )
+    source = context.data_sources.add_pandas("textgate")
+    results: dict[str, Result] = {}
+    for table, frame in frames.items():
+        table_checks = [check for check in checks if check.table == table]
+        if not table_checks:
+            continue
+        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe(table)
+        suite = context.suites.add(gx.ExpectationSuite(name=table))
+        for check in table_checks:
+            kind = getattr(gxe, check.expectation)
+            suite.add_expectation(kind(meta={"name": check.name}, **check.kwargs))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=table, data=batch, suite=suite)
+        )
+        outcome = definition.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES},
+        )
+        for item in outcome.results:
+            info = item.exception_info or {}
+            results[item.expectation_config.meta["name"]] = {
+                **item.result,
+                "success": bool(item.success),
+                "exception": info.get("exception_message")
+                if info.get("raised_exception")
+                else None,
+            }
+    context.build_data_docs(site_names=[DATA_DOCS_SITE])
+    return results
+
+
+def _check_result(check: _Check, result: Result, frames: Frames) -> v.CheckResult:
+    """Word one Great Expectations result as a report entry."""
+    if result["exception"]:
+        summary = f"Could not be evaluated: {result['exception']}"
+        return v.CheckResult(check.name, False, summary, [])
+    examples = [] if result["success"] else check.examples(result, frames)
+    return v.CheckResult(check.name, result["success"], check.summarise(result, frames), examples)
+
+
+def run(params: Params) -> v.ValidationReport:
+    """Validate the raw train (and test) data with Great Expectations; exit 1 on a failed check."""
+    data, cfg = params.data, params.validate_
+    docs_dir = cfg.output_dir / DATA_DOCS_DIR
+    # Outputs of an earlier run must not outlive a run that stops on bad input, and pages of
+    # earlier runs must not linger in the Data Docs index.
+    (cfg.output_dir / REPORT_FILE).unlink(missing_ok=True)
+    shutil.rmtree(docs_dir, ignore_errors=True)
+    train = read_labelled(data.train_path, data.text_column, data.label_column)
+    test = None
+    if data.test_path is not None:
+        test = read_labelled(data.test_path, data.text_column, data.label_column)
+
+    if data.labels is not None:
+        labels, label_source = list(data.labels), "declared"
+    else:
+        labels, label_source = v.infer_labels(train[v.LABEL]), "inferred"
+
+    rows = v.row_features(train, test_texts=() if test is None else test[v.TEXT])
+    counts = v.class_counts(train[v.LABEL], data.labels)
+    frames: Frames = {
+        TRAIN_ROWS: rows,
+        # Undeclared labels already fail `labels_in_set`; their size is not checked again.
+        TRAIN_CLASSES: counts[counts[v.LABEL].isin(labels)].reset_index(drop=True),
+        TRAIN_TEXTS: v.text_conflicts(rows),
+    }
+    checks = _row_checks(params, TRAIN_ROWS, labels, f"{label_source} label set")
+    if test is not None:
+        frames[TEST_ROWS] = v.row_features(test)
+        checks += _row_checks(params, TEST_ROWS, labels, f"training label set ({label_source})")
+    checks += _dataset_checks(params, has_test=test is not None)
+
+    docs_dir.mkdir(parents=True)
+    results = _run_expectations(checks, frames, docs_dir.resolve())
+
+    report = v.ValidationReport(
+        n_rows=len(train),
+        n_test_rows=None if test is None else len(test),
+        labels=labels,
+        label_source=label_source,
+        class_counts=dict(zip(counts[v.LABEL], map(int, counts[v.N_EXAMPLES]), strict=True)),
+        checks=[_check_result(check, results[check.name], frames) for check in checks],
+    )
+    write_json(cfg.output_dir / REPORT_FILE, report.to_dict())
+    if not report.success:
+        raise StageFailed(
+            f"{v.format_failures(report)}\n"
+            f"Details: {cfg.output_dir / REPORT_FILE} and {docs_dir / 'index.html'}"
+        )
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main("validate", run))

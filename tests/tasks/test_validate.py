@@ -1,0 +1,312 @@
+"""The validate stage on tiny files: clean data passes, each check can fail, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks import validate
+from tasks.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, stage_main
+from tests.conftest import REPO_ROOT, make_rows, write_csv
+from textgate.config import Params, parse_params
+
+Rows = list[tuple[Any, Any]]
+
+
+def params_dict(tmp_path: Path, data: dict[str, Any], **checks: Any) -> dict[str, Any]:
+    """The real params.yaml pointed at `tmp_path`, with thresholds for tiny data."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw["data"].update({"raw_dir": str(tmp_path / "raw"), "train_file": "train.csv", **data})
+    raw["validate"].update(
+        {"output_dir": str(tmp_path / "validate"), "min_examples_per_class": 3, **checks}
+    )
+    return raw
+
+
+def make_params(tmp_path: Path, data: dict[str, Any] | None = None, **checks: Any) -> Params:
+    return parse_params(params_dict(tmp_path, data or {}, **checks))
+
+
+def run_stage(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    data: dict[str, Any] | None = None,
+    **checks: Any,
+) -> tuple[int, str, dict[str, Any] | None]:
+    """Run `python -m tasks.validate` in-process; return exit code, stderr and report.json."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params_dict(tmp_path, data or {}, **checks)), encoding="utf-8")
+    code = stage_main("validate", validate.run, ["--params", str(path)])
+    report_path = tmp_path / "validate" / "report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else None
+    return code, capsys.readouterr().err, report
+
+
+def check(report: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(item for item in report["checks"] if item["name"] == name)
+
+
+def failed_names(report: dict[str, Any]) -> list[str]:
+    return [item["name"] for item in report["checks"] if not item["success"]]
+
+
+TRAIN_CHECKS = [
+    "required_columns",
+    "text_not_null",
+    "text_not_empty",
+    "text_length",
+    "label_not_null",
+    "labels_in_set",
+    "min_examples_per_class",
+    "duplicate_fraction",
+    "conflicting_labels",
+]
+
+
+def test_clean_dataset_passes_and_writes_report_and_data_docs(tmp_path):
+    rows = make_rows(per_class=4)
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    params = make_params(tmp_path)
+    report = validate.run(params)
+    assert report.success
+    written = json.loads((tmp_path / "validate" / "report.json").read_text(encoding="utf-8"))
+    assert written == report.to_dict()
+    assert list(written) == [
+        "success",
+        "n_rows",
+        "n_test_rows",
+        "labels",
+        "label_source",
+        "class_counts",
+        "checks",
+    ]
+    assert written["success"] is True
+    assert written["n_rows"] == len(rows)
+    assert written["n_test_rows"] is None
+    assert written["labels"] == ["login", "lost_card", "refund"]
+    assert written["label_source"] == "inferred"
+    assert written["class_counts"] == {"login": 4, "lost_card": 4, "refund": 4}
+    assert [item["name"] for item in written["checks"]] == TRAIN_CHECKS
+    for item in written["checks"]:
+        assert item["success"] is True
+        assert item["examples"] == []
+        assert item["summary"].endswith(".")
+    index = tmp_path / "validate" / "data_docs" / "index.html"
+    assert index.is_file()
+    assert "train_rows" in index.read_text(encoding="utf-8")
+
+
+def test_declared_labels_and_a_clean_test_file_pass(tmp_path, capsys):
+    rows = make_rows(per_class=6)
+    write_csv(tmp_path / "raw" / "train.csv", rows[::2])
+    write_csv(tmp_path / "raw" / "test.csv", rows[1::2])
+    labels = ["refund", "lost_card", "login"]
+    code, err, report = run_stage(tmp_path, capsys, {"test_file": "test.csv", "labels": labels})
+    assert code == 0, err
+    assert report["success"] is True
+    assert report["labels"] == labels
+    assert report["label_source"] == "declared"
+    assert report["n_test_rows"] == 9
+    assert list(report["class_counts"]) == labels
+    names = [item["name"] for item in report["checks"]]
+    assert "train_test_overlap" in names
+    assert "test_labels_in_set" in names and "test_text_not_null" in names
+
+
+def test_duplicates_exactly_at_the_threshold_pass(tmp_path, capsys):
+    rows = make_rows(per_class=6)[:-2]  # 16 unique rows + 2 duplicates: 2/18 = 0.111...
+    rows += rows[:2]
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    code, err, report = run_stage(tmp_path, capsys, max_duplicate_fraction=2 / 18)
+    assert code == 0, err
+    assert "2 of 18 rows" in check(report, "duplicate_fraction")["summary"]
+
+
+LONG_TEXT = "please help with my refund " * 80  # 2160 characters: over max_text_chars=2000
+
+# (name, extra train rows, extra data params, failing check, offending text in the message)
+FAILURES = [
+    ("empty text", [("", "refund")], {}, "text_not_empty", '""'),
+    ("blank text", [("   ", "login")], {}, "text_not_empty", '"   "'),
+    ("too long", [(LONG_TEXT, "refund")], {}, "text_length", LONG_TEXT[:79] + "…"),
+    ("too short", [("x", "login")], {}, "text_length", '"x"'),
+    ("missing label", [("hello what is this", "")], {}, "label_not_null", "hello what is this"),
+    (
+        "label not declared",
+        [("hello my parcel is late", "delivery"), ("where is my parcel", "delivery")],
+        {"labels": ["refund", "lost_card", "login"]},
+        "labels_in_set",
+        "hello my parcel is late",
+    ),
+    (
+        "class with one example",
+        [("one lonely example", "rare")],
+        {},
+        "min_examples_per_class",
+        "rare",
+    ),
+    (
+        "declared class without examples",
+        [],
+        {"labels": ["refund", "lost_card", "login", "delivery"]},
+        "min_examples_per_class",
+        "delivery",
+    ),
+    (
+        "too many duplicates",
+        [("hi refund thanks", "refund")] * 2 + [("hi login thanks", "login")] * 2,
+        {},
+        "duplicate_fraction",
+        "hi login thanks",
+    ),
+    (
+        "conflicting labels",
+        [("my card and my password", "lost_card"), ("my card and  my password", "login")],
+        {},
+        "conflicting_labels",
+        "my card and my password",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "data", "name", "offending"),
+    [case[1:] for case in FAILURES],
+    ids=[case[0] for case in FAILURES],
+)
+def test_each_check_fails_for_its_reason(tmp_path, capsys, extra, data, name, offending):
+    rows = make_rows(per_class=4) + extra
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    code, err, report = run_stage(tmp_path, capsys, data)
+    assert code == EXIT_CHECK_FAILED, err
+    assert err.startswith("validate failed: ")
+    assert f"- {name}: " in err
+    assert offending in err
+    assert report["success"] is False
+    assert failed_names(report) == [name]
+    failed = check(report, name)
+    assert failed["examples"]
+    assert offending.strip('"').rstrip("…") in json.dumps(failed["examples"], ensure_ascii=False)
+    assert (tmp_path / "validate" / "data_docs" / "index.html").is_file()
+
+
+def test_offending_rows_are_0_based_data_rows(tmp_path, capsys):
+    rows = make_rows(per_class=4)
+    rows.insert(5, ("   ", "refund"))
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    code, err, report = run_stage(tmp_path, capsys)
+    assert code == EXIT_CHECK_FAILED
+    assert check(report, "text_not_empty")["examples"] == [
+        {"row": 5, "text": "   ", "label": "refund"}
+    ]
+    assert "row 5 [label 'refund']" in err
+
+
+def test_null_text_in_parquet_fails_text_not_null(tmp_path, capsys):
+    rows = make_rows(per_class=4) + [(None, "refund")]
+    (tmp_path / "raw").mkdir()
+    pd.DataFrame(rows, columns=["text", "label"]).to_parquet(tmp_path / "raw" / "train.parquet")
+    code, err, report = run_stage(tmp_path, capsys, {"train_file": "train.parquet"})
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["text_not_null"]
+    assert check(report, "text_not_null")["examples"] == [
+        {"row": 12, "text": None, "label": "refund"}
+    ]
+    assert "- text_not_null: 1 of 13 rows have a null text" in err
+    assert "row 12 [label 'refund']: <null>" in err
+
+
+def test_several_failures_are_all_listed(tmp_path, capsys):
+    rows = make_rows(per_class=4) + [("", "refund"), ("x", "login"), ("only one", "rare")]
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    code, err, report = run_stage(tmp_path, capsys)
+    assert code == EXIT_CHECK_FAILED
+    assert failed_names(report) == ["text_not_empty", "text_length", "min_examples_per_class"]
+    assert "3 of 9 data checks failed" in err
+
+
+def test_train_test_overlap_fails(tmp_path, capsys):
+    rows = make_rows(per_class=6)
+    train, test = rows[::2], rows[1::2] + [rows[0]]
+    write_csv(tmp_path / "raw" / "train.csv", train)
+    write_csv(tmp_path / "raw" / "test.csv", test)
+    code, err, report = run_stage(tmp_path, capsys, {"test_file": "test.csv"})
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["train_test_overlap"]
+    assert "- train_test_overlap: 1 of 9 train rows" in err
+    assert rows[0][0] in err
+    assert check(report, "train_test_overlap")["examples"] == [
+        {"row": 0, "text": rows[0][0], "label": rows[0][1]}
+    ]
+
+
+def test_test_label_unseen_in_train_fails(tmp_path, capsys):
+    rows = make_rows(per_class=6)
+    write_csv(tmp_path / "raw" / "train.csv", rows[::2])
+    write_csv(tmp_path / "raw" / "test.csv", rows[1::2] + [("where is my parcel", "delivery")])
+    code, err, report = run_stage(tmp_path, capsys, {"test_file": "test.csv"})
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["test_labels_in_set"]
+    assert "where is my parcel" in err
+    assert "(found 'delivery')" in err
+    assert report["n_test_rows"] == 10
+    assert check(report, "test_labels_in_set")["examples"] == [
+        {"row": 9, "text": "where is my parcel", "label": "delivery"}
+    ]
+
+
+def test_test_file_with_blank_text_fails(tmp_path, capsys):
+    rows = make_rows(per_class=6)
+    write_csv(tmp_path / "raw" / "train.csv", rows[::2])
+    write_csv(tmp_path / "raw" / "test.csv", rows[1::2] + [(" ", "refund")])
+    code, err, report = run_stage(tmp_path, capsys, {"test_file": "test.csv"})
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["test_text_not_empty"]
+
+
+def test_parquet_input_passes(tmp_path, capsys):
+    (tmp_path / "raw").mkdir()
+    frame = pd.DataFrame(make_rows(per_class=4), columns=["message", "intent"])
+    frame.to_parquet(tmp_path / "raw" / "train.parquet")
+    data = {"train_file": "train.parquet", "text_column": "message", "label_column": "intent"}
+    code, err, report = run_stage(tmp_path, capsys, data)
+    assert code == 0, err
+    assert report["success"] is True
+    assert "'message'" in check(report, "required_columns")["summary"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "data file not found"),
+        (b"message,label\nhello there,refund\n", "missing required column(s) ['text']"),
+        (b"text,label\n", "has no rows"),
+        (b"text,label\nhello \xff\xfe,refund\n", "not valid UTF-8"),
+    ],
+    ids=["missing file", "missing column", "header only", "not utf-8"],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, content, message):
+    (tmp_path / "raw").mkdir()
+    if content is not None:
+        (tmp_path / "raw" / "train.csv").write_bytes(content)
+    code, err, report = run_stage(tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert err.startswith("validate: error: ")
+    assert message in err
+    assert "train.csv" in err
+    assert report is None
+
+
+def test_bad_input_removes_the_report_of_an_earlier_run(tmp_path, capsys):
+    write_csv(tmp_path / "raw" / "train.csv", make_rows(per_class=4))
+    assert run_stage(tmp_path, capsys)[0] == 0
+    (tmp_path / "raw" / "train.csv").write_bytes(b"text,label\n")
+    code, _, report = run_stage(tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert report is None
+    assert not (tmp_path / "validate" / "data_docs").exists()

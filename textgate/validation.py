@@ -1,0 +1,219 @@
+"""Dataset facts that Great Expectations cannot express directly, and the validation report.
+
+The validate stage (tasks/validate.py) turns a labelled table into the frames built here and
+runs expectations on their columns; this module stays free of Great Expectations itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+
+from textgate.text import normalise_text
+
+# Columns of the per-row frame (`row_features`).
+TEXT = "text"
+LABEL = "label"
+TEXT_KEY = "text_key"  # normalised text used to match texts across rows and files; null if blank
+TEXT_CHARS = "text_chars"  # characters after stripping; null where the text is null or blank
+TEXT_BLANK = "text_blank"  # the text is a string that is empty after stripping whitespace
+LABELS_PER_TEXT = "labels_per_text"  # distinct labels seen with this row's (normalised) text
+IS_DUPLICATE = "is_duplicate"  # same text and label as an earlier row
+IN_TEST = "in_test"  # the (normalised) text also appears in the test file
+
+# Columns of the per-class frame (`class_counts`) and the per-text frame (`text_conflicts`).
+N_EXAMPLES = "n_examples"
+N_LABELS = "n_labels"
+CONFLICTING = "conflicting"
+
+LabelSource = Literal["declared", "inferred"]
+
+
+def text_key(value: object) -> str | None:
+    """Normalised text (NFKC, collapsed whitespace) for matching; None when null or blank."""
+    if not isinstance(value, str):
+        return None
+    return normalise_text(value) or None
+
+
+def text_chars(texts: pd.Series) -> pd.Series:
+    """Length of each text in characters after stripping whitespace; NaN where null or blank."""
+    lengths = texts.map(lambda t: float(len(t.strip())) if isinstance(t, str) else float("nan"))
+    return lengths.where(lengths > 0).astype("float64")
+
+
+def is_blank(texts: pd.Series) -> pd.Series:
+    """True where the value is a string that is empty after stripping whitespace."""
+    return texts.map(lambda t: isinstance(t, str) and not t.strip()).astype(bool)
+
+
+def normalise_labels(labels: pd.Series) -> pd.Series:
+    """Labels as given, with null and blank labels both turned into None (missing)."""
+    values = [v if isinstance(v, str) and v.strip() else None for v in labels]
+    return pd.Series(values, index=labels.index, dtype=object)
+
+
+def infer_labels(labels: pd.Series) -> list[str]:
+    """The sorted distinct non-missing labels."""
+    return sorted({str(v) for v in normalise_labels(labels) if v is not None})
+
+
+def row_features(frame: pd.DataFrame, test_texts: Iterable[object] = ()) -> pd.DataFrame:
+    """Per-row frame: `text`, `label` (blank -> None) and the derived columns listed above.
+
+    Args:
+        frame: a table with `text` and `label` columns, as `textgate.io.read_labelled` returns.
+        test_texts: texts of the test file; `in_test` marks train rows whose text is among them.
+
+    Returns:
+        One row per input row, same index, columns `TEXT, LABEL, TEXT_KEY, TEXT_CHARS,
+        TEXT_BLANK, LABELS_PER_TEXT, IS_DUPLICATE, IN_TEST`.
+    """
+    rows = pd.DataFrame(index=frame.index)
+    rows[TEXT] = frame[TEXT].astype(object)
+    rows[LABEL] = normalise_labels(frame[LABEL])
+    rows[TEXT_KEY] = pd.Series([text_key(t) for t in rows[TEXT]], index=rows.index, dtype=object)
+    rows[TEXT_CHARS] = text_chars(rows[TEXT])
+    rows[TEXT_BLANK] = is_blank(rows[TEXT])
+    per_text = rows.groupby(TEXT_KEY, dropna=True)[LABEL].transform("nunique")
+    rows[LABELS_PER_TEXT] = per_text.reindex(rows.index).fillna(0).astype(int)
+    rows[IS_DUPLICATE] = rows.duplicated([TEXT, LABEL], keep="first")
+    test_keys = {key for key in map(text_key, test_texts) if key is not None}
+    rows[IN_TEST] = rows[TEXT_KEY].isin(test_keys).astype(bool)
+    return rows
+
+
+def class_counts(labels: pd.Series, declared: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows per class: declared classes first (zero when absent), then other labels sorted.
+
+    Returns:
+        A frame with columns `label` and `n_examples` and a 0-based RangeIndex; missing
+        labels (null or blank) are not counted.
+    """
+    counts = normalise_labels(labels).dropna().value_counts()
+    order = list(declared or [])
+    order += sorted(str(label) for label in counts.index if label not in set(order))
+    return pd.DataFrame(
+        {LABEL: order, N_EXAMPLES: [int(counts.get(label, 0)) for label in order]},
+    ).astype({LABEL: object, N_EXAMPLES: int})
+
+
+def text_conflicts(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct normalised text: how many labels it has and whether it conflicts.
+
+    Args:
+        rows: a frame from `row_features`.
+
+    Returns:
+        Columns `text_key`, `n_labels` and `conflicting` (int 0/1, so its sum counts
+        the texts that appear with more than one label).
+    """
+    grouped = rows.dropna(subset=[TEXT_KEY]).groupby(TEXT_KEY, sort=False)[LABEL].nunique()
+    return pd.DataFrame(
+        {
+            TEXT_KEY: grouped.index.astype(object),
+            N_LABELS: grouped.to_numpy(dtype=int),
+            CONFLICTING: (grouped.to_numpy() > 1).astype(int),
+        }
+    )
+
+
+def conflicting_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose text appears with more than one label, grouped by text in order of appearance."""
+    conflicting = rows[rows[LABELS_PER_TEXT] > 1]
+    first_seen = conflicting.groupby(TEXT_KEY, sort=False).ngroup()
+    return (
+        conflicting.assign(_group=first_seen)
+        .sort_values("_group", kind="stable")
+        .drop(columns="_group")
+    )
+
+
+def _json_value(value: object) -> str | None:
+    return None if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
+def row_examples(rows: pd.DataFrame, index: Iterable[Any], limit: int = 5) -> list[dict[str, Any]]:
+    """Up to `limit` rows as `{"row", "text", "label"}`; `row` is the 0-based data row index."""
+    return [
+        {
+            "row": int(i),
+            "text": _json_value(rows.at[i, TEXT]),
+            "label": _json_value(rows.at[i, LABEL]),
+        }
+        for i in list(index)[:limit]
+    ]
+
+
+def class_examples(
+    classes: pd.DataFrame, index: Iterable[Any], limit: int = 5
+) -> list[dict[str, Any]]:
+    """Up to `limit` classes as `{"label", "n_examples"}`."""
+    return [
+        {"label": str(classes.at[i, LABEL]), "n_examples": int(classes.at[i, N_EXAMPLES])}
+        for i in list(index)[:limit]
+    ]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One named check: whether it passed, a one-sentence summary and offending examples."""
+
+    name: str
+    success: bool
+    summary: str
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Everything the validate stage found, in the shape written to report.json."""
+
+    n_rows: int
+    n_test_rows: int | None
+    labels: list[str]
+    label_source: LabelSource
+    class_counts: dict[str, int]
+    checks: list[CheckResult]
+
+    @property
+    def success(self) -> bool:
+        """True when every check passed."""
+        return all(check.success for check in self.checks)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        """The checks that did not pass, in report order."""
+        return [check for check in self.checks if not check.success]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready report: `success` first, then the fields in declaration order."""
+        return {"success": self.success, **asdict(self)}
+
+
+def clip(text: str, max_chars: int = 80) -> str:
+    """The text cut to at most `max_chars` characters, ending in an ellipsis when cut."""
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def describe_example(example: dict[str, Any], max_chars: int = 80) -> str:
+    """One line for an offending row or class, quoting the text clipped to `max_chars`."""
+    if "row" in example:
+        text = example["text"]
+        quoted = "<null>" if text is None else json.dumps(clip(text, max_chars), ensure_ascii=False)
+        return f"row {example['row']} [label {example['label']!r}]: {quoted}"
+    return f"class {example['label']!r}: {example['n_examples']} example(s)"
+
+
+def format_failures(report: ValidationReport, rows_per_check: int = 3) -> str:
+    """A multi-line message naming each failed check, its summary and a few offending examples."""
+    failed = report.failed
+    lines = [f"{len(failed)} of {len(report.checks)} data checks failed (rows are 0-based):"]
+    for check in failed:
+        lines.append(f"- {check.name}: {check.summary}")
+        lines += [f"    {describe_example(e)}" for e in check.examples[:rows_per_check]]
+    return "\n".join(lines)
