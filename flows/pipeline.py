@@ -123,13 +123,17 @@ def gate(params: Params) -> Verdict:
 
 
 @task(name="package", cache_policy=NO_CACHE)
-def package(params: Params, lineage: dict[str, Any]):
+def package(root: Path, params: Params, lineage: dict[str, Any]):
     """Save the model with its lineage to the BentoML store and build the bento."""
     from tasks.package import package_model
 
     metrics = read_json(params.evaluate.output_dir / "metrics.json")
     return package_model(
-        params.train.output_dir / "model", params=params, metrics=metrics, lineage=lineage
+        params.train.output_dir / "model",
+        params=params,
+        metrics=metrics,
+        lineage=lineage,
+        build_ctx=root,
     )
 
 
@@ -147,9 +151,8 @@ def promote(params: Params, packaged, lineage: dict[str, Any]):
 @flow(name="textgate-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str, Any]:
     """Validate, prepare, train and evaluate through DVC; gate; package and promote on a pass."""
-    from textgate.registry import Registry
-
     from tasks.lineage import collect_lineage
+    from textgate.registry import Registry
 
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
@@ -194,7 +197,7 @@ def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str,
             message=f"unchanged: {current.bento_tag} stays in production", data=summary
         )
 
-    packaged = package(params, lineage)
+    packaged = package(root, params, lineage)
     release = promote(params, packaged, lineage)
     summary["bento_tag"] = release.bento_tag
     summary["promoted"] = True

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+# BentoML resolves its home once per process: point it at a throwaway store before any test
+# imports bentoml, so tests never touch the user's ~/bentoml.
+_BENTOML_HOME = tempfile.mkdtemp(prefix="textgate-tests-bentoml-")
+os.environ["BENTOML_HOME"] = _BENTOML_HOME
+atexit.register(shutil.rmtree, _BENTOML_HOME, ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +56,16 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label
         writer.writerow(header.split(","))
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    """The session's throwaway BentoML store (checked to be the one BentoML actually uses)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    home = Path(_BENTOML_HOME)
+    assert Path(BentoMLContainer.bentoml_home.get()) == home
+    return home
 
 
 @pytest.fixture(scope="session")

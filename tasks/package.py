@@ -1,0 +1,148 @@
+"""Package: save a trained model directory into the BentoML model store and build its bento.
+
+The bento is pinned to the exact model saved here (the bento argument `model_tag`), so it
+keeps serving that model after newer ones are saved. The stores are BentoML's own, under
+`BENTOML_HOME` (default `~/bentoml`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+
+from textgate.config import Params
+from textgate.errors import TextgateError
+from textgate.io import read_json
+from textgate.model import LABEL_MAP_FILE, TRAINING_FILE
+
+# The build context: the service's import path and the bentofile's `include` patterns are
+# relative to it, and a relative `package.bentofile` is resolved against it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "textgate"
+
+
+class PackageError(TextgateError):
+    """The model could not be saved to the BentoML store, or its bento could not be built."""
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    """What `package_model` produced: exact tags (`name:version`), never `latest`."""
+
+    model_tag: str
+    bento_tag: str
+
+
+def package_model(
+    model_dir: str | Path,
+    *,
+    params: Params,
+    metrics: dict[str, Any],
+    lineage: dict[str, Any],
+    build_ctx: Path = REPO_ROOT,
+) -> PackageResult:
+    """Save `model_dir` as a BentoML model, then build the bento that serves exactly it.
+
+    Args:
+        model_dir: a complete textgate model directory (see textgate.model).
+        params: `package.model_name` names the model, `package.bentofile` is the build file.
+        metrics: evaluation metrics, stored in the model's metadata.
+        lineage: where the model came from (data hashes, commit, run ids), also metadata.
+        build_ctx: the project the bento's code comes from; a relative bentofile is under it.
+
+    Raises:
+        PackageError: the directory is not a model, or saving or building failed; then the
+            model store holds no model from this call.
+    """
+    model_dir = Path(model_dir)
+    for name in (LABEL_MAP_FILE, TRAINING_FILE):
+        if not (model_dir / name).is_file():
+            raise PackageError(f"{model_dir} is not a textgate model directory (no {name})")
+    bentofile = params.package.bentofile
+    if not bentofile.is_absolute():
+        bentofile = build_ctx / bentofile
+    if not bentofile.is_file():
+        raise PackageError(f"package.bentofile: {bentofile} not found")
+
+    model_tag = _save_model(model_dir, params.package.model_name, metrics, lineage)
+    try:
+        bento = bentoml.bentos.build_bentofile(
+            str(bentofile),
+            build_ctx=str(build_ctx),
+            labels={"project": PROJECT, "model": model_tag},
+            args={"model_tag": model_tag},
+            # The service module reads the model tag when imported: re-import it so a second
+            # package in the same process does not reuse the previous model's tag.
+            reload=True,
+        )
+    except BaseException as error:  # also on Ctrl-C: never keep a model without its bento
+        _discard_model(model_tag, error)
+        if isinstance(error, (BentoMLException, ValueError, OSError)):
+            raise PackageError(f"building the bento from {bentofile} failed: {error}") from error
+        raise
+    return PackageResult(model_tag=model_tag, bento_tag=str(bento.tag))
+
+
+def metadata_for_bentoml(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The JSON view of `metadata` in the types BentoML accepts: it has no null.
+
+    Values become what JSON would store (paths and other objects become strings); then
+    null values are left out of mappings, and nulls inside lists become NaN. The exact
+    JSON stays in the model directory (training.json) and in the registry release.
+    """
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: convert(item) for key, item in value.items() if item is not None}
+        if isinstance(value, list):
+            return [math.nan if item is None else convert(item) for item in value]
+        return value
+
+    return convert(json.loads(json.dumps(metadata, default=str)))
+
+
+def _discard_model(model_tag: str, cause: BaseException) -> None:
+    """Delete a model saved by this call; if that fails too, say so on the original error."""
+    try:
+        bentoml.models.delete(model_tag)
+    except (BentoMLException, OSError) as error:
+        cause.add_note(f"could not delete {model_tag} from the model store either: {error}")
+
+
+def _save_model(
+    model_dir: Path, model_name: str, metrics: dict[str, Any], lineage: dict[str, Any]
+) -> str:
+    """Copy the model directory into a new version of `model_name`; return its exact tag."""
+    sections = {
+        "labels": read_json(model_dir / LABEL_MAP_FILE)["labels"],
+        "training": read_json(model_dir / TRAINING_FILE),
+        "metrics": metrics,
+        "lineage": lineage,
+    }
+    staging: Path | None = None
+    try:
+        metadata = metadata_for_bentoml(sections)
+        # The context manager saves to the store only if the block succeeds.
+        with bentoml.models.create(
+            name=model_name, labels={"project": PROJECT}, metadata=metadata
+        ) as model:
+            staging = Path(model.path)
+            shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+            model_tag = str(model.tag)
+    except (BentoMLException, ValueError, OSError) as error:
+        raise PackageError(
+            f"saving {model_dir} as BentoML model {model_name!r} failed: {error}"
+        ) from error
+    finally:
+        # BentoML stages the files in a temporary directory and copies it into the store,
+        # leaving the staging copy behind; remove it (it can be as large as the weights).
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return model_tag

@@ -1,0 +1,204 @@
+"""tasks.package and tasks.promote against a throwaway BentoML home."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from textgate.config import Params, load_params
+from textgate.io import read_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+METRICS = {"accuracy": 0.91, "macro_f1": 0.9}
+LINEAGE = {"data": "md5:0123", "commit": "abc123", "run": "test"}
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory: pytest.TempPathFactory) -> Params:
+    base = load_params(REPO_ROOT / "params.yaml")
+    registry = tmp_path_factory.mktemp("registry") / "registry.json"
+    return base.model_copy(update={"registry": base.registry.model_copy(update={"path": registry})})
+
+
+@pytest.fixture(scope="module")
+def packaged_twice(bentoml_home: Path, tiny_model_dir: Path, params: Params):
+    from tasks.package import package_model
+
+    first = package_model(tiny_model_dir, params=params, metrics=METRICS, lineage=LINEAGE)
+    # JSON nulls are common in metrics and lineage; BentoML metadata cannot hold them.
+    second = package_model(
+        tiny_model_dir,
+        params=params,
+        metrics={"accuracy": 0.95, "loss": None},
+        lineage={"run": "second", "test_file": None},
+    )
+    return first, second
+
+
+def test_two_packages_give_distinct_exact_tags(packaged_twice, params: Params) -> None:
+    first, second = packaged_twice
+    assert first.model_tag != second.model_tag
+    assert first.bento_tag != second.bento_tag
+    for result in packaged_twice:
+        name, _, version = result.model_tag.partition(":")
+        assert name == params.package.model_name
+        assert version and version != "latest"
+
+
+def test_each_bento_is_pinned_to_its_own_model(packaged_twice) -> None:
+    import bentoml
+
+    first, second = packaged_twice
+    # The second model is now `latest`; the first bento must still carry the first model.
+    assert str(bentoml.models.get(f"{first.model_tag.split(':')[0]}:latest").tag) == (
+        second.model_tag
+    )
+    for result in (first, second):
+        bento = bentoml.get(result.bento_tag)
+        assert [str(model.tag) for model in bento.info.all_models] == [result.model_tag]
+        # The bento argument the service reads when the bento is served.
+        assert bento.info.args == {"model_tag": result.model_tag}
+        assert bento.info.labels["model"] == result.model_tag
+        assert bento.info.labels["project"] == "textgate"
+
+
+def test_model_holds_the_directory_and_metadata(packaged_twice, tiny_model_dir: Path) -> None:
+    import bentoml
+
+    first, _ = packaged_twice
+    model = bentoml.models.get(first.model_tag)
+    for source in tiny_model_dir.iterdir():
+        assert (Path(model.path) / source.name).read_bytes() == source.read_bytes()
+    metadata = model.info.metadata
+    assert metadata["metrics"] == METRICS
+    assert metadata["lineage"] == LINEAGE
+    assert metadata["labels"] == read_json(tiny_model_dir / "label_map.json")["labels"]
+    assert metadata["training"]["max_length"] == 32
+
+
+def test_bento_includes_the_service_and_the_core(packaged_twice) -> None:
+    import bentoml
+
+    first, _ = packaged_twice
+    src = Path(bentoml.get(first.bento_tag).path) / "src"
+    assert (src / "bentos" / "service.py").is_file()
+    assert (src / "textgate" / "model.py").is_file()
+    assert not (src / "tests").exists()
+
+
+def test_not_a_model_directory_saves_nothing(
+    bentoml_home: Path, tmp_path: Path, params: Params
+) -> None:
+    import bentoml
+
+    from tasks.package import PackageError, package_model
+
+    before = {str(m.tag) for m in bentoml.models.list()}
+    with pytest.raises(PackageError, match="not a textgate model directory"):
+        package_model(tmp_path, params=params, metrics={}, lineage={})
+    assert {str(m.tag) for m in bentoml.models.list()} == before
+
+
+def test_failed_build_leaves_no_model_in_the_store(
+    bentoml_home: Path, tiny_model_dir: Path, params: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    from tasks.package import PackageError, package_model
+
+    def broken_build(*args: object, **kwargs: object) -> None:
+        raise BentoMLException("no space left for the bento")
+
+    monkeypatch.setattr(bentoml.bentos, "build_bentofile", broken_build)
+    models_before = {str(m.tag) for m in bentoml.models.list()}
+    bentos_before = {str(b.tag) for b in bentoml.bentos.list()}
+
+    with pytest.raises(PackageError, match="no space left"):
+        package_model(tiny_model_dir, params=params, metrics={}, lineage={})
+    assert {str(m.tag) for m in bentoml.models.list()} == models_before
+    assert {str(b.tag) for b in bentoml.bentos.list()} == bentos_before
+
+
+def test_failed_copy_leaves_no_model_in_the_store(
+    bentoml_home: Path, tiny_model_dir: Path, params: Params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bentoml
+
+    from tasks.package import PackageError, package_model
+
+    def broken_copy(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("tasks.package.shutil.copytree", broken_copy)
+    before = {str(m.tag) for m in bentoml.models.list()}
+    with pytest.raises(PackageError, match="disk full"):
+        package_model(tiny_model_dir, params=params, metrics={}, lineage={})
+    assert {str(m.tag) for m in bentoml.models.list()} == before
+
+
+def test_metadata_without_nulls_for_bentoml() -> None:
+    from tasks.package import metadata_for_bentoml
+
+    converted = metadata_for_bentoml(
+        {
+            "metrics": {"accuracy": 0.9, "recall": None, "per_class": [0.5, None]},
+            "lineage": {"data_dir": Path("data/raw"), "test_file": None},
+        }
+    )
+    assert converted["metrics"]["accuracy"] == 0.9
+    assert "recall" not in converted["metrics"]
+    assert converted["metrics"]["per_class"][0] == 0.5
+    assert math.isnan(converted["metrics"]["per_class"][1])
+    assert converted["lineage"] == {"data_dir": "data/raw"}
+
+
+def test_nulls_in_metrics_and_lineage_are_left_out_of_model_metadata(packaged_twice) -> None:
+    import bentoml
+
+    _, second = packaged_twice
+    metadata = bentoml.models.get(second.model_tag).info.metadata
+    assert metadata["metrics"] == {"accuracy": 0.95}
+    assert metadata["lineage"] == {"run": "second"}
+
+
+def test_promote_unknown_bento_fails_and_changes_nothing(packaged_twice, params: Params) -> None:
+    from tasks.package import PackageResult
+    from tasks.promote import PromotionError, promote
+    from textgate.registry import Registry
+
+    first, _ = packaged_twice
+    registry = Registry(params.registry.path)
+    before = registry.path.read_bytes() if registry.path.exists() else None
+
+    unknown = PackageResult(model_tag=first.model_tag, bento_tag="textgate:doesnotexist")
+    with pytest.raises(PromotionError, match="textgate:doesnotexist"):
+        promote(params, unknown, metrics=METRICS, lineage=LINEAGE, reason="should fail")
+    mismatched = PackageResult(model_tag="textgate-classifier:other", bento_tag=first.bento_tag)
+    with pytest.raises(PromotionError, match="not textgate-classifier:other"):
+        promote(params, mismatched, metrics=METRICS, lineage=LINEAGE, reason="should fail")
+
+    after = registry.path.read_bytes() if registry.path.exists() else None
+    assert after == before
+
+
+def test_promote_appends_to_the_registry(packaged_twice, params: Params) -> None:
+    from tasks.promote import promote
+    from textgate.registry import Registry
+
+    first, second = packaged_twice
+    registry = Registry(params.registry.path)
+    start = len(registry.history())
+
+    release = promote(params, first, metrics=METRICS, lineage=LINEAGE, reason="first release")
+    assert release.bento_tag == first.bento_tag
+    assert release.model_tag == first.model_tag
+    assert release.metrics == METRICS and release.lineage == LINEAGE
+    promote(params, second, metrics={"accuracy": 0.95}, lineage={}, reason="better model")
+
+    history = registry.history()
+    assert [r.bento_tag for r in history[start:]] == [first.bento_tag, second.bento_tag]
+    production = registry.production()
+    assert production is not None and production.bento_tag == second.bento_tag

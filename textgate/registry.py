@@ -1,0 +1,186 @@
+"""The production pointer and its history, kept as one JSON file.
+
+The file holds every promotion in order (append-only); the last entry is what production
+serves, so a rollback is a new promotion of an older bento and the history shows it. A
+missing file is an empty registry; a corrupt or wrongly shaped file is an error, never a
+silent reset, because resetting would forget what production runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from textgate.errors import TextgateError
+from textgate.io import atomic_path
+
+SCHEMA_VERSION = 1
+
+
+class RegistryError(TextgateError):
+    """The registry file cannot be read, is corrupt, or has the wrong shape."""
+
+
+class Release(BaseModel):
+    """One promotion: which bento (and model inside it) went to production, when, by whom, why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bento_tag: str = Field(min_length=1)
+    model_tag: str = Field(min_length=1)
+    promoted_at: AwareDatetime
+    promoted_by: str = Field(min_length=1)
+    reason: str = Field(min_length=1)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        bento_tag: str,
+        model_tag: str,
+        reason: str,
+        metrics: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
+        now: datetime | None = None,
+        actor: str | None = None,
+    ) -> Release:
+        """A release stamped with the current UTC time and `user@host` unless given."""
+        return cls(
+            bento_tag=bento_tag,
+            model_tag=model_tag,
+            promoted_at=(now or datetime.now(UTC)).astimezone(UTC),
+            promoted_by=actor or current_actor(),
+            reason=reason,
+            metrics=metrics or {},
+            lineage=lineage or {},
+        )
+
+
+class RegistryState(BaseModel):
+    """The whole registry file: a schema version and every release, oldest first."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    releases: list[Release] = Field(default_factory=list)
+
+
+def current_actor() -> str:
+    """`user@host` for the audit trail; `uid<N>` where no user name is known (containers)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+class Registry:
+    """The registry file at `path` (`params.registry.path`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> RegistryState:
+        """Read and validate the file; a missing file is an empty registry.
+
+        Raises:
+            RegistryError: the file is unreadable, not JSON, or not a registry.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return RegistryState()
+        except OSError as error:
+            raise RegistryError(f"registry {self.path} cannot be read: {error}") from None
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RegistryError(
+                f"registry {self.path} is corrupt (not valid JSON: {error}); "
+                "restore it from a backup or fix it by hand; it was left unchanged"
+            ) from None
+        if not isinstance(payload, dict):
+            raise RegistryError(
+                f"registry {self.path} has the wrong shape: expected an object with "
+                f"'releases', got {type(payload).__name__}"
+            )
+        version = payload.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry {self.path} has schema_version {version!r}; "
+                f"this textgate reads version {SCHEMA_VERSION}"
+            )
+        try:
+            return RegistryState.model_validate(payload)
+        except ValidationError as error:
+            raise RegistryError(
+                f"registry {self.path} has the wrong shape: {_describe(error)}"
+            ) from None
+
+    def production(self) -> Release | None:
+        """The release production serves (the last promotion), or None before the first."""
+        releases = self.load().releases
+        return releases[-1] if releases else None
+
+    def history(self) -> list[Release]:
+        """Every promotion, oldest first; the last one is production."""
+        return list(self.load().releases)
+
+    def promote(self, release: Release) -> RegistryState:
+        """Append `release` and make it production, atomically.
+
+        The new state goes to a temporary file in the same directory, is fsynced and then
+        renamed over the old file, so a crash leaves the old or the new registry, never
+        neither. Concurrent promotions are serialised by a lock on the directory, so none is
+        lost. A corrupt existing file raises RegistryError and is left as it is.
+        """
+        with self._locked():
+            state = self.load()
+            new_state = RegistryState(releases=[*state.releases, release])
+            text = json.dumps(new_state.model_dump(mode="json"), indent=2) + "\n"
+            with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_dir(self.path.parent)
+        return new_state
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Lock the directory itself rather than a lock file, so no extra file is left behind.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX keeps directory entries in the directory)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
