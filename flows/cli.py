@@ -95,14 +95,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="path to params.yaml")
     parser = argparse.ArgumentParser(prog="textgate", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help=cmd_run.__doc__).set_defaults(func=cmd_run)
-    status = commands.add_parser("status", help=cmd_status.__doc__)
+    run = commands.add_parser("run", help=cmd_run.__doc__, parents=[common])
+    run.set_defaults(func=cmd_run)
+    status = commands.add_parser("status", help=cmd_status.__doc__, parents=[common])
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
-    serve = commands.add_parser("serve", help=cmd_serve.__doc__)
+    serve = commands.add_parser("serve", help=cmd_serve.__doc__, parents=[common])
     serve.add_argument("--port", type=int, default=None, help="default: serve.port in params")
     serve.add_argument("--host", default="127.0.0.1", help="use 0.0.0.0 to listen on all")
     serve.set_defaults(func=cmd_serve)

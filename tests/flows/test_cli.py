@@ -1,0 +1,82 @@
+"""The `textgate` command line: status, serve and run's early errors (no flow is started)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+import yaml
+
+from flows.cli import main
+from tests.helpers import raw_params
+from textgate.registry import Registry, Release
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw_params()))
+    return path
+
+
+def promote(params_file, bento: str, accuracy: float, when: int) -> None:
+    Registry(params_file.parent / ".textgate" / "registry.json").promote(
+        Release.create(
+            bento_tag=bento,
+            model_tag=f"textgate-classifier:{bento[-1]}",
+            reason="passed the gate",
+            metrics={"accuracy": accuracy, "macro_f1": accuracy - 0.01, "n_test": 90},
+            lineage={"git_commit": "abc123", "git_dirty": False, "data_md5": "d41d8.dir"},
+            now=datetime(2026, 11, when, tzinfo=UTC),
+            actor="ci@host",
+        )
+    )
+
+
+def test_status_without_production(params_file, capsys):
+    assert main(["status", "--params", str(params_file)]) == 0
+    assert "no production model yet" in capsys.readouterr().out
+
+
+def test_status_shows_production_metrics_lineage_and_history(params_file, capsys):
+    promote(params_file, "textgate:a", 0.91, 1)
+    promote(params_file, "textgate:b", 0.93, 2)
+    assert main(["status", "--params", str(params_file)]) == 0
+    out = capsys.readouterr().out
+    assert "production bento: textgate:b" in out
+    assert "accuracy 0.9300" in out and "n_test 90" in out
+    assert "git commit:       abc123" in out
+    assert "history (2 promotion(s), newest first)" in out
+    assert out.index("textgate:b  passed") < out.index("textgate:a  passed")
+
+    assert main(["status", "--json", "--params", str(params_file)]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["production"]["bento_tag"] == "textgate:b"
+    assert [r["bento_tag"] for r in payload["history"]] == ["textgate:a", "textgate:b"]
+
+
+def test_status_reports_a_corrupt_registry(params_file, capsys):
+    registry = params_file.parent / ".textgate" / "registry.json"
+    registry.parent.mkdir()
+    registry.write_text("{not json")
+    assert main(["status", "--params", str(params_file)]) == 2
+    err = capsys.readouterr().err
+    assert "textgate: error:" in err and "registry.json" in err
+    assert registry.read_text() == "{not json"
+
+
+def test_serve_without_production_is_a_clear_error(params_file, capsys):
+    assert main(["serve", "--params", str(params_file)]) == 2
+    assert "no production model to serve: run `textgate run` first" in capsys.readouterr().err
+
+
+def test_run_rejects_bad_params_before_starting_prefect(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    params = raw_params()
+    params["train"]["epochs"] = "many"
+    bad.write_text(yaml.safe_dump(params))
+    assert main(["run", "--params", str(bad)]) == 2
+    assert "train.epochs: Input should be a valid integer" in capsys.readouterr().err
+    assert main(["run", "--params", str(tmp_path / "missing.yaml")]) == 2
+    assert "params file not found" in capsys.readouterr().err
