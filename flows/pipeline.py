@@ -23,6 +23,14 @@ from textgate.gate import Verdict, evaluate_gate
 from textgate.io import read_json
 
 DVC_STAGES = ("validate", "prepare", "train", "evaluate")
+# DVC's advice after each stage, noise in a flow's log.
+DVC_HINTS = (
+    "To track the changes with git",
+    "git add dvc.lock",
+    "To enable auto staging",
+    "dvc config core.autostage",
+    "Use `dvc push`",
+)
 
 
 class StageRun(BaseModel):
@@ -59,9 +67,8 @@ def run_stage(stage: str, root: Path) -> StageRun:
     lines: list[str] = []
     assert process.stdout is not None
     for raw in process.stdout:
-        # Progress bars redraw with carriage returns; keep the latest state of each line.
-        line = raw.rstrip("\n").split("\r")[-1].rstrip()
-        if line:
+        line = raw.rstrip()
+        if line and not line.lstrip().startswith(DVC_HINTS):
             lines.append(line)
             logger.info(line)
     if process.wait() != 0:

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as transformers_logging
 
 from textgate.errors import ConfigError, DataError
 from textgate.io import read_json
@@ -80,9 +81,15 @@ def build_classifier(
     label2id = {label: index for index, label in id2label.items()}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(labels), id2label=id2label, label2id=label2id
-        )
+        # The classification head is new by design: silence the "newly initialized" report.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=len(labels), id2label=id2label, label2id=label2id
+            )
+        finally:
+            transformers_logging.set_verbosity(verbosity)
     except OSError as error:
         raise ConfigError(f"train.base_model: cannot load {base_model!r}: {error}") from None
     return model, tokenizer

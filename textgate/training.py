@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ def train_classifier(
             desc=f"epoch {epoch}/{config.epochs}",
             unit="batch",
             disable=not progress,
-            mininterval=2.0,
+            # Piped into logs (DVC under Prefect), a bar line every 15 s is plenty.
+            mininterval=2.0 if sys.stderr.isatty() else 15.0,
         )
         for begin in bar:
             index = order[begin : begin + config.batch_size]
@@ -129,7 +131,9 @@ def train_classifier(
             samples += len(index)
             loss_sum += loss.item() * len(index)
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{samples / elapsed:.1f}")
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}", samples_s=f"{samples / elapsed:.1f}", refresh=False
+            )
         probabilities = predict_proba(model, tokenizer, list(val_texts), config.max_length)
         scores = compute_metrics(list(val_labels), probabilities.argmax(axis=1), label_names)
         log = EpochLog(
