@@ -102,6 +102,8 @@ def publish_validation(params: Params) -> None:
                 "| check | result | detail |",
                 "|---|---|---|",
                 *rows,
+                "",
+                f"Great Expectations Data Docs: `{path.parent / 'data_docs' / 'index.html'}`",
             ]
         ),
     )
