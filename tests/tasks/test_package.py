@@ -10,6 +10,8 @@ import pytest
 from textgate.config import Params, load_params
 from textgate.io import read_json
 
+pytestmark = pytest.mark.slow  # builds real bentos
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS = {"accuracy": 0.91, "macro_f1": 0.9}
 LINEAGE = {"data": "md5:0123", "commit": "abc123", "run": "test"}
