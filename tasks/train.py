@@ -14,7 +14,7 @@ from tasks.common import stage_main
 from textgate.config import Params
 from textgate.io import read_json, write_json
 from textgate.model import build_classifier, save_classifier, select_device
-from textgate.training import train_classifier
+from textgate.training import seed_everything, train_classifier
 
 
 def run(params: Params) -> dict[str, float]:
@@ -27,6 +27,7 @@ def run(params: Params) -> dict[str, float]:
     device = select_device(config.device)
     print(f"train: {len(train)} examples, {len(labels)} labels, {config.base_model} on {device}")
 
+    seed_everything(config.seed)  # before the new classification head is initialised
     model, tokenizer = build_classifier(config.base_model, labels)
     result = train_classifier(
         model,
