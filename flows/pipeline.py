@@ -179,6 +179,11 @@ def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str,
     ran = [run.stage for run in runs if run.ran]
     skipped = [run.stage for run in runs if not run.ran]
     logger.info("stages ran: %s; up to date: %s", ran or "none", skipped or "none")
+    create_table_artifact(
+        key="pipeline-stages",
+        description="DVC stages: which ran and which were up to date",
+        table=[{"stage": run.stage, "outcome": "ran" if run.ran else "up to date"} for run in runs],
+    )
 
     verdict = gate(params)
     summary: dict[str, Any] = {

@@ -120,7 +120,7 @@ def test_first_run_trains_gates_packages_and_promotes(harness, workspace):
 
     with get_client(sync_client=True) as client:
         keys = {artifact.key for artifact in client.read_artifacts()}
-    assert {"validation-summary", "test-metrics", "gate-verdict"} <= keys
+    assert {"validation-summary", "pipeline-stages", "test-metrics", "gate-verdict"} <= keys
 
 
 def test_unchanged_rerun_retrains_nothing(harness, workspace):
