@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -21,6 +21,10 @@ from pydantic import BaseModel
 from textgate.config import Params, load_params, resolve_paths
 from textgate.gate import Verdict, evaluate_gate
 from textgate.io import read_json
+
+if TYPE_CHECKING:  # BentoML is imported only when a model is packaged
+    from tasks.package import PackageResult
+    from textgate.registry import Release
 
 DVC_STAGES = ("validate", "prepare", "train", "evaluate")
 # DVC's advice after each stage, noise in a flow's log.
@@ -132,7 +136,7 @@ def gate(params: Params) -> Verdict:
 
 
 @task(name="package", cache_policy=NO_CACHE)
-def package(root: Path, params: Params, lineage: dict[str, Any]):
+def package(root: Path, params: Params, lineage: dict[str, Any]) -> PackageResult:
     """Save the model with its lineage to the BentoML store and build the bento."""
     from tasks.package import package_model
 
@@ -147,7 +151,7 @@ def package(root: Path, params: Params, lineage: dict[str, Any]):
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(params: Params, packaged, lineage: dict[str, Any]):
+def promote(params: Params, packaged: PackageResult, lineage: dict[str, Any]) -> Release:
     """Record the bento as production; the previous one stays in the history."""
     from tasks.promote import promote as promote_release
 

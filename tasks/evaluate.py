@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -13,7 +14,7 @@ from textgate.metrics import Metrics, compute_metrics
 from textgate.model import TextClassifier
 
 
-def plot_confusion(metrics: Metrics, path) -> None:
+def plot_confusion(metrics: Metrics, path: Path) -> None:
     """Save the confusion matrix as a PNG (rows = actual, columns = predicted)."""
     import matplotlib
 

@@ -30,7 +30,6 @@ def run(params: Params) -> dict[str, int]:
         )
         parts = stratified_split(frame, {"val": prepare.val_fraction}, prepare.seed)
         parts["test"] = test
-        stats_test = asdict(test_stats)
     unknown = sorted(set().union(*(set(part["label"]) for part in parts.values())) - set(labels))
     if unknown:
         raise DataError(f"labels not in the validated label set: {unknown}")
@@ -44,7 +43,7 @@ def run(params: Params) -> dict[str, int]:
     sizes = {name: len(parts[name]) for name in SPLITS}
     summary = {"splits": sizes, "train_file": asdict(stats)}
     if data.test_path is not None:
-        summary["test_file"] = stats_test
+        summary["test_file"] = asdict(test_stats)
     write_json(out / "stats.json", summary)
     print(
         f"prepare: {sizes}; PII redacted {stats.pii_redacted}; "

@@ -8,6 +8,9 @@ plus `label_map.json` and `training.json`.
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +184,6 @@ def save_classifier(
     The files are written to a temporary sibling directory that is renamed into place, so
     an interrupted save never leaves a half-written model where a reader would find it.
     """
-    import json
-    import shutil
-    import tempfile
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
