@@ -9,18 +9,35 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Failed
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from textgate.config import Params, load_params, resolve_paths
-from textgate.gate import Verdict, evaluate_gate
-from textgate.io import read_json
+from textgate.errors import ConfigError, TextgateError
+from textgate.gate import (
+    Check,
+    Verdict,
+    approval_check,
+    champion_checks,
+    evaluate_gate,
+    served_checks,
+    worst_confusions,
+)
+from textgate.io import read_json, write_json
+from textgate.registry import Registry
 
 if TYPE_CHECKING:  # BentoML is imported only when a model is packaged
     from tasks.package import PackageResult
@@ -113,10 +130,7 @@ def publish_validation(params: Params) -> None:
     )
 
 
-@task(name="gate", cache_policy=NO_CACHE)
-def gate(params: Params) -> Verdict:
-    """Compare the evaluate stage's test metrics with the floors in params.gate."""
-    metrics = read_json(params.evaluate.output_dir / "metrics.json")
+def publish_metrics(params: Params, metrics: dict[str, Any]) -> None:
     per_class = read_json(params.evaluate.output_dir / "per_class.json")
     create_table_artifact(
         key="test-metrics",
@@ -127,12 +141,56 @@ def gate(params: Params) -> Verdict:
             for label, scores in per_class.items()
         ],
     )
-    verdict = evaluate_gate(metrics, params.gate)
-    create_markdown_artifact(
-        key="gate-verdict", description="Promotion gate", markdown=verdict.to_markdown()
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate(params: Params, model_md5: str | None) -> Verdict:
+    """Every offline check: floors, the production model, intents, calibration, behaviour.
+
+    The production model (from the registry) is scored on the same test examples as the
+    candidate; when it is the same model (same md5) its predictions are the candidate's.
+    """
+    logger = get_run_logger()
+    out = params.evaluate.output_dir
+    metrics = read_json(out / "metrics.json")
+    per_class = read_json(out / "per_class.json")
+    publish_metrics(params, metrics)
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    y_true = predictions["label"].tolist()
+    candidate = predictions["predicted"].tolist()
+
+    production = Registry(params.registry.path).production()
+    champion, error = None, None
+    if production is not None:
+        if model_md5 and production.lineage.get("model_md5") == model_md5:
+            champion = candidate
+        else:
+            from tasks.champion import score_production
+
+            logger.info("scoring production model %s on the test set", production.model_tag)
+            try:
+                champion = score_production(
+                    production.model_tag, predictions["text"].tolist(), params.evaluate.batch_size
+                )
+            except TextgateError as failure:
+                error = str(failure)
+    checks = champion_checks(
+        y_true,
+        candidate,
+        champion,
+        params.gate,
+        champion_tag=production.bento_tag if production else None,
+        champion_error=error,
+        seed=params.evaluate.seed,
     )
-    get_run_logger().info(verdict.summary())
-    return verdict
+    return evaluate_gate(
+        metrics,
+        per_class,
+        params.gate,
+        champion=checks,
+        champion_tag=production.bento_tag if production else None,
+        confusions=worst_confusions(y_true, candidate),
+    )
 
 
 @task(name="package", cache_policy=NO_CACHE)
@@ -150,28 +208,129 @@ def package(root: Path, params: Params, lineage: dict[str, Any]) -> PackageResul
     )
 
 
+@task(name="check-served-bento", cache_policy=NO_CACHE)
+def check_served(params: Params, packaged: PackageResult) -> list[Check]:
+    """Serve the bento for real, replay the golden requests, compare with offline answers."""
+    from tasks.served import ServedCheckError, check_served_bento, load_golden
+
+    golden = load_golden(params.evaluate.output_dir / "golden.json")
+    with tempfile.TemporaryDirectory(prefix="textgate-served-") as workdir:
+        try:
+            report = check_served_bento(
+                packaged.bento_tag,
+                golden,
+                workdir=Path(workdir),
+                score_tolerance=params.gate.served_score_tolerance,
+            )
+        except ServedCheckError as error:
+            return served_checks(None, params.gate, error=str(error))
+    get_run_logger().info(
+        "served bento %s: %d/%d golden answers match, p50 %.1f ms, p95 %.1f ms",
+        packaged.bento_tag,
+        report.matched,
+        report.n,
+        report.p50_ms,
+        report.p95_ms,
+    )
+    return served_checks(report.to_dict(), params.gate)
+
+
+class Approval(RunInput):
+    """What the reviewer fills in, in the Prefect UI, for a run that passed every check."""
+
+    approve: bool = False
+    reviewer: str = Field(min_length=1, description="who decides (name or e-mail)")
+    comment: str = Field(default="", description="why; recorded with the verdict")
+
+
+def request_approval(verdict: Verdict, params: Params) -> Check:
+    """Pause the run until a person approves or rejects it in the Prefect UI (or it times out)."""
+    logger = get_run_logger()
+    logger.info(
+        "waiting for approval in the Prefect UI (timeout %d s)", params.gate.approval_timeout_s
+    )
+    description = (
+        verdict.to_markdown()
+        + "\n\n**Approve** to promote this model to production, or leave it unticked to "
+        "reject it; either way the reviewer and comment are recorded with the verdict."
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=Approval.with_initial_data(description=description),
+            timeout=params.gate.approval_timeout_s,
+            key="approval",
+        )
+    except FlowPauseTimeout:
+        return approval_check(
+            False, "nobody", f"no decision within {params.gate.approval_timeout_s} s"
+        )
+    return approval_check(answer.approve, answer.reviewer, answer.comment)
+
+
+def publish_verdict(verdict: Verdict, params: Params, run: dict[str, Any]) -> Path:
+    """The verdict as a Prefect markdown artifact and as JSON next to the registry.
+
+    Each run writes `verdicts/<time>.json`; `verdicts/latest.json` is the newest, which
+    `textgate status` shows.
+    """
+    create_markdown_artifact(
+        key="gate-verdict", description="Promotion gate", markdown=verdict.to_markdown()
+    )
+    directory = params.registry.path.parent / "verdicts"
+    payload = {**verdict.model_dump(mode="json"), "run": run}
+    stamp = verdict.created_at.strftime("%Y%m%dT%H%M%S%fZ")
+    write_json(directory / f"{stamp}.json", payload)
+    write_json(directory / "latest.json", payload)
+    return directory / "latest.json"
+
+
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(params: Params, packaged: PackageResult, lineage: dict[str, Any]) -> Release:
+def promote(
+    params: Params, packaged: PackageResult, lineage: dict[str, Any], verdict: Verdict
+) -> Release:
     """Record the bento as production; the previous one stays in the history."""
     from tasks.promote import promote as promote_release
 
     metrics = read_json(params.evaluate.output_dir / "metrics.json")
+    approval = next((c for c in verdict.checks if c.kind == "approval"), None)
     return promote_release(
-        params, packaged, metrics=metrics, lineage=lineage, reason="passed the gate"
+        params,
+        packaged,
+        metrics=metrics,
+        lineage=lineage,
+        reason="passed the gate" + (f"; {approval.reason}" if approval else ""),
+        verdict=verdict.model_dump(mode="json"),
     )
+
+
+def _run_info(lineage: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    context = get_run_context()
+    flow_run = getattr(context, "flow_run", None)
+    return {
+        "flow_run_id": str(flow_run.id) if flow_run else None,
+        "flow_run_name": flow_run.name if flow_run else None,
+        "model_md5": lineage.get("model_md5"),
+        "data_md5": lineage.get("data_md5"),
+        "git_commit": lineage.get("git_commit"),
+        **extra,
+    }
 
 
 @flow(name="textgate-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str, Any]:
-    """Validate, prepare, train and evaluate through DVC; gate; package and promote on a pass."""
+    """Validate, prepare, train and evaluate through DVC; gate; package, check and promote."""
     from tasks.lineage import collect_lineage
-    from textgate.registry import Registry
 
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
     # Absolute paths, so in-process steps do not depend on the current directory.
     declared = load_params(root / params_path)
     params = resolve_paths(declared, root)
+    if params.gate.require_approval and not PREFECT_API_URL.value():
+        raise ConfigError(
+            "gate.require_approval is true, which needs a Prefect server to approve in: "
+            "start one with `make ui` and set PREFECT_API_URL (see the README)"
+        )
 
     runs: list[StageRun] = []
     try:
@@ -189,18 +348,21 @@ def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str,
         table=[{"stage": run.stage, "outcome": "ran" if run.ran else "up to date"} for run in runs],
     )
 
-    verdict = gate(params)
-    summary: dict[str, Any] = {
-        "stages_ran": ran,
-        "stages_skipped": skipped,
-        "verdict": verdict.model_dump(),
-    }
+    lineage = collect_lineage(root, declared)
+    summary: dict[str, Any] = {"stages_ran": ran, "stages_skipped": skipped, "promoted": False}
+
+    def finish(verdict: Verdict, **extra: Any) -> dict[str, Any]:
+        summary["verdict"] = verdict.model_dump(mode="json")
+        summary["verdict_file"] = str(publish_verdict(verdict, params, _run_info(lineage, **extra)))
+        logger.info(verdict.summary())
+        return summary
+
+    verdict = gate(params, lineage["model_md5"])
     if not verdict.passed:
+        finish(verdict)
         return Failed(message=verdict.summary(), data=summary)
 
-    lineage = collect_lineage(root, declared)
-    registry = Registry(params.registry.path)
-    current = registry.production()
+    current = Registry(params.registry.path).production()
     if (
         current is not None
         and lineage["model_md5"]
@@ -209,16 +371,30 @@ def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str,
         logger.info(
             "this model is already in production as %s; nothing to promote", current.bento_tag
         )
+        finish(verdict, bento_tag=current.bento_tag, promoted=False)
         summary["bento_tag"] = current.bento_tag
-        summary["promoted"] = False
         return Completed(
             message=f"unchanged: {current.bento_tag} stays in production", data=summary
         )
 
     packaged = package(root, params, lineage)
-    release = promote(params, packaged, lineage)
-    summary["bento_tag"] = release.bento_tag
+    summary["bento_tag"] = packaged.bento_tag
+    verdict = verdict.with_checks(check_served(params, packaged))
+    if not verdict.passed:
+        finish(verdict, bento_tag=packaged.bento_tag, promoted=False)
+        return Failed(
+            message=f"{verdict.summary()}\nbento {packaged.bento_tag} was built but not promoted",
+            data=summary,
+        )
+    if params.gate.require_approval:
+        verdict = verdict.with_checks([request_approval(verdict, params)])
+        if not verdict.passed:
+            finish(verdict, bento_tag=packaged.bento_tag, promoted=False)
+            return Failed(name="Rejected", message=verdict.summary(), data=summary)
+
+    release = promote(params, packaged, lineage, verdict)
     summary["promoted"] = True
+    finish(verdict, bento_tag=release.bento_tag, promoted=True)
     logger.info("promoted %s to production", release.bento_tag)
     return Completed(message=f"promoted {release.bento_tag}", data=summary)
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tasks.common import stage_main
+from textgate.behaviour import invariance as invariance_rates
+from textgate.behaviour import load_must_pass, must_pass
 from textgate.config import Params
 from textgate.io import atomic_path, write_json
 from textgate.metrics import Metrics, compute_metrics
-from textgate.model import TextClassifier
+from textgate.model import Prediction, TextClassifier
+from textgate.stats import expected_calibration_error, softmax
 
 
 def plot_confusion(metrics: Metrics, path: Path) -> None:
@@ -41,34 +45,107 @@ def plot_confusion(metrics: Metrics, path: Path) -> None:
     plt.close(figure)
 
 
+def golden_cases(
+    texts: list[str], predictions: list[Prediction], count: int, seed: int
+) -> list[dict[str, object]]:
+    """Texts with their offline answers, replayed against the served bento before promotion."""
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(texts), size=min(count, len(texts)), replace=False).tolist())
+    return [
+        {"text": texts[i], "label": predictions[i].label, "score": predictions[i].score}
+        for i in chosen
+    ]
+
+
 def run(params: Params) -> Metrics:
-    """Write metrics.json, per_class.json, confusion.csv (DVC plot) and confusion.png."""
-    out = params.evaluate.output_dir
+    """Score the model on the test split and run the behavioural tests.
+
+    Writes metrics.json (DVC metrics), per_class.json, predictions.parquet (one row per test
+    example, for the champion comparison), behaviour.json, golden.json (requests replayed
+    against the bento), confusion.csv (DVC plot) and confusion.png.
+    """
+    config = params.evaluate
+    out = config.output_dir
     classifier = TextClassifier(params.train.output_dir / "model")
+    must_pass_cases = load_must_pass(config.must_pass_file, classifier.labels)
     test = pd.read_parquet(params.prepare.output_dir / "test.parquet")
+    texts = test["text"].tolist()
     label_ids = {label: index for index, label in enumerate(classifier.labels)}
-    probabilities = classifier.predict_proba(test["text"].tolist(), params.evaluate.batch_size)
+    y_true = test["label"].map(label_ids).to_numpy()
+
+    logits = classifier.predict_logits(texts, config.batch_size)
+    probabilities = softmax(logits, classifier.temperature)
     predicted = probabilities.argmax(axis=1)
-    metrics = compute_metrics(test["label"].map(label_ids).tolist(), predicted, classifier.labels)
+    metrics = compute_metrics(y_true.tolist(), predicted, classifier.labels)
+    ece = expected_calibration_error(probabilities, y_true, config.calibration_bins)
+    ece_raw = expected_calibration_error(softmax(logits), y_true, config.calibration_bins)
+
+    def predict_ids(batch: list[str]) -> np.ndarray:
+        return classifier.predict_proba(batch, config.batch_size).argmax(axis=1)
+
+    invariance = invariance_rates(
+        predict_ids, texts, max_examples=config.behaviour_examples, seed=config.seed
+    )
+    must = must_pass(
+        lambda batch: [classifier.labels[i] for i in predict_ids(batch)], must_pass_cases
+    )
+    rates = {kind: result.rate for kind, result in invariance.items()}
+    rates["must_pass"] = must.rate
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(
         out / "metrics.json",
-        {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1, "n_test": metrics.n},
+        {
+            "accuracy": metrics.accuracy,
+            "macro_f1": metrics.macro_f1,
+            "n_test": metrics.n,
+            "ece": ece,
+            "ece_uncalibrated": ece_raw,
+            "temperature": classifier.temperature,
+            "behaviour": rates,
+        },
     )
     write_json(
         out / "per_class.json",
         {label: scores.model_dump() for label, scores in metrics.per_class.items()},
     )
-    pairs = pd.DataFrame(
-        {"actual": test["label"], "predicted": [classifier.labels[i] for i in predicted]}
+    write_json(
+        out / "behaviour.json",
+        {
+            "invariance": {kind: result.model_dump() for kind, result in invariance.items()},
+            "must_pass": must.model_dump(),
+        },
     )
+    predicted_labels = [classifier.labels[i] for i in predicted]
+    scores = probabilities[np.arange(len(texts)), predicted]
+    frame = pd.DataFrame(
+        {"text": texts, "label": test["label"], "predicted": predicted_labels, "score": scores}
+    )
+    with atomic_path(out / "predictions.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+    offline = [
+        Prediction(label=label, score=float(score))
+        for label, score in zip(predicted_labels, scores, strict=True)
+    ]
+    golden = golden_cases(texts, offline, config.golden_requests, config.seed)
+    if must_pass_cases:
+        extra = classifier.predict([case.text for case in must_pass_cases], config.batch_size)
+        golden += [
+            {"text": case.text, "label": p.label, "score": p.score}
+            for case, p in zip(must_pass_cases, extra, strict=True)
+        ]
+    write_json(out / "golden.json", golden)
     with atomic_path(out / "confusion.csv") as tmp:
-        pairs.to_csv(tmp, index=False)
+        frame[["label", "predicted"]].rename(columns={"label": "actual"}).to_csv(tmp, index=False)
     plot_confusion(metrics, out / "confusion.png")
     print(
         f"evaluate: accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f} "
-        f"on {metrics.n} test examples"
+        f"on {metrics.n} test examples; ECE {ece_raw:.4f} -> {ece:.4f} "
+        f"(temperature {classifier.temperature:.3f})"
+    )
+    print(
+        "behaviour: "
+        + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in rates.items())
     )
     return metrics
 

@@ -13,8 +13,24 @@ import transformers
 from tasks.common import stage_main
 from textgate.config import Params
 from textgate.io import read_json, write_json
-from textgate.model import build_classifier, save_classifier, select_device
+from textgate.model import build_classifier, predict_logits, save_classifier, select_device
+from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.training import seed_everything, train_classifier
+
+CALIBRATION_BINS = 15
+
+
+def calibrate(logits, labels: list[int]) -> dict[str, float]:
+    """Fit the temperature on validation logits; ECE before and after (temperature scaling)."""
+    temperature = fit_temperature(logits, labels)
+    return {
+        "temperature": temperature,
+        "val_ece_before": expected_calibration_error(softmax(logits), labels, CALIBRATION_BINS),
+        "val_ece_after": expected_calibration_error(
+            softmax(logits, temperature), labels, CALIBRATION_BINS
+        ),
+        "n_val": len(labels),
+    }
 
 
 def run(params: Params) -> dict[str, float]:
@@ -27,6 +43,7 @@ def run(params: Params) -> dict[str, float]:
     device = select_device(config.device)
     print(f"train: {len(train)} examples, {len(labels)} labels, {config.base_model} on {device}")
 
+    val_labels = val["label"].map(label_ids).tolist()
     seed_everything(config.seed)  # before the new classification head is initialised
     model, tokenizer = build_classifier(config.base_model, labels)
     result = train_classifier(
@@ -35,9 +52,16 @@ def run(params: Params) -> dict[str, float]:
         train["text"].tolist(),
         train["label"].map(label_ids).tolist(),
         val["text"].tolist(),
-        val["label"].map(label_ids).tolist(),
+        val_labels,
         config,
         device,
+    )
+    calibration = calibrate(
+        predict_logits(model, tokenizer, val["text"].tolist(), config.max_length), val_labels
+    )
+    print(
+        f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
+        f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"
     )
     metadata = {
         "base_model": config.base_model,
@@ -48,6 +72,7 @@ def run(params: Params) -> dict[str, float]:
         "train_examples": len(train),
         "val_examples": len(val),
         "result": asdict(result),
+        "calibration": calibration,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -61,6 +86,7 @@ def run(params: Params) -> dict[str, float]:
         "best_epoch": result.best_epoch,
         "train_seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples_per_second, 2),
+        "temperature": round(calibration["temperature"], 4),
     }
     write_json(config.output_dir / "metrics.json", metrics)
     return metrics

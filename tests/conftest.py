@@ -71,6 +71,7 @@ def bentoml_home() -> Path:
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT (hidden size 32) with the MiniLM tokenizer."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from textgate.model import resolve_base_model
@@ -85,6 +86,7 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
+    torch.manual_seed(0)  # the same random encoder in every session: tests that train are stable
     BertModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -41,9 +41,17 @@ def tiny_overrides(work: Path, base_model: Path) -> dict[str, Any]:
             "max_length": 32,
             "learning_rate": 1.0e-3,
         },
-        "evaluate": {"output_dir": str(work / "evaluate")},
+        "evaluate": {
+            "output_dir": str(work / "evaluate"),
+            "must_pass_file": str(work / "must_pass.csv"),
+            "golden_requests": 10,
+        },
         "registry": {"path": str(work / "registry.json")},
     }
+
+
+# Cases the tiny model learns (tests.conftest.INTENT_WORDS); a must-pass file needs rows.
+MUST_PASS_ROWS = [("hello stolen card thanks", "lost_card"), ("hi refund today", "refund")]
 
 
 def make_params(overrides: dict[str, Any]) -> Params:

@@ -81,11 +81,49 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     output_dir: FilePath
     batch_size: int = Field(ge=1)
+    must_pass_file: FilePath
+    behaviour_examples: int = Field(ge=1)
+    golden_requests: int = Field(ge=0)
+    calibration_bins: int = Field(ge=2, le=100)
+    seed: int
+
+
+Rate = Annotated[float, Field(ge=0, le=1)]
+
+
+class MarginConfig(_Section):
+    """Non-regression margins: how much worse than the champion a candidate may be."""
+
+    accuracy: Rate
+    macro_f1: Rate
+
+
+class BehaviourConfig(_Section):
+    """Minimum pass rate of each behavioural test."""
+
+    casing: Rate
+    punctuation: Rate
+    typos: Rate
+    filler: Rate
+    must_pass: Rate
 
 
 class GateConfig(_Section):
-    min_accuracy: float = Field(ge=0, le=1)
-    min_macro_f1: float = Field(ge=0, le=1)
+    min_accuracy: Rate
+    min_macro_f1: Rate
+    no_champion: Literal["pass", "fail"]
+    margins: MarginConfig
+    confidence: float = Field(gt=0.5, lt=1)
+    bootstrap_resamples: int = Field(ge=100)
+    min_class_recall: Rate
+    class_recall_floors: dict[str, Rate]
+    min_class_support: int = Field(ge=1)
+    max_ece: Rate
+    behaviour: BehaviourConfig
+    served_score_tolerance: float = Field(ge=0)
+    max_p95_latency_ms: float = Field(gt=0)
+    require_approval: bool
+    approval_timeout_s: int = Field(ge=1)
 
 
 class PackageConfig(_Section):

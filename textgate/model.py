@@ -28,6 +28,7 @@ from transformers.utils import logging as transformers_logging
 
 from textgate.errors import ConfigError, DataError
 from textgate.io import read_json
+from textgate.stats import softmax
 from textgate.text import clean_text
 
 BUNDLED_PREFIX = "bundled:"
@@ -116,14 +117,14 @@ def tokenize(
 
 
 @torch.inference_mode()
-def predict_proba(
+def predict_logits(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     max_length: int,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Class probabilities, shape (len(texts), num_labels), for already-cleaned texts."""
+    """Raw class scores, shape (len(texts), num_labels), for already-cleaned texts."""
     model.eval()
     device = next(model.parameters()).device
     num_labels = model.config.num_labels
@@ -136,8 +137,21 @@ def predict_proba(
         index = order[start : start + batch_size]
         batch = tokenize(tokenizer, [texts[i] for i in index], max_length)
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # (batch, labels)
-        out[index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        out[index] = logits.float().cpu().numpy()
     return out
+
+
+def predict_proba(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """Class probabilities, shape (len(texts), num_labels), for already-cleaned texts."""
+    logits = predict_logits(model, tokenizer, texts, max_length, batch_size)
+    return softmax(logits, temperature).astype(np.float32)
 
 
 class TextClassifier:
@@ -152,15 +166,23 @@ class TextClassifier:
         self.metadata: dict[str, Any] = read_json(model_dir / TRAINING_FILE)
         self.max_length: int = self.metadata["max_length"]
         self.redact_pii: bool = self.metadata.get("redact_pii", True)
+        # Fitted on the validation split by the train stage (temperature scaling); 1 = raw.
+        self.temperature: float = float(
+            self.metadata.get("calibration", {}).get("temperature", 1.0)
+        )
         self.device = select_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         self.model.to(self.device).eval()
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Probabilities for raw texts, after the same cleaning as training."""
+    def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Raw class scores for raw texts, after the same cleaning as training."""
         cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
-        return predict_proba(self.model, self.tokenizer, cleaned, self.max_length, batch_size)
+        return predict_logits(self.model, self.tokenizer, cleaned, self.max_length, batch_size)
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Calibrated probabilities (softmax of logits / temperature) for raw texts."""
+        return softmax(self.predict_logits(texts, batch_size), self.temperature).astype(np.float32)
 
     def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[Prediction]:
         """The most probable label and its probability for each raw text, in order."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tasks import evaluate, prepare, train
 from tasks.common import stage_main
 from tests.conftest import make_rows, write_csv
-from tests.helpers import make_params, tiny_overrides
+from tests.helpers import MUST_PASS_ROWS, make_params, tiny_overrides
 from textgate.model import TextClassifier
 
 
@@ -22,6 +22,7 @@ def params(tmp_path, tiny_base_model):
     rows.append(("mail me at jane.doe@example.com about my refund", "refund"))
     rows.append(rows[0])  # an exact duplicate
     write_csv(tmp_path / "raw" / "train.csv", rows)
+    write_csv(tmp_path / "must_pass.csv", MUST_PASS_ROWS)
     params = make_params(tiny_overrides(tmp_path, tiny_base_model))
     params.validate_.output_dir.mkdir(parents=True)
     labels = sorted({label for _, label in rows})

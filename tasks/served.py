@@ -1,0 +1,380 @@
+"""Served check: start a built bento with a real `bentoml serve` and replay golden requests.
+
+Promotion checks the artifact that will actually be served, not the model directory: the
+bento is started from an unrelated working directory on a free loopback port, without the
+project on PYTHONPATH (a bento must be self-contained), and each golden text is sent as its
+own request. Every answer must equal the offline prediction recorded in the golden case
+(same label, score within a tolerance); the per-request latencies give p50 and p95.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+from textgate.errors import DataError, TextgateError
+from textgate.io import read_json, write_json
+
+LOG_FILE = "bentoml-serve.log"
+LOG_TAIL_LINES = 40
+STOP_GRACE_S = 20.0
+POLL_INTERVAL_S = 0.5
+# How much of an error response body an error message quotes.
+BODY_EXCERPT_CHARS = 300
+
+
+class ServedCheckError(TextgateError):
+    """The bento could not be started, or did not become ready to answer."""
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    """One golden request: a text and the offline prediction the served bento must repeat."""
+
+    text: str
+    label: str
+    score: float
+
+
+def load_golden(path: str | Path) -> list[GoldenCase]:
+    """Read a golden file: a JSON list of {"text", "label", "score"} objects.
+
+    Raises:
+        DataError: the file is missing, not JSON, empty, or an entry has the wrong shape.
+    """
+    raw = read_json(path)
+    if not isinstance(raw, list):
+        raise DataError(
+            f"{path}: a golden file is a JSON list of {{text, label, score}} objects, "
+            f"not a {type(raw).__name__}"
+        )
+    if not raw:
+        raise DataError(f"{path}: the golden file has no cases")
+    return [_golden_case(entry, f"{path}: case {index}") for index, entry in enumerate(raw)]
+
+
+def write_golden(path: str | Path, golden: Sequence[GoldenCase]) -> None:
+    """Write golden cases in the format `load_golden` reads (atomically)."""
+    write_json(path, [asdict(case) for case in golden])
+
+
+def _golden_case(entry: Any, where: str) -> GoldenCase:
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+    keys = {"text", "label", "score"}
+    if set(entry) != keys:
+        missing, unknown = sorted(keys - set(entry)), sorted(set(entry) - keys)
+        raise DataError(
+            f"{where}: keys must be text, label, score (missing {missing}, unknown {unknown})"
+        )
+    text, label, score = entry["text"], entry["label"], entry["score"]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: text must be a non-blank string, got {text!r}")
+    if not isinstance(label, str) or not label:
+        raise DataError(f"{where}: label must be a non-empty string, got {label!r}")
+    # bool is an int subclass: true/false is not a score.
+    if isinstance(score, bool) or not isinstance(score, int | float) or not 0.0 <= score <= 1.0:
+        raise DataError(f"{where}: score must be a number in [0, 1], got {score!r}")
+    return GoldenCase(text=text, label=label, score=float(score))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a log file ("" when it does not exist)."""
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@contextmanager
+def serve_bento(
+    bento_tag: str,
+    *,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 120,
+    port: int | None = None,
+) -> Iterator[str]:
+    """Run `bentoml serve <bento_tag>` on 127.0.0.1; yield its base URL once it is ready.
+
+    The server runs from `workdir` (its log is `workdir/bentoml-serve.log`) in its own
+    process group, with this process's environment plus `env`, minus PYTHONPATH. On exit
+    the server and its workers are stopped: SIGTERM, then SIGKILL after 20 s.
+
+    Args:
+        bento_tag: a bento in the BentoML store (`BENTOML_HOME`), e.g. `textgate:abc123`.
+        workdir: an existing directory, best one unrelated to the project.
+        env: extra environment variables for the server.
+        ready_timeout_s: how long the server may take to answer `GET /readyz` with 200.
+        port: the port to listen on; a free one by default.
+
+    Raises:
+        ServedCheckError: the server exited or was not ready in time; the message has the
+            exit code and the end of the log.
+    """
+    workdir = Path(workdir)
+    log = workdir / LOG_FILE
+    port = free_port() if port is None else port
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
+    full_env.pop("PYTHONPATH", None)
+    command = [sys.executable, "-m", "bentoml", "serve", bento_tag]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=full_env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group (the workers are not in it: see below)
+        )
+    server = _ServerProcess(process)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, bento_tag, server, log, ready_timeout_s)
+        yield url
+    finally:
+        server.stop()
+
+
+class _ServerProcess:
+    """A `bentoml serve` process and the workers it starts.
+
+    The server has a process group of its own, but its process manager (circus) starts each
+    worker in a new session, out of that group: a worker is only found as a descendant of
+    the server, so the workers seen are remembered, in case the server dies first.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.workers: dict[int, psutil.Process] = {}
+
+    def note_workers(self) -> None:
+        """Remember the server's current descendants."""
+        with suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self.workers.setdefault(child.pid, child)
+
+    def stop(self) -> None:
+        """Stop the server and its workers: SIGTERM, then SIGKILL after the grace period."""
+        if self.process.poll() is None:
+            self.note_workers()
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        # What is left of the group; its id cannot be reused while a member is alive.
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        # psutil checks that a remembered pid is still the same process before signalling it.
+        left = [worker for worker in self.workers.values() if worker.is_running()]
+        for worker in left:
+            with suppress(psutil.NoSuchProcess):
+                worker.terminate()
+        _, alive = psutil.wait_procs(left, timeout=STOP_GRACE_S)
+        for worker in alive:
+            with suppress(psutil.NoSuchProcess):
+                worker.kill()
+        psutil.wait_procs(alive, timeout=10)
+
+
+def _wait_ready(
+    url: str, bento_tag: str, server: _ServerProcess, log: Path, timeout_s: float
+) -> None:
+    process = server.process
+    deadline = time.monotonic() + timeout_s
+    # trust_env=False: a proxy configured in the environment must not see loopback requests.
+    with httpx.Client(trust_env=False, timeout=2) as client:
+        while True:
+            server.note_workers()
+            if process.poll() is not None:
+                raise ServedCheckError(
+                    f"bentoml serve {bento_tag} exited with code {process.returncode} before "
+                    f"it was ready; last lines of {log}:\n{log_tail(log)}"
+                )
+            try:
+                if client.get(f"{url}/readyz").status_code == 200:
+                    server.note_workers()
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() >= deadline:
+                raise ServedCheckError(
+                    f"bentoml serve {bento_tag} was not ready after {timeout_s:.0f} s "
+                    f"(still running); last lines of {log}:\n{log_tail(log)}"
+                )
+            time.sleep(POLL_INTERVAL_S)
+
+
+@dataclass(frozen=True)
+class ServedReport:
+    """The outcome of replaying golden cases against a served bento.
+
+    `mismatches` holds answered cases whose label or score differs from the offline one;
+    `errors` the cases that got no valid answer (HTTP error or transport failure). Both count
+    as not matched. Latencies are those of the valid answers, in milliseconds; the
+    percentiles are NaN when there are none.
+    """
+
+    bento_tag: str
+    n: int
+    matched: int
+    mismatches: list[dict[str, Any]]
+    errors: list[str]
+    latencies_ms: list[float]
+    p50_ms: float
+    p95_ms: float
+    max_ms: float
+
+    @property
+    def passed(self) -> bool:
+        """Every golden case was answered and matched."""
+        return self.n > 0 and self.matched == self.n
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN percentiles become None)."""
+        out = asdict(self)
+        for key in ("p50_ms", "p95_ms", "max_ms"):
+            if math.isnan(out[key]):
+                out[key] = None
+        out["passed"] = self.passed
+        return out
+
+
+def replay(
+    url: str,
+    golden: Sequence[GoldenCase],
+    *,
+    score_tolerance: float = 1e-3,
+    timeout_s: float = 30,
+    warmup: int = 3,
+    bento_tag: str = "",
+) -> ServedReport:
+    """Send each golden text as its own request, in order, and compare with the offline answer.
+
+    A case matches when the served label equals the golden label and the served score is
+    within `score_tolerance` of the golden score. Requests are sequential, so a latency is
+    one request's round trip with no queueing behind others. The first `warmup` texts are
+    sent once, untimed, before the timed pass.
+
+    Args:
+        url: the server's base URL (`POST {url}/classify` with {"texts": [text]}).
+        golden: the cases to replay; at least one.
+        score_tolerance: the largest accepted |served score - offline score|.
+        timeout_s: per-request timeout.
+        warmup: untimed requests sent first.
+        bento_tag: recorded in the report.
+    """
+    if not golden:
+        raise DataError("replay needs at least one golden case")
+    endpoint = f"{url.rstrip('/')}/classify"
+    matched = 0
+    mismatches: list[dict[str, Any]] = []
+    errors: list[str] = []
+    latencies_ms: list[float] = []
+    with httpx.Client(trust_env=False, timeout=timeout_s) as client:
+        for case in golden[:warmup]:
+            with suppress(httpx.HTTPError):  # the timed pass reports it
+                client.post(endpoint, json={"texts": [case.text]})
+        for case in golden:
+            start = time.perf_counter()
+            try:
+                response = client.post(endpoint, json={"texts": [case.text]})
+            except httpx.HTTPError as error:
+                errors.append(f"{case.text!r}: {type(error).__name__}: {error}")
+                continue
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            answer = _parse_answer(response)
+            if isinstance(answer, str):
+                errors.append(f"{case.text!r}: {answer}")
+                continue
+            latencies_ms.append(elapsed_ms)
+            label, score = answer
+            if label == case.label and abs(score - case.score) <= score_tolerance:
+                matched += 1
+            else:
+                mismatches.append(
+                    {
+                        "text": case.text,
+                        "offline_label": case.label,
+                        "served_label": label,
+                        "offline_score": case.score,
+                        "served_score": score,
+                    }
+                )
+    if latencies_ms:
+        p50, p95 = (float(v) for v in np.percentile(latencies_ms, [50, 95], method="linear"))
+        slowest = max(latencies_ms)
+    else:
+        p50 = p95 = slowest = math.nan
+    return ServedReport(
+        bento_tag=bento_tag,
+        n=len(golden),
+        matched=matched,
+        mismatches=mismatches,
+        errors=errors,
+        latencies_ms=latencies_ms,
+        p50_ms=p50,
+        p95_ms=p95,
+        max_ms=slowest,
+    )
+
+
+def _parse_answer(response: httpx.Response) -> tuple[str, float] | str:
+    """The (label, score) of a one-text answer, or a description of what is wrong with it."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:BODY_EXCERPT_CHARS]}"
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP 200 but not JSON: {response.text[:BODY_EXCERPT_CHARS]}"
+    if (
+        isinstance(body, list)
+        and len(body) == 1
+        and isinstance(body[0], dict)
+        and isinstance(body[0].get("label"), str)
+        and isinstance(body[0].get("score"), int | float)
+        and not isinstance(body[0].get("score"), bool)
+    ):
+        return body[0]["label"], float(body[0]["score"])
+    return f"HTTP 200 but not one {{label, score}} answer: {response.text[:BODY_EXCERPT_CHARS]}"
+
+
+def check_served_bento(
+    bento_tag: str,
+    golden: Sequence[GoldenCase],
+    *,
+    workdir: Path,
+    score_tolerance: float = 1e-3,
+    ready_timeout_s: float = 120,
+) -> ServedReport:
+    """Serve `bento_tag` (see `serve_bento`), replay `golden` against it, then stop it.
+
+    Raises:
+        ServedCheckError: the bento could not be started or did not become ready.
+    """
+    if not golden:
+        raise DataError("a served check needs at least one golden case")
+    with serve_bento(bento_tag, workdir=workdir, ready_timeout_s=ready_timeout_s) as url:
+        return replay(url, golden, score_tolerance=score_tolerance, bento_tag=bento_tag)

@@ -1,0 +1,302 @@
+import random
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from textgate.behaviour import (
+    GREETINGS,
+    PERTURBATIONS,
+    SIGN_OFFS,
+    MustPassCase,
+    invariance,
+    load_must_pass,
+    must_pass,
+    perturb,
+)
+from textgate.errors import DataError
+
+LABELS = ["refund", "delivery", "account"]
+KEYWORDS = {"refund": 0, "money back": 0, "parcel": 1, "delivery": 1, "password": 2}
+PLACEHOLDER = re.compile(r"\[[A-Z]+\]")
+
+TEXTS = [
+    "I want a refund for order 1234, please.",
+    "Email me at [EMAIL] about the refund on my [CARD]",
+    "where is my parcel? call [PHONE] today",
+    "¿Dónde está mi reembolso? Necesito ayuda…",
+    "can't reset my password (again)",
+    "The delivery never arrived!!",
+]
+
+
+def keyword_label(text: str, case_sensitive: bool = False) -> int:
+    haystack = text if case_sensitive else text.lower()
+    for keyword, label in KEYWORDS.items():
+        if keyword in haystack:
+            return label
+    return 2
+
+
+def keyword_model(texts: list[str]) -> list[int]:
+    return [keyword_label(text) for text in texts]
+
+
+def case_sensitive_model(texts: list[str]) -> list[int]:
+    """Only recognises lower-case keywords: casing changes flip its predictions."""
+    return [keyword_label(text, case_sensitive=True) for text in texts]
+
+
+class CountingModel:
+    def __init__(self, predict):
+        self.predict = predict
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        self.calls.append(list(texts))
+        return self.predict(texts)
+
+
+def many_texts(n: int) -> list[str]:
+    stems = ["i need a refund for order", "my parcel is late, order", "reset password for user"]
+    return [f"{stems[i % 3]} {i}" for i in range(n)]
+
+
+# --- perturb -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", PERTURBATIONS)
+@pytest.mark.parametrize("text", TEXTS)
+def test_each_perturbation_changes_the_text_and_keeps_placeholders(kind, text):
+    rng = random.Random(0)
+    for _ in range(25):
+        out = perturb(text, kind, rng)
+        assert out is not None
+        assert out != text
+        assert PLACEHOLDER.findall(out) == PLACEHOLDER.findall(text)
+
+
+def test_perturb_is_seeded():
+    first = [perturb(text, kind, random.Random(3)) for text in TEXTS for kind in PERTURBATIONS]
+    again = [perturb(text, kind, random.Random(3)) for text in TEXTS for kind in PERTURBATIONS]
+    assert first == again
+
+
+def test_casing_variants_only_change_case():
+    text = "Don't charge my [CARD] twice"
+    rng = random.Random(0)
+    outs = {perturb(text, "casing", rng) for _ in range(60)}
+    assert outs == {
+        "don't charge my [CARD] twice",
+        "DON'T CHARGE MY [CARD] TWICE",
+        "Don't Charge My [CARD] Twice",  # not str.title()'s "Don'T"
+    }  # swapping the first letter's case gives the lower-case text, counted once
+
+
+def test_punctuation_strips_unicode_punctuation_or_appends_a_mark():
+    text = "¿Dónde está mi reembolso? [EMAIL]…"
+    rng = random.Random(0)
+    outs = {perturb(text, "punctuation", rng) for _ in range(60)}
+    assert outs == {
+        "Dónde está mi reembolso [EMAIL]",
+        text + "?",
+        text + "!",
+        text + "...",
+    }
+
+
+def test_typo_changes_one_word_of_four_or_more_letters_by_one_edit():
+    text = "my card at [EMAIL] was charged twice"
+    rng = random.Random(0)
+    for _ in range(50):
+        out = perturb(text, "typos", rng)
+        before, after = text.split(), out.split()
+        changed = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+        assert len(changed) == 1
+        original, typo = changed[0]
+        assert len(original) >= 4 and original != "[EMAIL]"
+        assert abs(len(original) - len(typo)) <= 1
+        assert sorted(original) == sorted(typo) or len(original) != len(typo)
+
+
+def test_filler_adds_a_greeting_and_or_a_sign_off_around_the_text():
+    text = "where is my parcel"
+    rng = random.Random(0)
+    outs = [perturb(text, "filler", rng) for _ in range(60)]
+    for out in outs:
+        assert text in out
+        prefix, _, suffix = out.partition(text)
+        assert prefix in ("", *GREETINGS) and suffix in ("", *SIGN_OFFS)
+        assert prefix or suffix
+    assert any(out.startswith(text) for out in outs)  # suffix only
+    assert any(out.endswith(text) for out in outs)  # prefix only
+    assert any(not out.startswith(text) and not out.endswith(text) for out in outs)  # both
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("123 456", "casing"),
+        ("[EMAIL] [CARD]", "casing"),  # the only letters are in placeholders
+        ("hi, ok me", "typos"),  # no word of 4+ letters
+        ("[EMAIL] [PHONE]", "typos"),
+        ("   ", "filler"),
+        ("", "punctuation"),
+    ],
+)
+def test_perturb_returns_none_when_it_cannot_change_the_text(text, kind):
+    assert perturb(text, kind, random.Random(0)) is None
+
+
+def test_perturb_rejects_an_unknown_kind():
+    with pytest.raises(ValueError, match="unknown perturbation 'emoji'"):
+        perturb("hello", "emoji", random.Random(0))
+
+
+# --- invariance --------------------------------------------------------------------------
+
+
+def test_case_insensitive_model_is_invariant_to_casing_punctuation_and_filler():
+    results = invariance(keyword_model, TEXTS)
+    assert list(results) == list(PERTURBATIONS)
+    for kind in ("casing", "punctuation", "filler"):
+        assert results[kind].rate == 1.0
+        assert results[kind].n == len(TEXTS)
+        assert results[kind].failures == []
+
+
+def test_case_sensitive_model_fails_casing_invariance_and_lists_failures():
+    texts = many_texts(30)
+    results = invariance(case_sensitive_model, texts)
+    casing = results["casing"]
+    assert casing.n == 30
+    assert casing.rate is not None and casing.rate < 1.0
+    assert 1 <= len(casing.failures) <= 5
+    for original, perturbed in casing.failures:
+        assert original in texts
+        assert perturbed.lower() == original.lower() and perturbed != original
+        assert case_sensitive_model([perturbed]) != case_sensitive_model([original])
+    assert results["filler"].rate == 1.0
+
+
+def test_invariance_compares_with_the_models_own_prediction_not_the_gold_label():
+    results = invariance(lambda texts: [7] * len(texts), TEXTS)  # constant, always wrong
+    assert all(result.rate == 1.0 for result in results.values())
+
+
+def test_invariance_predicts_originals_once_and_each_kind_once():
+    model = CountingModel(keyword_model)
+    invariance(model, TEXTS)
+    assert len(model.calls) == 1 + len(PERTURBATIONS)
+    assert model.calls[0] == TEXTS
+
+
+def test_invariance_samples_at_most_max_examples_with_the_seed():
+    texts = many_texts(200)
+    model = CountingModel(keyword_model)
+    results = invariance(model, texts, kinds=("filler",), max_examples=20, seed=1)
+    assert len(model.calls[0]) == 20 and len(set(model.calls[0])) == 20
+    assert results["filler"].n == 20
+    assert results == invariance(keyword_model, texts, kinds=("filler",), max_examples=20, seed=1)
+    other = CountingModel(keyword_model)
+    invariance(other, texts, kinds=("filler",), max_examples=20, seed=2)
+    assert other.calls[0] != model.calls[0]
+
+
+def test_invariance_rate_is_none_when_nothing_can_be_perturbed():
+    model = CountingModel(keyword_model)
+    results = invariance(model, ["hi", "ok [EMAIL]"], kinds=("typos",))
+    assert results["typos"].model_dump() == {"kind": "typos", "rate": None, "n": 0, "failures": []}
+    assert len(model.calls) == 1  # no predict call for an empty batch
+    assert invariance(model, [], kinds=("casing",))["casing"].rate is None
+
+
+def test_invariance_rejects_unknown_kinds_and_wrong_prediction_counts():
+    with pytest.raises(ValueError, match=r"unknown perturbation\(s\) \['emoji'\]"):
+        invariance(keyword_model, TEXTS, kinds=("casing", "emoji"))
+    with pytest.raises(ValueError, match="predict returned 1 predictions for 6 texts"):
+        invariance(lambda texts: [0], TEXTS)
+
+
+def test_invariance_result_is_frozen():
+    result = invariance(keyword_model, TEXTS, kinds=("casing",))["casing"]
+    with pytest.raises(ValidationError):
+        result.rate = 0.0
+
+
+# --- must-pass ---------------------------------------------------------------------------
+
+
+def write(tmp_path, content: str):
+    path = tmp_path / "must_pass.csv"
+    path.write_text(content, encoding="utf-8")
+    return path
+
+
+def test_load_must_pass_reads_cases(tmp_path):
+    path = write(tmp_path, 'text,label\n"I want my money back, now",refund\nwhere is it,delivery\n')
+    assert load_must_pass(path, LABELS) == [
+        MustPassCase(text="I want my money back, now", label="refund"),
+        MustPassCase(text="where is it", label="delivery"),
+    ]
+
+
+def test_load_must_pass_names_the_line_of_an_unknown_label(tmp_path):
+    path = write(tmp_path, "text,label\nrefund me,refund\nlost parcel,shipping\n")
+    with pytest.raises(DataError) as error:
+        load_must_pass(path, LABELS)
+    message = str(error.value)
+    assert str(path) in message
+    assert "line 3: unknown label 'shipping'" in message
+    assert "known labels: refund, delivery, account" in message
+
+
+def test_load_must_pass_names_every_line_with_an_empty_text(tmp_path):
+    path = write(tmp_path, "text,label\nrefund me,refund\n,refund\n   ,account\n")
+    with pytest.raises(DataError, match="2 invalid must-pass case") as error:
+        load_must_pass(path, LABELS)
+    message = str(error.value)
+    assert "line 3: empty text" in message and "line 4: empty text" in message
+    assert "known labels" not in message
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("text,label\n", "has no rows"), ("text,intent\nhi,refund\n", "missing required column")],
+)
+def test_load_must_pass_rejects_a_file_without_cases(tmp_path, content, message):
+    path = write(tmp_path, content)
+    with pytest.raises(DataError, match=message) as error:
+        load_must_pass(path, LABELS)
+    assert str(path) in str(error.value)
+
+
+def test_load_must_pass_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_must_pass(tmp_path / "nope.csv", LABELS)
+
+
+def label_model(texts: list[str]) -> list[str]:
+    return [LABELS[keyword_label(text)] for text in texts]
+
+
+def test_must_pass_reports_rate_and_failures():
+    cases = [
+        MustPassCase("please refund me", "refund"),
+        MustPassCase("where is my parcel", "delivery"),
+        MustPassCase("I want my cash returned", "refund"),  # no keyword: predicted account
+    ]
+    result = must_pass(label_model, cases)
+    assert result.rate == pytest.approx(2 / 3)
+    assert result.n == 3
+    assert result.failures == [
+        {"text": "I want my cash returned", "expected": "refund", "predicted": "account"}
+    ]
+
+
+def test_must_pass_keeps_at_most_twenty_failures_and_none_without_cases():
+    cases = [MustPassCase(f"no keyword {i}", "refund") for i in range(25)]
+    result = must_pass(label_model, cases)
+    assert (result.rate, result.n, len(result.failures)) == (0.0, 25, 20)
+    empty = must_pass(label_model, [])
+    assert (empty.rate, empty.n, empty.failures) == (None, 0, [])
