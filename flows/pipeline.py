@@ -258,6 +258,7 @@ def request_approval(verdict: Verdict, params: Params) -> Check:
         answer = pause_flow_run(
             wait_for_input=Approval.with_initial_data(description=description),
             timeout=params.gate.approval_timeout_s,
+            poll_interval=2,
             key="approval",
         )
     except FlowPauseTimeout:

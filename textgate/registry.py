@@ -1,9 +1,12 @@
 """The production pointer and its history, kept as one JSON file.
 
-The file holds every promotion in order (append-only); the last entry is what production
-serves, so a rollback is a new promotion of an older bento and the history shows it. A
-missing file is an empty registry; a corrupt or wrongly shaped file is an error, never a
-silent reset, because resetting would forget what production runs.
+The file holds every release in order (append-only); the last entry is what production
+serves. Each release says how it came about: `promote` (the pipeline, after the gate),
+`manual` (a person promoting a bento by hand) or `rollback`. A rollback is an undo: replaying
+the history as a stack (promote and manual push, rollback pops), it goes back to the entry
+below the top, and is itself appended, so the history shows it. A missing file is an empty
+registry; a corrupt or wrongly shaped file is an error, never a silent reset, because
+resetting would forget what production runs.
 """
 
 from __future__ import annotations
@@ -12,19 +15,23 @@ import fcntl
 import getpass
 import json
 import os
+import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from textgate.errors import TextgateError
 from textgate.io import atomic_path
 
+# Version 1 files written before `action` and `verdict` existed still load: both default.
 SCHEMA_VERSION = 1
+
+Action = Literal["promote", "rollback", "manual"]
 
 
 class RegistryError(TextgateError):
@@ -32,7 +39,11 @@ class RegistryError(TextgateError):
 
 
 class Release(BaseModel):
-    """One promotion: which bento (and model inside it) went to production, when, by whom, why."""
+    """One release: which bento (and model inside it) went to production, when, by whom, why.
+
+    `action` says how: "promote" (the pipeline), "manual" (promoted by hand) or "rollback".
+    `verdict` is the gate verdict that justified it (empty where there was none).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -43,6 +54,8 @@ class Release(BaseModel):
     reason: str = Field(min_length=1)
     metrics: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict)
+    action: Action = "promote"
+    verdict: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def create(
@@ -55,6 +68,8 @@ class Release(BaseModel):
         lineage: dict[str, Any] | None = None,
         now: datetime | None = None,
         actor: str | None = None,
+        action: Action = "promote",
+        verdict: dict[str, Any] | None = None,
     ) -> Release:
         """A release stamped with the current UTC time and `user@host` unless given."""
         return cls(
@@ -65,6 +80,8 @@ class Release(BaseModel):
             reason=reason,
             metrics=metrics or {},
             lineage=lineage or {},
+            action=action,
+            verdict=verdict or {},
         )
 
 
@@ -138,13 +155,17 @@ class Registry:
             ) from None
 
     def production(self) -> Release | None:
-        """The release production serves (the last promotion), or None before the first."""
+        """The release production serves (the last one), or None before the first."""
         releases = self.load().releases
         return releases[-1] if releases else None
 
     def history(self) -> list[Release]:
-        """Every promotion, oldest first; the last one is production."""
+        """Every release (promotions, manual promotions, rollbacks), oldest first."""
         return list(self.load().releases)
+
+    def rollback_target(self) -> Release | None:
+        """The release `rollback` would go back to now, or None if there is none."""
+        return _rollback_target(self.load().releases)
 
     def promote(self, release: Release) -> RegistryState:
         """Append `release` and make it production, atomically.
@@ -155,15 +176,82 @@ class Registry:
         lost. A corrupt existing file raises RegistryError and is left as it is.
         """
         with self._locked():
+            return self._append(self.load(), release)
+
+    def rollback(
+        self,
+        reason: str,
+        *,
+        actor: str | None = None,
+        check: Callable[[Release], None] | None = None,
+    ) -> Release:
+        """Undo the latest promotion: append a copy of the release below it, as a rollback.
+
+        Target and append happen under the same lock, so a concurrent promotion cannot slip
+        in between. Written like `promote`.
+
+        Args:
+            reason: why, for the history (must not be blank).
+            actor: who, default `user@host`.
+            check: called with the target before anything is written (for instance to
+                verify its bento can still be served); if it raises, nothing changes.
+
+        Returns:
+            The new production release (action "rollback").
+
+        Raises:
+            RegistryError: the reason is blank, there is nothing to roll back to, or the
+                file is corrupt; the file is left unchanged.
+        """
+        if not reason.strip():
+            raise RegistryError("a rollback needs a reason (it was blank)")
+        with self._locked():
             state = self.load()
-            new_state = RegistryState(releases=[*state.releases, release])
-            text = json.dumps(new_state.model_dump(mode="json"), indent=2) + "\n"
-            with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            _fsync_dir(self.path.parent)
+            target = _rollback_target(state.releases)
+            if target is None:
+                raise RegistryError(f"nothing to roll back to: {_why_no_target(state.releases)}")
+            if check is not None:
+                check(target)
+            release = Release.create(
+                bento_tag=target.bento_tag,
+                model_tag=target.model_tag,
+                reason=reason,
+                metrics=target.metrics,
+                lineage=target.lineage,
+                verdict=target.verdict,
+                actor=actor,
+                action="rollback",
+            )
+            self._append(state, release)
+        return release
+
+    def _append(self, state: RegistryState, release: Release) -> RegistryState:
+        """Write `state` plus `release`; the caller holds the lock and loaded `state`."""
+        new_state = RegistryState(releases=[*state.releases, release])
+        text = json.dumps(new_state.model_dump(mode="json"), indent=2) + "\n"
+        with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(self.path.parent)
+        self._remove_stray_temporaries()
         return new_state
+
+    def _remove_stray_temporaries(self) -> None:
+        """Delete temporary files left by writers that were killed mid-write.
+
+        Only called under the lock, after a successful write: every writer holds the lock
+        while its temporary file exists, so any file left now belongs to a dead process.
+        """
+        # atomic_path names them `.<name>.<random>.tmp`; the random part has no dot, so
+        # temporaries of other files such as `<name>.bak` do not match.
+        pattern = re.compile(rf"\.{re.escape(self.path.name)}\.[^.]+\.tmp")
+        try:
+            for entry in self.path.parent.iterdir():
+                if pattern.fullmatch(entry.name):
+                    entry.unlink(missing_ok=True)
+        except OSError:
+            pass  # best effort: the registry itself is written; a later write tries again
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -175,6 +263,27 @@ class Registry:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+def _rollback_target(releases: list[Release]) -> Release | None:
+    """The entry below the top of the undo stack: promote and manual push, rollback pops."""
+    stack: list[Release] = []
+    for release in releases:
+        if release.action == "rollback":
+            if stack:
+                stack.pop()
+        else:
+            stack.append(release)
+    return stack[-2] if len(stack) >= 2 else None
+
+
+def _why_no_target(releases: list[Release]) -> str:
+    if not releases:
+        return "the registry has no releases yet"
+    current = releases[-1].bento_tag
+    if len(releases) == 1:
+        return f"production {current} is the only release in the history"
+    return f"every release before production {current} has already been rolled back"
 
 
 def _fsync_dir(directory: Path) -> None:

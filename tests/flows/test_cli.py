@@ -47,7 +47,7 @@ def test_status_shows_production_metrics_lineage_and_history(params_file, capsys
     assert "production bento: textgate:b" in out
     assert "accuracy 0.9300" in out and "n_test 90" in out
     assert "git commit:       abc123" in out
-    assert "history (2 promotion(s), newest first)" in out
+    assert "history (2 release(s), newest first)" in out
     assert out.index("textgate:b  passed") < out.index("textgate:a  passed")
 
     assert main(["status", "--json", "--params", str(params_file)]) == 0
