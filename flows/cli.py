@@ -86,8 +86,10 @@ def _print_verdict(verdict: dict[str, Any]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline flow; exit 1 if validation, a stage or the gate fails."""
-    load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
-    from flows.pipeline import pipeline
+    params = load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
+    from flows.pipeline import check_approval_possible, pipeline
+
+    check_approval_possible(params)
 
     state = pipeline(
         params_path=str(Path(args.params).resolve().name),

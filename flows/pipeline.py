@@ -34,6 +34,7 @@ from textgate.gate import (
     champion_checks,
     evaluate_gate,
     served_checks,
+    unseen_mask,
     worst_confusions,
 )
 from textgate.io import read_json, write_json
@@ -143,6 +144,10 @@ def publish_metrics(params: Params, metrics: dict[str, Any]) -> None:
     )
 
 
+def _select(values: list[str], keep: list[bool]) -> list[str]:
+    return [value for value, kept in zip(values, keep, strict=True) if kept]
+
+
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(params: Params, model_md5: str | None) -> Verdict:
     """Every offline check: floors, the production model, intents, calibration, behaviour.
@@ -160,7 +165,7 @@ def gate(params: Params, model_md5: str | None) -> Verdict:
     candidate = predictions["predicted"].tolist()
 
     production = Registry(params.registry.path).production()
-    champion, error = None, None
+    champion, error, excluded = None, None, 0
     if production is not None:
         if model_md5 and production.lineage.get("model_md5") == model_md5:
             champion = candidate
@@ -169,11 +174,19 @@ def gate(params: Params, model_md5: str | None) -> Verdict:
 
             logger.info("scoring production model %s on the test set", production.model_tag)
             try:
-                champion = score_production(
+                scores = score_production(
                     production.model_tag, predictions["text"].tolist(), params.evaluate.batch_size
                 )
             except TextgateError as failure:
                 error = str(failure)
+            else:
+                # Only examples the production model never trained on compare fairly.
+                keep = unseen_mask(predictions["text"].tolist(), scores.seen)
+                excluded = len(keep) - sum(keep)
+                y_true, candidate = _select(y_true, keep), _select(candidate, keep)
+                champion = _select(scores.labels, keep)
+                if not y_true:
+                    error = "the production model was trained on every example of this test set"
     checks = champion_checks(
         y_true,
         candidate,
@@ -181,6 +194,7 @@ def gate(params: Params, model_md5: str | None) -> Verdict:
         params.gate,
         champion_tag=production.bento_tag if production else None,
         champion_error=error,
+        excluded=excluded,
         seed=params.evaluate.seed,
     )
     return evaluate_gate(
@@ -189,7 +203,9 @@ def gate(params: Params, model_md5: str | None) -> Verdict:
         params.gate,
         champion=checks,
         champion_tag=production.bento_tag if production else None,
-        confusions=worst_confusions(y_true, candidate),
+        confusions=worst_confusions(
+            predictions["label"].tolist(), predictions["predicted"].tolist()
+        ),
     )
 
 
@@ -304,6 +320,15 @@ def promote(
     )
 
 
+def check_approval_possible(params: Params) -> None:
+    """Approval happens in the Prefect UI: a temporary server would leave nobody to ask."""
+    if params.gate.require_approval and not PREFECT_API_URL.value():
+        raise ConfigError(
+            "gate.require_approval is true, which needs a Prefect server to approve in: "
+            "start one with `make ui` and set PREFECT_API_URL (see the README)"
+        )
+
+
 def _run_info(lineage: dict[str, Any], **extra: Any) -> dict[str, Any]:
     context = get_run_context()
     flow_run = getattr(context, "flow_run", None)
@@ -327,11 +352,7 @@ def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str,
     # Absolute paths, so in-process steps do not depend on the current directory.
     declared = load_params(root / params_path)
     params = resolve_paths(declared, root)
-    if params.gate.require_approval and not PREFECT_API_URL.value():
-        raise ConfigError(
-            "gate.require_approval is true, which needs a Prefect server to approve in: "
-            "start one with `make ui` and set PREFECT_API_URL (see the README)"
-        )
+    check_approval_possible(params)
 
     runs: list[StageRun] = []
     try:

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import bentoml
 from bentoml.exceptions import NotFound
 
 from textgate.errors import TextgateError
-from textgate.model import TextClassifier
+from textgate.model import TextClassifier, read_seen
 
 
 class ChampionError(TextgateError):
     """The production model cannot be loaded from the BentoML model store."""
 
 
-def score_production(model_tag: str, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+@dataclass(frozen=True)
+class ChampionScores:
+    """The production model's answers, and the fingerprints of the texts it was trained on."""
+
+    labels: list[str]
+    seen: set[str] | None  # None: a model saved before textgate recorded them
+
+
+def score_production(model_tag: str, texts: Sequence[str], batch_size: int = 64) -> ChampionScores:
     """The production model's predicted label for each text (raw texts, cleaned as in training).
 
     Raises:
@@ -33,4 +42,5 @@ def score_production(model_tag: str, texts: Sequence[str], batch_size: int = 64)
         classifier = TextClassifier(stored.path)
     except (TextgateError, OSError, KeyError) as error:
         raise ChampionError(f"production model {model_tag} cannot be loaded: {error}") from None
-    return [prediction.label for prediction in classifier.predict(list(texts), batch_size)]
+    predictions = classifier.predict(list(texts), batch_size)
+    return ChampionScores(labels=[p.label for p in predictions], seen=read_seen(stored.path))

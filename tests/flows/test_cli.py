@@ -80,3 +80,13 @@ def test_run_rejects_bad_params_before_starting_prefect(tmp_path, capsys):
     assert "train.epochs: Input should be a valid integer" in capsys.readouterr().err
     assert main(["run", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "params file not found" in capsys.readouterr().err
+
+
+def test_run_with_approval_but_no_prefect_server_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    path = tmp_path / "params.yaml"
+    params = raw_params()
+    params["gate"]["require_approval"] = True
+    path.write_text(yaml.safe_dump(params))
+    assert main(["run", "--params", str(path)]) == 2
+    assert "gate.require_approval is true, which needs a Prefect server" in capsys.readouterr().err

@@ -215,6 +215,21 @@ def test_failed_floor_leaves_production_untouched(harness, workspace):
     _set_params(workspace, {"gate": {"min_accuracy": 0.0}, "train": {"epochs": GOOD_EPOCHS}})
 
 
+def test_served_bento_over_its_latency_budget_is_not_promoted(harness, workspace):
+    before = registry_bytes(workspace)
+    # A new candidate as good as production: same weights (texts are shorter than either
+    # length), but a different model directory (its recorded config differs).
+    _set_params(workspace, {"train": {"max_length": 33}, "gate": {"max_p95_latency_ms": 0.001}})
+    state = run_flow(workspace)
+    assert state.is_failed()
+    assert "- [FAIL] served_p95_latency: p95 latency (ms)" in state.message
+    assert "was built but not promoted" in state.message
+    served = {c["name"]: c for c in read_verdict(workspace)["checks"] if c["kind"] == "served"}
+    assert served["served_answers"]["passed"]  # it answered right, only too slowly
+    assert registry_bytes(workspace) == before
+    _set_params(workspace, {"gate": {"max_p95_latency_ms": 10000}})
+
+
 def resume_when_paused(run_input: dict) -> threading.Thread:
     """In the background: wait until the flow run pauses for input, then answer it."""
     from prefect.client.orchestration import get_client
@@ -247,9 +262,7 @@ def resume_when_paused(run_input: dict) -> threading.Thread:
 
 def test_rejected_approval_promotes_nothing_and_records_why(harness, workspace):
     before = registry_bytes(workspace)
-    # A new candidate as good as production: same weights (texts are shorter than either
-    # length), but a different model directory (its recorded config differs).
-    _set_params(workspace, {"gate": {"require_approval": True}, "train": {"max_length": 33}})
+    _set_params(workspace, {"gate": {"require_approval": True}})  # the same new candidate
     answer = {"approve": False, "reviewer": "ana", "comment": "not before the launch"}
     thread = resume_when_paused(answer)
     state = run_flow(workspace)

@@ -17,8 +17,10 @@ from tasks import evaluate, prepare, train
 from tests.conftest import make_rows, write_csv
 from tests.helpers import MUST_PASS_ROWS, make_params, merge, tiny_overrides
 from textgate.config import Params
-from textgate.gate import behaviour_checks, calibration_check, floor_checks
+from textgate.gate import behaviour_checks, calibration_check, floor_checks, unseen_mask
 from textgate.io import read_json
+from textgate.model import read_seen
+from textgate.text import text_fingerprint
 
 # Enough data and steps for the tiny BERT to learn the keywords.
 LEARNING = {"train": {"epochs": 12, "learning_rate": 2.0e-2}}
@@ -79,6 +81,12 @@ def test_good_model_passes_and_its_evidence_is_complete(good):
 
     predictions = pd.read_parquet(out / "predictions.parquet")
     test = pd.read_parquet(good.prepare.output_dir / "test.parquet")
+    seen = read_seen(good.train.output_dir / "model")
+    splits = {
+        n: pd.read_parquet(good.prepare.output_dir / f"{n}.parquet") for n in ("train", "val")
+    }
+    assert seen == {text_fingerprint(t) for frame in splits.values() for t in frame["text"]}
+    assert not any(unseen is False for unseen in unseen_mask(test["text"].tolist(), seen))
     assert predictions["text"].tolist() == test["text"].tolist()
     assert (predictions["label"] == predictions["predicted"]).mean() == metrics["accuracy"]
 

@@ -17,8 +17,10 @@ from textgate.gate import (
     evaluate_gate,
     floor_checks,
     served_checks,
+    unseen_mask,
     worst_confusions,
 )
+from textgate.text import text_fingerprint
 
 LABELS = [f"intent_{i}" for i in range(6)]
 
@@ -141,6 +143,18 @@ def test_champion_with_a_different_label_set_is_compared_on_gold_labels():
     champion = ["retired_intent" if i % 50 == 0 else label for i, label in enumerate(truth)]
     checks = champion_checks(truth, candidate, champion, CONFIG)
     assert checks[0].baseline == pytest.approx(294 / 300)
+
+
+def test_examples_production_trained_on_are_left_out_of_the_comparison():
+    texts = ["where is my parcel", "refund please", "lost my card"]
+    seen = {text_fingerprint("refund please")}
+    assert unseen_mask(texts, seen) == [True, False, True]
+    assert unseen_mask(texts, None) == [True, True, True]  # not recorded: keep everything
+    truth, predicted = predictions(wrong={1})
+    checks = champion_checks(truth, predicted, predicted, CONFIG, excluded=7)
+    assert "on 300 test examples, 7 left out because production was trained on them" in (
+        checks[0].reason
+    )
 
 
 # --- per-intent floors --------------------------------------------------------------------
