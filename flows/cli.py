@@ -134,6 +134,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    """`accuracy 0.9832, ..., behaviour (casing 1.0000, ...)`: nested groups in brackets."""
+
+    def one(key: str, value: Any) -> str:
+        if isinstance(value, dict):
+            return f"{key} ({_format_metrics(value)})"
+        if isinstance(value, float):
+            return f"{key} {value:.4f}"
+        return f"{key} {value}"
+
+    return ", ".join(one(key, value) for key, value in metrics.items())
+
+
 def _print_production(production: Release) -> None:
     print(f"production bento: {production.bento_tag}")
     print(f"model:            {production.model_tag}")
@@ -142,11 +155,7 @@ def _print_production(production: Release) -> None:
         f"({production.action})"
     )
     print(f"reason:           {production.reason}")
-    metrics = ", ".join(
-        f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-        for key, value in production.metrics.items()
-    )
-    print(f"metrics:          {metrics}")
+    print(f"metrics:          {_format_metrics(production.metrics)}")
     lineage = production.lineage
     print(
         f"git commit:       {lineage.get('git_commit')}"
