@@ -23,6 +23,12 @@ _BENTOML_HOME = tempfile.mkdtemp(prefix="textgate-tests-bentoml-")
 os.environ["BENTOML_HOME"] = _BENTOML_HOME
 atexit.register(shutil.rmtree, _BENTOML_HOME, ignore_errors=True)
 
+# Prefect sets up its log handlers when `prefect.main` is first imported, bound to the
+# sys.stderr of that moment. Do it now, under pytest's session-wide capture: a test that
+# imported it first under `capsys` would leave the handlers writing to a stream closed after
+# that test ("--- Logging error --- ... I/O operation on closed file" in every later test).
+import prefect.main  # noqa: E402, F401
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Few distinctive words per intent, so a tiny model learns them in a couple of epochs.
