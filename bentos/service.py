@@ -1,62 +1,195 @@
-"""The textgate HTTP service: `POST /classify` over one model from the BentoML model store.
+"""The textgate HTTP service: classify and explain texts with one model from the BentoML store.
+
+Endpoints (JSON in, JSON out; anything else is a 4xx naming the problem, never a 5xx):
+
+- `POST /classify {"texts": [...]}` -> `[{"label", "score", "abstained"}, ...]`, one result per
+  text, in order. 1 to 64 texts of 1 to 2000 characters, none blank; no other fields. A text
+  the model is not confident about gets the label "unknown" and `abstained: true` (when the
+  model was trained with an abstention threshold). Requests are batched adaptively.
+- `POST /explain {"text": "..."}` -> `{"label", "score", "abstained", "tokens",
+  "attributions"}`: one attribution per model token. 1 to 500 characters, not blank.
+- `GET /livez`, `/readyz`, `/healthz` (probes), `GET /metrics` (Prometheus) and the API docs
+  (`/`, `/docs.json`) are always open.
 
 Which model: the bento argument `model_tag`, which `tasks.package` sets to the exact tag it
 has just saved, so it is recorded in the bento and restored whenever that bento is served
 (a newer model saved later does not change what an existing bento serves). Without the
 argument (serving from source while developing) the tag comes from `TEXTGATE_MODEL_TAG`, and
-else is `textgate-classifier:latest`.
+else is `textgate-classifier:latest`. It is loaded with `textgate.runtime.load_classifier`, so
+pre- and post-processing are the same cleaning, tokenisation and label mapping as evaluation.
 
-Pre- and post-processing are `textgate.model.TextClassifier`: the same cleaning,
-tokenisation and label mapping as evaluation, so serving cannot drift from training.
+Environment:
+
+- `TEXTGATE_API_KEY`: when set and not empty, every API route needs `Authorization: Bearer
+  <key>` or `X-API-Key: <key>`; otherwise 401 `{"error": ...}` with `WWW-Authenticate: Bearer`.
+- `TEXTGATE_RUNTIME`: `auto` (default), `torch` or `onnx`.
+- `TEXTGATE_THREADS`: compute threads (default min(2, CPUs)); `TEXTGATE_TORCH_THREADS`, its
+  former name, is still read when it is not set.
+- `TEXTGATE_REQUEST_LOG`: the request log (default `<BENTOML_HOME>/textgate/requests.jsonl`).
+
+Metrics, besides BentoML's own on `/metrics`: `textgate_predictions_total{label}` (one per
+classified text; label "unknown" for an abstention) and `textgate_abstentions_total`.
+
+The request log is the contract with the drift monitor: one JSON object per classified text
+(`/classify` only), appended as one line, with exactly these fields:
+
+- `ts`: when the batch was classified, ISO-8601 in UTC (`2025-01-31T12:00:00.123+00:00`);
+- `request_id`: the HTTP request's id, as in its `X-BentoML-Request-ID` response header;
+- `model_tag`: the served model, `name:version`;
+- `text`: the text as the model saw it: normalised, with emails, phone and card numbers
+  replaced by placeholders when the model was trained with PII redaction (as the training
+  data was), so the log holds no more personal data than the training set;
+- `label`: the answer ("unknown" when abstained); `best_label`: the most probable label;
+- `score`: the probability of `best_label`; `abstained`: true or false.
+
+A batch's lines are written with one `write` on a file opened in append mode, so lines from
+several workers never interleave; a failed write is logged and never fails the request.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
+import logging
 import os
-from typing import Annotated
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any
 
 import bentoml
-import torch
-from pydantic import AfterValidator, BaseModel, Field
+from bentoml.exceptions import InvalidArgument
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from textgate.model import TextClassifier
+from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier
+from textgate.text import clean_text, normalise_text
+
+logger = logging.getLogger("bentoml.textgate")
 
 MODEL_TAG_ENV = "TEXTGATE_MODEL_TAG"
-TORCH_THREADS_ENV = "TEXTGATE_TORCH_THREADS"
+RUNTIME_ENV = "TEXTGATE_RUNTIME"
+THREADS_ENV = "TEXTGATE_THREADS"
+LEGACY_THREADS_ENV = "TEXTGATE_TORCH_THREADS"  # read only when THREADS_ENV is not set
+API_KEY_ENV = "TEXTGATE_API_KEY"
+REQUEST_LOG_ENV = "TEXTGATE_REQUEST_LOG"
 # Used only when serving from source with neither the bento argument nor the variable set;
 # keep it equal to package.model_name in params.yaml (not read here: a bento has no params).
 DEV_MODEL_TAG = "textgate-classifier:latest"
-# Small by default: one worker batching requests, next to other processes on the host; a
-# dedicated machine can raise it. More threads than cores only adds contention.
-DEFAULT_TORCH_THREADS = 2
 
 # Request limits: they bound the tokenizer and model work one request can cause. Texts are
 # truncated to the model's max_length tokens anyway, so longer input carries no signal.
 MAX_TEXTS_PER_REQUEST = 64
 MAX_TEXT_CHARS = 2000
+# Far above the largest valid body (64 texts of 2000 characters, each escaped as \uXXXX).
+MAX_BODY_BYTES = 1 << 20
+
+# Always reachable without the API key: probes, Prometheus, and the API's documentation.
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json"})
+OPEN_PATH_PREFIXES = ("/static_content/", "/assets/")
 
 
-def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("text must contain at least one non-whitespace character")
+def _visible(text: str) -> str:
+    # The same normalisation as training: a text that cleans to nothing is blank.
+    if not normalise_text(text):
+        raise ValueError("text must contain at least one non-whitespace, visible character")
     return text
 
 
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_not_blank)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_visible)]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST)]
+ExplainText = Annotated[
+    str, Field(min_length=1, max_length=MAX_EXPLAIN_CHARS), AfterValidator(_visible)
+]
+
+
+class RequestText(str):
+    """A text that carries the id of the request it came in, through adaptive batching.
+
+    A batch mixes texts from several requests and is classified outside any of them, so the
+    id is attached to each text while its request is validated.
+    """
+
+    request_id: str
+
+    def __new__(cls, text: str, request_id: str) -> RequestText:
+        tagged = super().__new__(cls, text)
+        tagged.request_id = request_id
+        return tagged
+
+
+def current_request_id() -> str:
+    """The id BentoML gives the current request (its `X-BentoML-Request-ID`), else a new one."""
+    from bentoml._internal.context import trace_context
+
+    request_id = trace_context.request_id
+    return format(request_id, "016x") if request_id is not None else uuid.uuid4().hex[:16]
+
+
+class ClassifyRequest(BaseModel):
+    """The body of `POST /classify`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: Texts
+
+    @field_validator("texts")
+    @classmethod
+    def _tag_with_request_id(cls, texts: list[str]) -> list[str]:
+        request_id = current_request_id()
+        return [RequestText(text, request_id) for text in texts]
+
+
+class ExplainRequest(BaseModel):
+    """The body of `POST /explain`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: ExplainText
 
 
 class Classification(BaseModel):
-    """The predicted label for one text and its probability."""
+    """The answer for one text: its label ("unknown" when abstained) and probability."""
 
     label: str
     score: float = Field(ge=0.0, le=1.0)
+    abstained: bool
+
+
+class Explanation(Classification):
+    """A classification with one attribution per model token (positive: towards `label`)."""
+
+    tokens: list[str]
+    attributions: list[float]
 
 
 def configured_model_tag() -> str:
     """The model this service serves: bento argument, then environment, then latest (dev)."""
     arguments = bentoml.use_arguments()
     return getattr(arguments, "model_tag", None) or os.environ.get(MODEL_TAG_ENV) or DEV_MODEL_TAG
+
+
+def configured_threads() -> int | None:
+    """Threads from the former variable when the current one is unset; None: the default."""
+    legacy = os.environ.get(LEGACY_THREADS_ENV, "").strip()
+    if os.environ.get(THREADS_ENV, "").strip() or not legacy:
+        return None
+    try:
+        return int(legacy)
+    except ValueError:
+        raise ValueError(f"{LEGACY_THREADS_ENV} must be an integer, got {legacy!r}") from None
+
+
+def request_log_path() -> Path:
+    """Where the request log goes: `TEXTGATE_REQUEST_LOG`, else under BentoML's home."""
+    configured = os.environ.get(REQUEST_LOG_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get()) / "textgate" / "requests.jsonl"
 
 
 def _check_recorded_in_bento(tag: str) -> None:
@@ -76,23 +209,274 @@ def _check_recorded_in_bento(tag: str) -> None:
         )
 
 
+class RequestLog:
+    """Appends JSON lines to a file; one write per batch, under a lock; never raises."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        """Append one line per record; a failure is logged (once until writes work again)."""
+        try:
+            data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            with self._lock:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Unbuffered, opened per batch: one write(2) in O_APPEND mode (no interleaving
+                # with other workers), and a rotated or deleted log is simply created again.
+                with self.path.open("ab", buffering=0) as handle:
+                    handle.write(data.encode("utf-8"))
+        except (OSError, TypeError, ValueError) as error:
+            if not self._failing:
+                logger.error("could not append to the request log %s: %s", self.path, error)
+            self._failing = True
+            return
+        if self._failing:
+            logger.info("the request log %s is written again", self.path)
+            self._failing = False
+
+
+@cache
+def _counters() -> tuple[Any, Any]:
+    """The service's Prometheus counters, created once per worker.
+
+    prometheus_client is imported here, in the worker, not with the module: BentoML sets the
+    multiprocess directory after importing the service, and the client reads it on import.
+    """
+    from prometheus_client import Counter
+
+    predictions = Counter(
+        "textgate_predictions", "Texts classified, by answered label.", labelnames=["label"]
+    )
+    abstentions = Counter("textgate_abstentions", "Texts the model abstained on.")
+    return predictions, abstentions
+
+
 @bentoml.service(name="textgate", workers=1, traffic={"timeout": 30})
 class TextgateService:
-    """Classify short support texts with a textgate model."""
+    """Classify short support texts with a textgate model, and explain single answers."""
 
     model_ref = bentoml.models.BentoModel(configured_model_tag())
 
     def __init__(self) -> None:
-        torch.set_num_threads(int(os.environ.get(TORCH_THREADS_ENV, DEFAULT_TORCH_THREADS)))
         stored = self.model_ref  # resolved from the model store: a bentoml Model
         self.model_tag = str(stored.tag)
         _check_recorded_in_bento(self.model_tag)
-        self.classifier = TextClassifier(stored.path)
+        threads = configured_threads()
+        runtime = os.environ.get(RUNTIME_ENV, "auto").strip() or "auto"
+        self.classifier = load_classifier(stored.path, runtime=runtime, threads=threads)
+        self.request_log = RequestLog(request_log_path())
+        self.predictions, self.abstentions = _counters()
+        logger.info(
+            "textgate serves %s with runtime %s (requested %s), %d threads; request log %s",
+            self.model_tag,
+            self.classifier.runtime,
+            runtime,
+            threads if threads is not None else default_threads(),
+            self.request_log.path,
+        )
 
     # Adaptive batching: requests are validated one by one (the limits above), then their
     # lists are concatenated along dimension 0, classified together and split back in order.
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=128, max_latency_ms=10_000)
+    @bentoml.api(
+        input_spec=ClassifyRequest,
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=128,
+        max_latency_ms=10_000,
+    )
     def classify(self, texts: Texts) -> list[Classification]:
         """Classify each text; one result per text, in the order given."""
-        predictions = self.classifier.predict(texts)
-        return [Classification(label=p.label, score=p.score) for p in predictions]
+        predictions = self.classifier.predict([str(text) for text in texts])
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds")
+        records = []
+        for text, prediction in zip(texts, predictions, strict=True):
+            self.predictions.labels(label=prediction.label).inc()
+            if prediction.abstained:
+                self.abstentions.inc()
+            records.append(
+                {
+                    "ts": ts,
+                    "request_id": getattr(text, "request_id", None),
+                    "model_tag": self.model_tag,
+                    "text": clean_text(str(text), redact=self.classifier.redact_pii),
+                    "label": prediction.label,
+                    "best_label": prediction.best_label,
+                    "score": prediction.score,
+                    "abstained": prediction.abstained,
+                }
+            )
+        self.request_log.append(records)
+        return [
+            Classification(label=p.label, score=p.score, abstained=p.abstained) for p in predictions
+        ]
+
+    @bentoml.api(input_spec=ExplainRequest)
+    def explain(self, text: ExplainText) -> Explanation:
+        """Classify one text and attribute the answer to its tokens."""
+        try:
+            explained = self.classifier.explain(text)
+        except ValueError as error:  # the input limits above should keep this from happening
+            raise InvalidArgument(str(error)) from error
+        return Explanation(
+            label=explained.label,
+            score=explained.score,
+            abstained=explained.abstained,
+            tokens=list(explained.tokens),
+            attributions=[float(value) for value in explained.attributions],
+        )
+
+
+# ASGI middleware, around the API routes (BentoML's metrics, tracing and access log come first,
+# so refused requests are still counted and logged).
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+async def _send_json_error(
+    send: Send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    body = json.dumps({"error": message}).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode("ascii")),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value
+    return None
+
+
+class ApiKeyMiddleware:
+    """Require `TEXTGATE_API_KEY` on every route but probes, metrics and docs, when it is set.
+
+    The key is read when the server builds its app (in the worker), not at import.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None = None) -> None:
+        self.app = app
+        key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+        self.key = key.strip().encode("utf-8") or None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            self.key is None
+            or scope["type"] not in ("http", "websocket")  # lifespan events
+            or path in OPEN_PATHS
+            or path.startswith(OPEN_PATH_PREFIXES)
+        ):
+            await self.app(scope, receive, send)
+            return
+        offered = self._offered_keys(scope)
+        # Each comparison in constant time; all of them, not up to the first match.
+        if any([hmac.compare_digest(key, self.key) for key in offered]):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            return
+        problem = "invalid API key" if offered else "missing API key"
+        await _send_json_error(
+            send,
+            401,
+            f"{problem}: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            [(b"www-authenticate", b'Bearer realm="textgate"')],
+        )
+
+    @staticmethod
+    def _offered_keys(scope: Scope) -> list[bytes]:
+        offered = []
+        authorization = _header(scope, b"authorization")
+        if authorization is not None:
+            scheme, _, credentials = authorization.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and credentials.strip():
+                offered.append(credentials.strip())
+        api_key = _header(scope, b"x-api-key")
+        if api_key is not None and api_key.strip():
+            offered.append(api_key.strip())
+        return offered
+
+
+class JsonBodyMiddleware:
+    """Let only bounded JSON bodies reach the API routes: else 415 (media type) or 413 (size).
+
+    BentoML would parse `multipart/form-data` and form bodies too (outside the documented
+    schema, with errors that become 500s), and reads a body whole, however large. A request
+    without a Content-Type is JSON, as BentoML takes it.
+    """
+
+    def __init__(
+        self, app: ASGIApp, routes: Collection[str], max_bytes: int = MAX_BODY_BYTES
+    ) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.routes:
+            await self.app(scope, receive, send)
+            return
+        content_type = _header(scope, b"content-type")
+        if content_type is not None:
+            media_type = content_type.split(b";")[0].strip().lower()
+            if media_type != b"application/json":
+                shown = content_type.decode("latin-1")[:100]
+                await _send_json_error(
+                    send, 415, f"Content-Type must be application/json, not {shown!r}"
+                )
+                return
+        too_large = f"the request body must be at most {self.max_bytes} bytes"
+        length = _header(scope, b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
+            await _send_json_error(send, 413, too_large)
+            return
+        # Read the body here (the API reads it whole anyway), so a chunked upload is bounded
+        # too, then hand it on as one message.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _send_json_error(send, 413, too_large)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as a server does
+
+        await self.app(scope, replay, send)
+
+
+TextgateService.add_asgi_middleware(ApiKeyMiddleware)
+TextgateService.add_asgi_middleware(
+    JsonBodyMiddleware, routes=[api.route for api in TextgateService.apis.values()]
+)

@@ -9,7 +9,8 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 from textgate.errors import TextgateError
-from textgate.model import TextClassifier, read_seen
+from textgate.model import read_seen
+from textgate.runtime import load_classifier
 
 
 class ChampionError(TextgateError):
@@ -39,8 +40,10 @@ def score_production(model_tag: str, texts: Sequence[str], batch_size: int = 64)
             "promote a model that is (`textgate promote <bento>`)"
         ) from None
     try:
-        classifier = TextClassifier(stored.path)
+        classifier = load_classifier(stored.path)  # the runtime it is served with
     except (TextgateError, OSError, KeyError) as error:
         raise ChampionError(f"production model {model_tag} cannot be loaded: {error}") from None
     predictions = classifier.predict(list(texts), batch_size)
-    return ChampionScores(labels=[p.label for p in predictions], seen=read_seen(stored.path))
+    # Its best guess, abstained or not, as the candidate's (predictions.parquet "predicted").
+    labels = [p.best_label for p in predictions]
+    return ChampionScores(labels=labels, seen=read_seen(stored.path))

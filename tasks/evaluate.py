@@ -9,12 +9,14 @@ import numpy as np
 import pandas as pd
 
 from tasks.common import stage_main
+from textgate.abstain import selective_scores
 from textgate.behaviour import invariance as invariance_rates
 from textgate.behaviour import load_must_pass, must_pass
 from textgate.config import Params
 from textgate.io import atomic_path, write_json
 from textgate.metrics import Metrics, compute_metrics
-from textgate.model import Prediction, TextClassifier
+from textgate.model import Prediction, make_predictions
+from textgate.runtime import load_classifier
 from textgate.stats import expected_calibration_error, softmax
 
 
@@ -66,7 +68,9 @@ def run(params: Params) -> Metrics:
     """
     config = params.evaluate
     out = config.output_dir
-    classifier = TextClassifier(params.train.output_dir / "model")
+    model_dir = params.train.output_dir / "model"
+    # The runtime serving will use (int8 ONNX on CPUs when exported): that is what is gated.
+    classifier = load_classifier(model_dir)
     must_pass_cases = load_must_pass(config.must_pass_file, classifier.labels)
     test = pd.read_parquet(params.prepare.output_dir / "test.parquet")
     texts = test["text"].tolist()
@@ -79,6 +83,16 @@ def run(params: Params) -> Metrics:
     metrics = compute_metrics(y_true.tolist(), predicted, classifier.labels)
     ece = expected_calibration_error(probabilities, y_true, config.calibration_bins)
     ece_raw = expected_calibration_error(softmax(logits), y_true, config.calibration_bins)
+    extra: dict[str, object] = {"runtime": classifier.runtime}
+    if classifier.runtime.startswith("onnx"):
+        fp32 = load_classifier(model_dir, runtime="torch")
+        fp32_predicted = fp32.predict_logits(texts, config.batch_size).argmax(axis=1)
+        extra["accuracy_fp32"] = float((fp32_predicted == y_true).mean())
+    if classifier.abstain_threshold is not None:
+        extra["abstention"] = {
+            "threshold": classifier.abstain_threshold,
+            **selective_scores(probabilities, y_true, classifier.abstain_threshold),
+        }
 
     def predict_ids(batch: list[str]) -> np.ndarray:
         return classifier.predict_proba(batch, config.batch_size).argmax(axis=1)
@@ -86,8 +100,10 @@ def run(params: Params) -> Metrics:
     invariance = invariance_rates(
         predict_ids, texts, max_examples=config.behaviour_examples, seed=config.seed
     )
+    # A must-pass case answered "unknown" (abstained) is not answered as written: it fails.
     must = must_pass(
-        lambda batch: [classifier.labels[i] for i in predict_ids(batch)], must_pass_cases
+        lambda batch: [p.label for p in classifier.predict(batch, config.batch_size)],
+        must_pass_cases,
     )
     rates = {kind: result.rate for kind, result in invariance.items()}
     rates["must_pass"] = must.rate
@@ -103,6 +119,7 @@ def run(params: Params) -> Metrics:
             "ece_uncalibrated": ece_raw,
             "temperature": classifier.temperature,
             "behaviour": rates,
+            **extra,
         },
     )
     write_json(
@@ -116,23 +133,24 @@ def run(params: Params) -> Metrics:
             "must_pass": must.model_dump(),
         },
     )
-    predicted_labels = [classifier.labels[i] for i in predicted]
-    scores = probabilities[np.arange(len(texts)), predicted]
+    offline = make_predictions(probabilities, classifier.labels, classifier.abstain_threshold)
     frame = pd.DataFrame(
-        {"text": texts, "label": test["label"], "predicted": predicted_labels, "score": scores}
+        {
+            "text": texts,
+            "label": test["label"],
+            "predicted": [p.best_label for p in offline],
+            "score": [p.score for p in offline],
+            "abstained": [p.abstained for p in offline],
+        }
     )
     with atomic_path(out / "predictions.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
-    offline = [
-        Prediction(label=label, score=float(score))
-        for label, score in zip(predicted_labels, scores, strict=True)
-    ]
     golden = golden_cases(texts, offline, config.golden_requests, config.seed)
     if must_pass_cases:
-        extra = classifier.predict([case.text for case in must_pass_cases], config.batch_size)
+        extra_cases = classifier.predict([case.text for case in must_pass_cases], config.batch_size)
         golden += [
             {"text": case.text, "label": p.label, "score": p.score}
-            for case, p in zip(must_pass_cases, extra, strict=True)
+            for case, p in zip(must_pass_cases, extra_cases, strict=True)
         ]
     write_json(out / "golden.json", golden)
     with atomic_path(out / "confusion.csv") as tmp:
@@ -140,9 +158,16 @@ def run(params: Params) -> Metrics:
     plot_confusion(metrics, out / "confusion.png")
     print(
         f"evaluate: accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f} "
-        f"on {metrics.n} test examples; ECE {ece_raw:.4f} -> {ece:.4f} "
-        f"(temperature {classifier.temperature:.3f})"
+        f"on {metrics.n} test examples ({classifier.runtime}"
+        + (f"; fp32 {extra['accuracy_fp32']:.4f}" if "accuracy_fp32" in extra else "")
+        + f"); ECE {ece_raw:.4f} -> {ece:.4f} (temperature {classifier.temperature:.3f})"
     )
+    if "abstention" in extra:
+        abstention = extra["abstention"]
+        print(
+            f"abstention at {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
+            f"of the test set with precision {abstention['precision']:.4f}"
+        )
     print(
         "behaviour: "
         + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in rates.items())

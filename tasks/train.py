@@ -5,19 +5,28 @@ from __future__ import annotations
 import platform
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pandas as pd
 import torch
 import transformers
 
 from tasks.common import stage_main
+from textgate.abstain import choose_threshold
 from textgate.config import Params
 from textgate.io import read_json, write_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
+from textgate.runtime import export_onnx
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.training import seed_everything, train_classifier
 
 CALIBRATION_BINS = 15
+
+
+def export_int8(model_dir: Path) -> None:
+    """ONNX export with int8 dynamic quantisation, for serving on CPUs."""
+    info = export_onnx(model_dir, quantize=True)
+    print(f"export: {info['runtime']} {info['size_mb']} MB in {info['export_seconds']} s")
 
 
 def calibrate(logits, labels: list[int]) -> dict[str, float]:
@@ -56,12 +65,23 @@ def run(params: Params) -> dict[str, float]:
         config,
         device,
     )
-    calibration = calibrate(
-        predict_logits(model, tokenizer, val["text"].tolist(), config.max_length), val_labels
-    )
+    val_logits = predict_logits(model, tokenizer, val["text"].tolist(), config.max_length)
+    calibration = calibrate(val_logits, val_labels)
     print(
         f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"
+    )
+    abstention = choose_threshold(
+        softmax(val_logits, calibration["temperature"]),
+        val_labels,
+        config.abstain_target_precision,
+    )
+    print(
+        f"abstention: below {abstention.threshold:.3f} answer 'unknown'; on validation it "
+        f"answers {abstention.coverage:.1%} with precision {abstention.precision:.4f} "
+        f"(target {config.abstain_target_precision}"
+        + ("" if abstention.reached else ", not reached: the best the data allows")
+        + ")"
     )
     metadata = {
         "base_model": config.base_model,
@@ -73,6 +93,7 @@ def run(params: Params) -> dict[str, float]:
         "val_examples": len(val),
         "result": asdict(result),
         "calibration": calibration,
+        "abstention": abstention.to_dict(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -86,6 +107,8 @@ def run(params: Params) -> dict[str, float]:
         metadata,
         config.output_dir / "model",
         seen_texts=[*train["text"], *val["text"]],
+        # Inside the staging directory: the model appears with its ONNX export or not at all.
+        finalize=export_int8 if config.quantize == "int8" else None,
     )
     metrics = {
         "val_accuracy": result.val_accuracy,

@@ -76,6 +76,8 @@ class TrainConfig(_Section):
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     mixed_precision: Literal["auto", "off"]
+    quantize: Literal["int8", "off"]
+    abstain_target_precision: float = Field(gt=0, le=1)
 
 
 class EvaluateConfig(_Section):
@@ -120,6 +122,7 @@ class GateConfig(_Section):
     min_class_support: int = Field(ge=1)
     max_ece: Rate
     behaviour: BehaviourConfig
+    max_quantization_drop: Rate
     served_score_tolerance: float = Field(ge=0)
     max_p95_latency_ms: float = Field(gt=0)
     require_approval: bool

@@ -6,6 +6,7 @@ The verdict passes only if every check passes. Checks come in groups, each from 
 function, so the flow can add the ones that need the served bento or a person later:
 
 - `floor_checks`: test accuracy and macro-F1 floors;
+- `quantization_check`: the int8 model served on CPUs within a margin of fp32 accuracy;
 - `champion_checks`: non-inferiority to the production model on the same test set (paired
   bootstrap confidence interval of the difference; a margin per metric);
 - `class_recall_checks`: a recall floor per intent where its test support is large enough;
@@ -32,7 +33,14 @@ from textgate.stats import mcnemar_p_value, paired_bootstrap
 from textgate.text import text_fingerprint
 
 CheckKind = Literal[
-    "floor", "champion", "class_recall", "calibration", "behaviour", "served", "approval"
+    "floor",
+    "quantization",
+    "champion",
+    "class_recall",
+    "calibration",
+    "behaviour",
+    "served",
+    "approval",
 ]
 Relation = Literal[">=", "<="]
 
@@ -414,6 +422,47 @@ def calibration_check(metrics: Mapping[str, object], config: GateConfig) -> Chec
     return check
 
 
+def quantization_check(metrics: Mapping[str, object], config: GateConfig) -> Check:
+    """The served (int8) model's test accuracy at most `max_quantization_drop` under fp32.
+
+    Applies only when the evaluated runtime is quantised (metrics carry `accuracy_fp32`).
+    """
+    fp32 = _number(metrics.get("accuracy_fp32"))
+    runtime = metrics.get("runtime", "torch")
+    if "accuracy_fp32" not in metrics:
+        return Check(
+            name="quantization",
+            kind="quantization",
+            metric="accuracy_drop",
+            value=None,
+            threshold=config.max_quantization_drop,
+            relation="<=",
+            passed=True,
+            applied=False,
+            reason=f"not applied: the served runtime ({runtime}) is not quantised",
+        )
+    served = _number(metrics.get("accuracy"))
+    drop = None if fp32 is None or served is None else fp32 - served
+    check = _bound_check(
+        "quantization",
+        "quantization",
+        "accuracy_drop",
+        drop,
+        config.max_quantization_drop,
+        relation="<=",
+    )
+    if drop is None:
+        return check
+    return check.model_copy(
+        update={
+            "baseline": fp32,
+            "delta": -drop,
+            "reason": f"{runtime} accuracy {served:.4f} vs fp32 {fp32:.4f}: drop {drop:.4f} "
+            f"{'<=' if check.passed else '>'} {config.max_quantization_drop:.4f}",
+        }
+    )
+
+
 def behaviour_checks(rates: Mapping[str, object] | None, config: GateConfig) -> list[Check]:
     """Each behavioural test's pass rate against its floor in `gate.behaviour`.
 
@@ -540,6 +589,7 @@ def evaluate_gate(
     """Every offline check on the evaluate stage's outputs, plus the champion comparison."""
     checks = [
         *floor_checks(metrics, config),
+        quantization_check(metrics, config),
         *champion,
         *class_recall_checks(per_class, config),
         calibration_check(metrics, config),

@@ -2,7 +2,11 @@
 
 No file layout decisions beyond the model directory itself live here; the directory holds
 a transformers checkpoint (safetensors weights, config with the label names, tokenizer)
-plus `label_map.json` and `training.json`.
+plus `label_map.json` and `training.json` (and, once exported, `onnx/`: see textgate.runtime).
+
+`Classifier` holds what every runtime shares (metadata, calibration, abstention, batching,
+explanations); `TextClassifier` runs the checkpoint with PyTorch, and
+`textgate.runtime.OnnxClassifier` runs its ONNX export.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import importlib.util
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,10 @@ TRAINING_FILE = "training.json"
 # Fingerprints of the texts the model was trained and validated on, one per line: a later
 # comparison leaves out test examples this model has seen (see flows.pipeline.gate).
 SEEN_FILE = "seen_texts.txt"
+# The label of a prediction whose calibrated confidence is below the abstention threshold.
+UNKNOWN_LABEL = "unknown"
+# Occlusion runs one forward pass per token: bound the text an explanation may ask for.
+MAX_EXPLAIN_CHARS = 500
 
 
 def read_seen(model_dir: str | Path) -> set[str] | None:
@@ -112,10 +120,41 @@ def build_classifier(
 
 @dataclass(frozen=True)
 class Prediction:
-    """One text's predicted label and its probability."""
+    """One text's predicted label and its probability.
+
+    `score` is the calibrated probability of `best_label`, the most probable label. `label` is
+    `best_label`, or `UNKNOWN_LABEL` when the classifier abstained (score below its threshold).
+    `best_label` defaults to `label`, so `Prediction(label=..., score=...)` means no abstention.
+    """
 
     label: str
     score: float
+    abstained: bool = False
+    best_label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.best_label:
+            object.__setattr__(self, "best_label", self.label)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Which tokens a prediction rests on, by occlusion.
+
+    `attributions[i]` is p(best_label | text) - p(best_label | text with `tokens[i]` masked),
+    with calibrated probabilities: positive where the token supports the prediction.
+    """
+
+    label: str
+    score: float
+    abstained: bool
+    tokens: list[str] = field(default_factory=list)  # wordpieces, without [CLS] / [SEP]
+    attributions: list[float] = field(default_factory=list)  # one per token
+    best_label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.best_label:
+            object.__setattr__(self, "best_label", self.label)
 
 
 def tokenize(
@@ -125,6 +164,18 @@ def tokenize(
     return tokenizer(
         list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
     )
+
+
+def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[np.ndarray]:
+    """Indices of `texts` in batches of similar length, so each batch pads little.
+
+    The caller writes each batch's results at its indices, which restores the input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    for start in range(0, len(texts), batch_size):
+        yield order[start : start + batch_size]
 
 
 @torch.inference_mode()
@@ -141,11 +192,8 @@ def predict_logits(
     num_labels = model.config.num_labels
     if not texts:
         return np.zeros((0, num_labels), dtype=np.float32)
-    # Sort by length so each batch pads little; restore the order at the end.
-    order = np.argsort([len(text) for text in texts], kind="stable")
     out = np.empty((len(texts), num_labels), dtype=np.float32)
-    for start in range(0, len(texts), batch_size):
-        index = order[start : start + batch_size]
+    for index in length_sorted_batches(texts, batch_size):
         batch = tokenize(tokenizer, [texts[i] for i in index], max_length)
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # (batch, labels)
         out[index] = logits.float().cpu().numpy()
@@ -165,10 +213,102 @@ def predict_proba(
     return softmax(logits, temperature).astype(np.float32)
 
 
-class TextClassifier:
-    """A trained model directory loaded for inference: clean, tokenize, predict."""
+# (input_ids, attention_mask, token_type_ids or None), each (batch, tokens) -> (batch, labels)
+LogitsFromIds = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
 
-    def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
+
+def make_predictions(
+    probabilities: np.ndarray, labels: Sequence[str], abstain_threshold: float | None = None
+) -> list[Prediction]:
+    """The most probable label per row of calibrated (n, labels) probabilities.
+
+    A row whose top probability is below `abstain_threshold` gets UNKNOWN_LABEL and
+    `abstained=True`; None never abstains.
+    """
+    best = probabilities.argmax(axis=1)
+    predictions = []
+    for row, i in enumerate(best):
+        score = float(probabilities[row, i])
+        abstained = abstain_threshold is not None and score < abstain_threshold
+        predictions.append(
+            Prediction(
+                label=UNKNOWN_LABEL if abstained else labels[i],
+                score=score,
+                abstained=abstained,
+                best_label=labels[i],
+            )
+        )
+    return predictions
+
+
+def explain_by_occlusion(
+    text: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    logits_from_ids: LogitsFromIds,
+    labels: Sequence[str],
+    max_length: int,
+    redact_pii: bool = True,
+    temperature: float = 1.0,
+    abstain_threshold: float | None = None,
+) -> Explanation:
+    """Explain one raw text's prediction by masking each of its tokens in turn.
+
+    The text is cleaned and tokenized as for prediction (truncated to `max_length`); row 0 of
+    one batch is the text itself, row i + 1 the text with its i-th wordpiece replaced by the
+    tokenizer's mask token. All rows have the same length, so nothing is padded.
+
+    Raises:
+        ValueError: the text is longer than MAX_EXPLAIN_CHARS, or the tokenizer has no mask token.
+    """
+    if len(text) > MAX_EXPLAIN_CHARS:
+        raise ValueError(
+            f"text too long to explain: {len(text)} characters, the limit is "
+            f"MAX_EXPLAIN_CHARS={MAX_EXPLAIN_CHARS}"
+        )
+    mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        raise ValueError("cannot explain by occlusion: the tokenizer has no mask token")
+    cleaned = clean_text(text, redact=redact_pii)
+    encoding = tokenizer(
+        cleaned, truncation=True, max_length=max_length, return_special_tokens_mask=True
+    )
+    ids = np.asarray(encoding["input_ids"], dtype=np.int64)  # (tokens,)
+    positions = np.flatnonzero(np.asarray(encoding["special_tokens_mask"]) == 0)
+    input_ids = np.tile(ids, (len(positions) + 1, 1))  # (1 + words, tokens)
+    input_ids[np.arange(1, len(positions) + 1), positions] = mask_id
+    attention_mask = np.ones_like(input_ids)
+    token_type_ids = None
+    if "token_type_ids" in encoding:
+        token_type_ids = np.tile(
+            np.asarray(encoding["token_type_ids"], dtype=np.int64), (len(input_ids), 1)
+        )
+    logits = logits_from_ids(input_ids, attention_mask, token_type_ids)
+    probabilities = softmax(logits, temperature)  # (1 + words, labels)
+    (prediction,) = make_predictions(probabilities[:1], labels, abstain_threshold)
+    best = int(probabilities[0].argmax())
+    attributions = probabilities[0, best] - probabilities[1:, best]
+    return Explanation(
+        label=prediction.label,
+        score=prediction.score,
+        abstained=prediction.abstained,
+        tokens=tokenizer.convert_ids_to_tokens(ids[positions].tolist()),
+        attributions=[float(value) for value in attributions],
+        best_label=prediction.best_label,
+    )
+
+
+class Classifier:
+    """What every runtime shares: the model directory's metadata, calibration and abstention.
+
+    A runtime sets `tokenizer` and `runtime` and implements `logits_from_ids`; prediction,
+    probabilities and explanations follow from it.
+    """
+
+    runtime: str
+    tokenizer: PreTrainedTokenizerBase
+
+    def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
         if not (model_dir / LABEL_MAP_FILE).is_file():
             raise DataError(f"{model_dir} is not a textgate model directory (no {LABEL_MAP_FILE})")
@@ -181,9 +321,85 @@ class TextClassifier:
         self.temperature: float = float(
             self.metadata.get("calibration", {}).get("temperature", 1.0)
         )
+        # Chosen on the validation split (textgate.abstain); None = always answer.
+        self.abstain_threshold: float | None = _abstain_threshold(self.metadata, model_dir)
+
+    def logits_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
+        raise NotImplementedError
+
+    def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Raw class scores for raw texts, after the same cleaning as training."""
+        cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
+        out = np.empty((len(cleaned), len(self.labels)), dtype=np.float32)
+        for index in length_sorted_batches(cleaned, batch_size):
+            batch = self.tokenizer(
+                [cleaned[i] for i in index],
+                truncation=True,
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="np",
+            )
+            out[index] = self.logits_from_ids(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+            )
+        return out
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Calibrated probabilities (softmax of logits / temperature) for raw texts."""
+        return softmax(self.predict_logits(texts, batch_size), self.temperature).astype(np.float32)
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[Prediction]:
+        """The most probable label and its probability for each raw text, in order.
+
+        Below the abstention threshold the label is UNKNOWN_LABEL (`abstained=True`).
+        """
+        return make_predictions(
+            self.predict_proba(texts, batch_size), self.labels, self.abstain_threshold
+        )
+
+    def explain(self, text: str) -> Explanation:
+        """The prediction for one raw text and each token's share in it, by occlusion."""
+        return explain_by_occlusion(
+            text,
+            tokenizer=self.tokenizer,
+            logits_from_ids=self.logits_from_ids,
+            labels=self.labels,
+            max_length=self.max_length,
+            redact_pii=self.redact_pii,
+            temperature=self.temperature,
+            abstain_threshold=self.abstain_threshold,
+        )
+
+
+def _abstain_threshold(metadata: dict[str, Any], model_dir: Path) -> float | None:
+    """`training.json["abstention"]["threshold"]`, checked to be a probability; None if absent."""
+    threshold = (metadata.get("abstention") or {}).get("threshold")
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise DataError(f"{model_dir / TRAINING_FILE}: abstention.threshold must be a number")
+    if not 0 <= threshold <= 1:
+        raise DataError(
+            f"{model_dir / TRAINING_FILE}: abstention.threshold must be in [0, 1], got {threshold}"
+        )
+    return float(threshold)
+
+
+class TextClassifier(Classifier):
+    """A trained model directory loaded for inference with PyTorch: clean, tokenize, predict."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
+        super().__init__(model_dir)
         self.device = select_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        self.runtime = f"torch-{self.device.type}"  # torch-cpu or torch-cuda
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir)
         self.model.to(self.device).eval()
 
     def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -191,18 +407,22 @@ class TextClassifier:
         cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
         return predict_logits(self.model, self.tokenizer, cleaned, self.max_length, batch_size)
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Calibrated probabilities (softmax of logits / temperature) for raw texts."""
-        return softmax(self.predict_logits(texts, batch_size), self.temperature).astype(np.float32)
-
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[Prediction]:
-        """The most probable label and its probability for each raw text, in order."""
-        probabilities = self.predict_proba(texts, batch_size)
-        best = probabilities.argmax(axis=1)
-        return [
-            Prediction(label=self.labels[i], score=float(probabilities[row, i]))
-            for row, i in enumerate(best)
-        ]
+    @torch.inference_mode()
+    def logits_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        tensors = {
+            name: torch.as_tensor(np.asarray(value), dtype=torch.long, device=self.device)
+            for name, value in inputs.items()
+        }
+        return self.model(**tensors).logits.float().cpu().numpy()
 
 
 def save_classifier(
@@ -212,10 +432,13 @@ def save_classifier(
     metadata: dict[str, Any],
     out_dir: str | Path,
     seen_texts: Sequence[str] = (),
+    finalize: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write a complete model directory atomically: it appears whole or not at all.
 
     `seen_texts` (the cleaned training and validation texts) are stored as fingerprints.
+    `finalize` runs on the complete staging directory before it is renamed into place (the
+    ONNX export: the model appears with it or not at all).
 
     The files are written to a temporary sibling directory that is renamed into place, so
     an interrupted save never leaves a half-written model where a reader would find it.
@@ -236,6 +459,8 @@ def save_classifier(
         (staging / TRAINING_FILE).write_text(
             json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8"
         )
+        if finalize is not None:
+            finalize(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

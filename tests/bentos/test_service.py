@@ -1,111 +1,64 @@
 """The packaged service through a real `bentoml serve <bento>` on a free loopback port.
 
-One session fixture packages two models: A (served) and then B, so that `latest` points at
-B. The server runs bento A from an unrelated directory, with TEXTGATE_MODEL_TAG set to B, and
-must still answer exactly like A offline: the bento is pinned to its own model.
+The servers are the session fixtures of tests/bentos/conftest.py: `server` (model A served
+while B is `latest`, no API key, request log in a temporary file) and `guarded_server` (an
+API key, a model that abstains on everything). The middleware and the request log also
+have fast tests of their own, without a server.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import math
+import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
-from tests.serving import bentoml_serve
-from textgate.config import load_params
+from bentos.service import (
+    ApiKeyMiddleware,
+    JsonBodyMiddleware,
+    RequestLog,
+    configured_threads,
+    request_log_path,
+)
+from tests.bentos.conftest import API_KEY, PROBE_TEXTS, Server
 from textgate.model import TextClassifier
+from textgate.text import clean_text
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Batched with other requests, a text is padded to a different length, which moves float32
 # scores by up to about 1e-4 here; a result routed to the wrong text is off by far more.
 BATCHED_TOLERANCE = 1e-3
-TEXTS = [
-    "I lost my card yesterday",
-    "password reset does not work",
-    "please refund my order",
-    "hello there",
-    "my wallet was stolen with all my cards in it",
-    "cannot sign in to the app",
-    "call me on +44 20 7946 0958",
-    "x",
-]
+TEXTS = PROBE_TEXTS
+LOG_FIELDS = {"ts", "request_id", "model_tag", "text", "label", "best_label", "score", "abstained"}
+UNKNOWN = "unknown"
+# Far from every intent the tiny models were built around (refund, lost card, login).
+OFF_TOPIC = "what is the weather like on the moon"
 
 
-@dataclass(frozen=True)
-class Server:
-    url: str
-    served: TextClassifier  # model A, loaded offline from the same directory
-    newer_model_tag: str  # model B, saved after A
-
-
-@pytest.fixture(scope="session")
-def decisive_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_model_dir with a classification head that tells the probe texts apart.
-
-    The untrained tiny model gives every text nearly the same scores (about 1/3), which
-    could not show a reordered or mixed-up response. A random head centred on the encoder's
-    outputs for TEXTS and scaled to a logit spread of 1 (forward passes only, no training)
-    spreads the scores over about 0.1 to 0.9 while float32 noise stays near 1e-5.
-    """
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from textgate.io import read_json
-    from textgate.model import LABEL_MAP_FILE, TRAINING_FILE, save_classifier, tokenize
-
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        pooled = model.bert(**tokenize(tokenizer, TEXTS, 32)).pooler_output  # (texts, hidden)
-        mean = pooled.mean(0)
-        generator = torch.Generator().manual_seed(0)
-        weight = torch.randn(model.config.num_labels, pooled.shape[1], generator=generator)
-        weight = weight / ((pooled - mean) @ weight.T).std()
-        model.classifier.weight.copy_(weight)
-        model.classifier.bias.copy_(-(weight @ mean))
-    return save_classifier(
-        model,
-        tokenizer,
-        read_json(tiny_model_dir / LABEL_MAP_FILE)["labels"],
-        read_json(tiny_model_dir / TRAINING_FILE),
-        tmp_path_factory.mktemp("decisive-model") / "model",
-    )
-
-
-@pytest.fixture(scope="session")
-def server(
-    bentoml_home: Path,
-    decisive_model_dir: Path,
-    tiny_model_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Server]:
-    from tasks.package import package_model
-
-    params = load_params(REPO_ROOT / "params.yaml")
-    served = package_model(decisive_model_dir, params=params, metrics={}, lineage={"test": "A"})
-    newer = package_model(tiny_model_dir, params=params, metrics={}, lineage={"test": "B"})
-
-    env = {
-        "BENTOML_HOME": str(bentoml_home),
-        # Must be ignored: a built bento serves the model recorded in it.
-        "TEXTGATE_MODEL_TAG": newer.model_tag,
-        "TEXTGATE_TORCH_THREADS": "1",
-    }
-    workdir = tmp_path_factory.mktemp("serve-from-elsewhere")
-    with bentoml_serve(served.bento_tag, workdir, env) as url:
-        yield Server(url, TextClassifier(decisive_model_dir), newer.model_tag)
-
-
-def classify(url: str, payload: object, client: httpx.Client | None = None) -> httpx.Response:
+def classify(
+    url: str,
+    payload: object,
+    client: httpx.Client | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     poster = client or httpx
-    return poster.post(f"{url}/classify", json=payload, timeout=30)
+    return poster.post(f"{url}/classify", json=payload, headers=headers, timeout=30)
+
+
+def explain(url: str, payload: object, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/explain", json=payload, headers=headers, timeout=30)
 
 
 def assert_matches_offline(
@@ -117,12 +70,14 @@ def assert_matches_offline(
     """One result per text, in order, equal to the offline prediction for that text.
 
     The label must be the offline argmax up to `tolerance` (so a float-noise near-tie
-    cannot fail the test) and its score the offline probability of that label.
+    cannot fail the test) and its score the offline probability of that label. The model
+    has no abstention threshold, so nothing is abstained.
     """
     assert isinstance(results, list) and len(results) == len(texts)
     probabilities = classifier.predict_proba(texts)  # (texts, labels)
     for text, result, row in zip(texts, results, probabilities, strict=True):
-        assert set(result) == {"label", "score"}, text
+        assert set(result) == {"label", "score", "abstained"}, text
+        assert result["abstained"] is False, text
         assert result["label"] in classifier.labels, text
         assert isinstance(result["score"], float) and 0.0 <= result["score"] <= 1.0, text
         offline = float(row[classifier.labels.index(result["label"])])
@@ -130,6 +85,23 @@ def assert_matches_offline(
         assert result["score"] == pytest.approx(offline, abs=tolerance), text
 
 
+def read_log(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def metric_value(metrics: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text format (`labels`: `label="x"`), else 0."""
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
+    match = re.search(rf"^{pattern} ([0-9.e+-]+)$", metrics, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+# --- the served model: answers, order, batching -----------------------------------------
+
+
+@slow
 def test_the_probe_texts_get_distinct_answers(server: Server) -> None:
     # Guards the other tests: were the answers alike, a reordering would go unnoticed. The
     # model is random, so allow one pair of look-alike answers out of the 28.
@@ -144,6 +116,7 @@ def test_the_probe_texts_get_distinct_answers(server: Server) -> None:
     assert len(alike) <= 1, alike
 
 
+@slow
 def test_classifies_several_texts_in_order(server: Server) -> None:
     texts = TEXTS[:3]
     response = classify(server.url, {"texts": texts})
@@ -152,6 +125,7 @@ def test_classifies_several_texts_in_order(server: Server) -> None:
     assert_matches_offline(response.json(), texts, server.served)
 
 
+@slow
 def test_serves_the_model_it_was_built_with(server: Server) -> None:
     # Model B is `latest` and named by TEXTGATE_MODEL_TAG, yet the bento serves A.
     response = classify(server.url, {"texts": TEXTS})
@@ -169,22 +143,67 @@ def _model_path(tag: str) -> str:
     return bentoml.models.get(tag).path
 
 
+@slow
 def test_single_text(server: Server) -> None:
     response = classify(server.url, {"texts": ["refund please"]})
     assert response.status_code == 200, response.text
     assert_matches_offline(response.json(), ["refund please"], server.served)
 
 
+@slow
+def test_startup_logs_the_runtime_and_threads(server: Server, guarded_server: Server) -> None:
+    log = server.serve_log.read_text(encoding="utf-8", errors="replace")
+    assert f"textgate serves {server.model_tag} with runtime torch" in log
+    assert "(requested torch), 1 threads" in log
+    # "auto" picks the ONNX export; the former variable TEXTGATE_TORCH_THREADS is still read.
+    guarded_log = guarded_server.serve_log.read_text(encoding="utf-8", errors="replace")
+    assert "with runtime onnx-int8 (requested auto), 1 threads" in guarded_log
+
+
+@slow
+def test_concurrent_requests_each_get_their_own_answers_in_order(server: Server) -> None:
+    # Different lengths and orders per request, so a batch split at the wrong place or a
+    # result delivered to the wrong request would show; the request log must tell the
+    # requests apart the same way.
+    requests = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))]
+    requests += [TEXTS[i : i + 1 + i % 3] for i in range(len(TEXTS))]
+    logged_before = len(read_log(server.request_log))
+
+    with httpx.Client() as client, ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(
+            pool.map(lambda texts: classify(server.url, {"texts": texts}, client), requests)
+        )
+
+    for texts, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert_matches_offline(response.json(), texts, server.served, BATCHED_TOLERANCE)
+    logged = read_log(server.request_log)[logged_before:]
+    assert len(logged) == sum(len(texts) for texts in requests)
+    for texts, response in zip(requests, responses, strict=True):
+        request_id = response.headers["x-bentoml-request-id"]
+        lines = [line for line in logged if line["request_id"] == request_id]
+        assert [line["text"] for line in lines] == [clean_text(t, redact=True) for t in texts]
+        assert [line["score"] for line in lines] == [r["score"] for r in response.json()]
+
+
+# --- bad input is a clear 4xx, never a 5xx -------------------------------------------------
+
+
+@slow
 @pytest.mark.parametrize(
     ("payload", "problem"),
     [
         pytest.param({"texts": []}, "at least 1 item", id="empty-list"),
         pytest.param({"texts": [""]}, "at least 1 character", id="empty-string"),
         pytest.param({"texts": ["ok", "   "]}, "non-whitespace", id="blank-string"),
+        pytest.param({"texts": ["\u200b\u00ad"]}, "visible", id="invisible-only"),
         pytest.param({}, "Field required", id="missing-texts"),
         pytest.param({"text": ["hello"]}, "Field required", id="misspelt-key"),
+        pytest.param({"texts": ["hi"], "top_k": 3}, "Extra inputs", id="extra-field"),
         pytest.param({"texts": "hello"}, "valid array", id="string-not-list"),
         pytest.param({"texts": [1, 2]}, "valid string", id="numbers"),
+        pytest.param({"texts": [10**400]}, "valid string", id="huge-number"),
+        pytest.param({"texts": [["nested", {"junk": None}]]}, "valid string", id="nested"),
         pytest.param({"texts": None}, "valid array", id="null"),
         pytest.param(["hello"], "object", id="bare-list"),
         pytest.param({"texts": ["x" * 2001]}, "at most 2000 characters", id="text-too-long"),
@@ -197,35 +216,357 @@ def test_bad_input_is_a_clear_4xx(server: Server, payload: object, problem: str)
     assert problem in response.text
 
 
-def test_malformed_json_is_a_4xx(server: Server) -> None:
+JSON = "application/json"
+TOO_LARGE = b'{"texts": ["' + b"a" * (2 << 20) + b'"]}'  # 2 MiB
+MALFORMED_BODIES = {  # id: (body, content type, status, words in the error)
+    "json": (b'{"texts": ["unterminated', JSON, 400, "json"),
+    "empty-body": (b"", JSON, 400, "Field required"),
+    "invalid-utf8": (b'{"texts": ["\xff\xfe"]}', JSON, 400, "unicode"),
+    "deep-nesting": (b"[" * 10_000 + b"]" * 10_000, JSON, 400, "recursion"),
+    "text-plain": (b'{"texts": ["hi"]}', "text/plain", 415, "Content-Type"),
+    "form": (b"texts=hi", "application/x-www-form-urlencoded", 415, "Content-Type"),
+    "multipart": (b"--x--", "multipart/form-data; boundary=x", 415, "Content-Type"),
+    "pickle": (b"\x80\x03", "application/vnd.bentoml+pickle", 415, "Content-Type"),
+    "too-large": (TOO_LARGE, JSON, 413, "at most"),
+}
+
+
+@slow
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "problem"),
+    list(MALFORMED_BODIES.values()),
+    ids=list(MALFORMED_BODIES),
+)
+def test_malformed_bodies_are_a_clear_4xx(
+    server: Server, body: bytes, content_type: str, status: int, problem: str
+) -> None:
+    for route in ("classify", "explain"):
+        response = httpx.post(
+            f"{server.url}/{route}",
+            content=body,
+            headers={"content-type": content_type},
+            timeout=30,
+        )
+        assert response.status_code == status, (route, response.status_code, response.text)
+        assert problem.lower() in response.text.lower(), (route, response.text)
+
+
+@slow
+def test_a_chunked_body_is_bounded_too(server: Server) -> None:
+    def chunks():
+        yield b'{"texts": ["'
+        for _ in range(40):
+            yield b"a" * 65536
+
     response = httpx.post(
         f"{server.url}/classify",
-        content=b'{"texts": ["unterminated',
+        content=chunks(),  # no Content-Length: sent chunked
         headers={"content-type": "application/json"},
         timeout=30,
     )
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    assert "json" in response.text.lower()
+    assert response.status_code == 413, response.text
 
 
-def test_concurrent_requests_each_get_their_own_answers_in_order(server: Server) -> None:
-    # Different lengths and orders per request, so a batch split at the wrong place or a
-    # result delivered to the wrong request would show.
-    requests = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))]
-    requests += [TEXTS[i : i + 1 + i % 3] for i in range(len(TEXTS))]
-
-    with httpx.Client() as client, ThreadPoolExecutor(max_workers=8) as pool:
-        responses = list(
-            pool.map(lambda texts: classify(server.url, {"texts": texts}, client), requests)
-        )
-
-    for texts, response in zip(requests, responses, strict=True):
-        assert response.status_code == 200, response.text
-        assert_matches_offline(response.json(), texts, server.served, BATCHED_TOLERANCE)
-
-
+@slow
 def test_openapi_documents_the_request_limits(server: Server) -> None:
     spec = httpx.get(f"{server.url}/docs.json", timeout=10).json()
     schema = json.dumps(spec)
-    assert "/classify" in schema
+    assert "/classify" in schema and "/explain" in schema
     assert '"maxItems": 64' in schema and '"minItems": 1' in schema
+    assert '"maxLength": 500' in schema and '"maxLength": 2000' in schema
+
+
+# --- /explain --------------------------------------------------------------------------------
+
+
+@slow
+def test_explain_attributes_the_answer_to_tokens(server: Server) -> None:
+    text = "I lost my card yesterday"
+    response = explain(server.url, {"text": text})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"label", "score", "abstained", "tokens", "attributions"}
+    assert body["tokens"] and len(body["tokens"]) == len(body["attributions"])
+    assert all(isinstance(token, str) for token in body["tokens"])
+    assert all(isinstance(value, float) and math.isfinite(value) for value in body["attributions"])
+    # The same answer as /classify gives for the text.
+    answer = {key: body[key] for key in ("label", "score", "abstained")}
+    assert_matches_offline([answer], [text], server.served)
+
+
+@slow
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        pytest.param({"text": "x" * 501}, "at most 500 characters", id="501-chars"),
+        pytest.param({"text": "  \n\t "}, "non-whitespace", id="blank"),
+        pytest.param({"text": ""}, "at least 1 character", id="empty"),
+        pytest.param({"texts": ["hi"]}, "Field required", id="classify-body"),
+        pytest.param({"text": ["hi"]}, "valid string", id="list"),
+    ],
+)
+def test_explain_rejects_bad_input_with_a_400(server: Server, payload: object, problem: str):
+    response = explain(server.url, payload)
+    assert response.status_code == 400, response.text
+    assert problem in response.text
+
+
+# --- observability ---------------------------------------------------------------------------
+
+
+@slow
+def test_metrics_count_predictions_by_label(server: Server) -> None:
+    before = httpx.get(f"{server.url}/metrics", timeout=10).text
+    response = classify(server.url, {"texts": TEXTS})
+    assert response.status_code == 200, response.text
+    after = httpx.get(f"{server.url}/metrics", timeout=10).text
+
+    assert "textgate_abstentions_total" in after
+    for label in server.labels:
+        sample = f'label="{label}"'
+        answered = sum(result["label"] == label for result in response.json())
+        counted = metric_value(after, "textgate_predictions_total", sample) - metric_value(
+            before, "textgate_predictions_total", sample
+        )
+        assert counted == answered, label
+    assert metric_value(after, "textgate_abstentions_total") == metric_value(
+        before, "textgate_abstentions_total"
+    )
+
+
+@slow
+def test_request_log_has_one_line_per_classified_text(server: Server) -> None:
+    before = read_log(server.request_log)
+    texts = ["please refund my order", "cannot sign in to the app", "mail me at a.b@example.com"]
+    response = classify(server.url, {"texts": texts})
+    assert response.status_code == 200, response.text
+    explain(server.url, {"text": "not logged"})  # /explain is not traffic to monitor
+    # The log holds what the model saw: PII redacted, as in the training data.
+    seen = [*texts[:2], "mail me at [EMAIL]"]
+
+    logged = read_log(server.request_log)
+    assert len(logged) == len(before) + len(texts)
+    request_id = response.headers["x-bentoml-request-id"]
+    for line, text, result in zip(logged[len(before) :], seen, response.json(), strict=True):
+        assert set(line) == LOG_FIELDS
+        assert line["request_id"] == request_id
+        assert line["model_tag"] == server.model_tag
+        assert line["text"] == text
+        assert line["label"] == line["best_label"] == result["label"]
+        assert line["score"] == result["score"]
+        assert line["abstained"] is False
+        ts = datetime.fromisoformat(line["ts"])
+        assert ts.utcoffset().total_seconds() == 0
+        assert abs((datetime.now(UTC) - ts).total_seconds()) < 120
+
+
+# --- the guarded server: API key, abstention, default request log ----------------------------
+
+
+@slow
+def test_without_an_api_key_nothing_is_needed(server: Server) -> None:
+    response = classify(server.url, {"texts": ["hi"]})
+    assert response.status_code == 200, response.text
+
+
+@slow
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        pytest.param({}, "missing API key", id="no-header"),
+        pytest.param({"Authorization": "Bearer wrong"}, "invalid API key", id="wrong-bearer"),
+        pytest.param({"X-API-Key": "wrong"}, "invalid API key", id="wrong-x-api-key"),
+        pytest.param({"Authorization": f"Basic {API_KEY}"}, "missing API key", id="not-bearer"),
+        pytest.param({"Authorization": f"Bearer {API_KEY}x"}, "invalid API key", id="longer"),
+    ],
+)
+def test_a_missing_or_wrong_api_key_is_a_401(
+    guarded_server: Server, headers: dict[str, str], problem: str
+) -> None:
+    for response in (
+        classify(guarded_server.url, {"texts": ["hi"]}, headers=headers),
+        explain(guarded_server.url, {"text": "hi"}, headers=headers),
+        httpx.post(f"{guarded_server.url}/classify", content=b"junk", headers=headers, timeout=30),
+    ):
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert problem in response.json()["error"]
+
+
+@slow
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Authorization": f"Bearer {API_KEY}"}, id="bearer"),
+        pytest.param({"Authorization": f"bearer  {API_KEY}"}, id="bearer-any-case"),
+        pytest.param({"X-API-Key": API_KEY}, id="x-api-key"),
+    ],
+)
+def test_the_right_api_key_is_accepted(guarded_server: Server, headers: dict[str, str]) -> None:
+    response = classify(guarded_server.url, {"texts": ["hi"]}, headers=headers)
+    assert response.status_code == 200, response.text
+    response = explain(guarded_server.url, {"text": "hi"}, headers=headers)
+    assert response.status_code == 200, response.text
+
+
+@slow
+@pytest.mark.parametrize("path", ["/readyz", "/livez", "/healthz", "/metrics", "/docs.json"])
+def test_probes_metrics_and_docs_need_no_api_key(guarded_server: Server, path: str) -> None:
+    response = httpx.get(f"{guarded_server.url}{path}", timeout=10)
+    assert response.status_code == 200, response.text
+
+
+@slow
+def test_an_uncertain_text_is_unknown(guarded_server: Server, server: Server) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    before = httpx.get(f"{guarded_server.url}/metrics", timeout=10).text
+    logged_before = len(read_log(guarded_server.request_log))
+
+    response = classify(guarded_server.url, {"texts": [OFF_TOPIC]}, headers=auth)
+    assert response.status_code == 200, response.text
+    [result] = response.json()
+    assert result["label"] == UNKNOWN and result["abstained"] is True
+    assert 0.0 <= result["score"] < 0.99
+
+    explained = explain(guarded_server.url, {"text": OFF_TOPIC}, headers=auth).json()
+    assert explained["label"] == UNKNOWN and explained["abstained"] is True
+
+    after = httpx.get(f"{guarded_server.url}/metrics", timeout=10).text
+    for name, labels in (
+        ("textgate_abstentions_total", ""),
+        ("textgate_predictions_total", f'label="{UNKNOWN}"'),
+    ):
+        assert metric_value(after, name, labels) == metric_value(before, name, labels) + 1, name
+
+    # The default request log is under BENTOML_HOME; the best label is kept.
+    [line] = read_log(guarded_server.request_log)[logged_before:]
+    assert line["label"] == UNKNOWN and line["abstained"] is True
+    assert line["best_label"] in guarded_server.labels
+    assert line["model_tag"] == guarded_server.model_tag
+
+    # A model without a threshold answers with a real label.
+    [plain] = classify(server.url, {"texts": [OFF_TOPIC]}).json()
+    assert plain["label"] in server.labels and plain["abstained"] is False
+
+
+# --- fast tests: middleware, request log, settings ------------------------------------------
+
+
+async def _echo(request: Request) -> JSONResponse:
+    body = await request.body()
+    return JSONResponse({"path": request.url.path, "bytes": len(body)})
+
+
+def _app(*middleware: tuple[type, dict[str, object]]) -> TestClient:
+    app = Starlette(routes=[Route("/{path:path}", _echo, methods=["GET", "POST"])])
+    for cls, options in reversed(middleware):  # the first given is the outermost
+        app.add_middleware(cls, **options)
+    return TestClient(app)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer k3y"}, 200),
+        ({"Authorization": "BEARER k3y"}, 200),
+        ({"Authorization": "Bearer"}, 401),
+        ({"Authorization": "Bearer k3y2"}, 401),
+        ({"Authorization": "Token k3y"}, 401),
+        ({"X-API-Key": "k3y"}, 200),
+        ({"X-API-Key": ""}, 401),
+        ({"X-API-Key": "nope", "Authorization": "Bearer k3y"}, 200),
+    ],
+)
+def test_api_key_middleware(headers: dict[str, str], status: int) -> None:
+    client = _app((ApiKeyMiddleware, {"api_key": "k3y"}))
+    response = client.post("/classify", headers=headers, json={})
+    assert response.status_code == status, response.text
+    if status == 401:
+        assert response.json()["error"].endswith(
+            "'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        )
+        assert response.headers["www-authenticate"] == 'Bearer realm="textgate"'
+    for path in ("/readyz", "/livez", "/healthz", "/metrics", "/docs.json"):
+        assert client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_api_key_turns_authentication_off(key: str) -> None:
+    assert _app((ApiKeyMiddleware, {"api_key": key})).post("/classify").status_code == 200
+
+
+def test_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEXTGATE_API_KEY", "from-env")
+    client = _app((ApiKeyMiddleware, {}))
+    assert client.post("/classify").status_code == 401
+    assert client.post("/classify", headers={"X-API-Key": "from-env"}).status_code == 200
+    monkeypatch.delenv("TEXTGATE_API_KEY")
+    assert _app((ApiKeyMiddleware, {})).post("/classify").status_code == 200
+
+
+def test_json_body_middleware() -> None:
+    client = _app((JsonBodyMiddleware, {"routes": ["/classify"], "max_bytes": 100}))
+    assert client.post("/classify", content=b"x" * 100).json() == {
+        "path": "/classify",
+        "bytes": 100,
+    }
+    assert client.post("/classify", content=b"x" * 101).status_code == 413
+    assert client.post("/classify", content=iter([b"x" * 60, b"x" * 60])).status_code == 413
+    assert client.post("/classify", content=iter([b"x" * 50, b"x" * 50])).json()["bytes"] == 100
+    json_charset = {"content-type": "Application/JSON; charset=utf-8"}
+    assert client.post("/classify", content=b"{}", headers=json_charset).status_code == 200
+    response = client.post("/classify", content=b"{}", headers={"content-type": "text/csv"})
+    assert response.status_code == 415
+    assert response.json() == {"error": "Content-Type must be application/json, not 'text/csv'"}
+    # Other routes are left alone.
+    response = client.post("/other", content=b"x" * 500, headers={"content-type": "text/csv"})
+    assert response.json()["bytes"] == 500
+
+
+def test_request_log_appends_lines_and_survives_write_failures(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = RequestLog(tmp_path / "nested" / "requests.jsonl")
+    log.append([{"text": "é", "n": 1}, {"text": "b", "n": 2}])
+    log.append([{"text": "c", "n": 3}])
+    assert read_log(log.path) == [
+        {"text": "é", "n": 1},
+        {"text": "b", "n": 2},
+        {"text": "c", "n": 3},
+    ]
+
+    blocked = RequestLog(tmp_path / "a-directory")
+    blocked.path.mkdir()
+    with caplog.at_level("ERROR", logger="bentoml.textgate"):
+        blocked.append([{"text": "lost"}])
+        blocked.append([{"text": "lost too"}])
+        blocked.append([{"not json": object()}])
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1 and "a-directory" in errors[0].getMessage()
+
+
+def test_request_log_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bentoml_home: Path):
+    monkeypatch.setenv("TEXTGATE_REQUEST_LOG", str(tmp_path / "r.jsonl"))
+    assert request_log_path() == tmp_path / "r.jsonl"
+    monkeypatch.delenv("TEXTGATE_REQUEST_LOG")
+    assert request_log_path() == bentoml_home / "textgate" / "requests.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"TEXTGATE_THREADS": "3"}, None),  # the runtime reads it
+        ({"TEXTGATE_TORCH_THREADS": "3"}, 3),
+        ({"TEXTGATE_THREADS": "2", "TEXTGATE_TORCH_THREADS": "3"}, None),
+    ],
+)
+def test_configured_threads(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: int | None
+) -> None:
+    for name in ("TEXTGATE_THREADS", "TEXTGATE_TORCH_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert configured_threads() == expected

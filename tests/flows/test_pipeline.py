@@ -56,6 +56,7 @@ LENIENT_GATE = {
     "min_macro_f1": 0.0,
     "min_class_recall": 0.0,
     "max_ece": 1.0,
+    "max_quantization_drop": 1.0,
     "behaviour": {"casing": 0.0, "punctuation": 0.0, "typos": 0.0, "filler": 0.0, "must_pass": 0.0},
     "max_p95_latency_ms": 10000,  # a shared CI machine; latency budgets are for benchmarks
 }
@@ -153,7 +154,15 @@ def test_first_run_trains_gates_packages_and_promotes(harness, workspace):
     verdict = read_verdict(workspace)
     assert verdict["passed"] and verdict["run"]["promoted"] is True
     kinds = {check["kind"] for check in verdict["checks"]}
-    assert kinds == {"floor", "champion", "class_recall", "calibration", "behaviour", "served"}
+    assert kinds == {
+        "floor",
+        "quantization",
+        "champion",
+        "class_recall",
+        "calibration",
+        "behaviour",
+        "served",
+    }
     served = {check["name"]: check for check in verdict["checks"] if check["kind"] == "served"}
     assert served["served_answers"]["value"] == 1.0  # the bento answered like the offline model
     assert served["served_p95_latency"]["value"] > 0

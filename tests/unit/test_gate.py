@@ -16,6 +16,7 @@ from textgate.gate import (
     class_recall_checks,
     evaluate_gate,
     floor_checks,
+    quantization_check,
     served_checks,
     unseen_mask,
     worst_confusions,
@@ -72,6 +73,22 @@ def test_floors_fail_and_name_the_metric(metrics, failing):
 def test_failed_floor_reason_gives_value_and_threshold():
     checks = floor_checks({"accuracy": 0.5, "macro_f1": 0.9}, CONFIG)
     assert checks[0].reason == "accuracy 0.5000 < floor 0.8000"
+
+
+def test_int8_model_more_than_half_a_point_under_fp32_fails():
+    ok = quantization_check(
+        {"accuracy": 0.980, "accuracy_fp32": 0.983, "runtime": "onnx-int8"}, CONFIG
+    )
+    assert ok.passed and ok.applied
+    assert ok.reason == "onnx-int8 accuracy 0.9800 vs fp32 0.9830: drop 0.0030 <= 0.0050"
+    bad = quantization_check(
+        {"accuracy": 0.970, "accuracy_fp32": 0.983, "runtime": "onnx-int8"}, CONFIG
+    )
+    assert not bad.passed
+    assert "drop 0.0130 > 0.0050" in bad.reason
+    fp32 = quantization_check({"accuracy": 0.98, "runtime": "torch-cpu"}, CONFIG)
+    assert fp32.passed and not fp32.applied
+    assert not quantization_check({"accuracy": 0.98, "accuracy_fp32": None}, CONFIG).passed
 
 
 # --- champion vs challenger ---------------------------------------------------------------
@@ -295,7 +312,14 @@ def test_verdict_passes_only_when_every_check_passes():
     )
     assert verdict.passed, verdict.summary()
     kinds = {check.kind for check in verdict.checks}
-    assert kinds == {"floor", "champion", "class_recall", "calibration", "behaviour"}
+    assert kinds == {
+        "floor",
+        "quantization",
+        "champion",
+        "class_recall",
+        "calibration",
+        "behaviour",
+    }
 
     served = verdict.with_checks(served_checks(report(p95_ms=999.0), CONFIG))
     assert not served.passed and [c.name for c in served.failed] == ["served_p95_latency"]

@@ -1,0 +1,773 @@
+"""Serving benchmark: the promoted bento against a plain transformers pipeline, in one run.
+
+Both servers are started for real, one after the other (never both under load at once), and
+driven with the same load: `--concurrency` clients send `--requests` timed requests of
+`--texts-per-request` test-split texts each, after untimed warm-up requests. For each server
+it prints throughput, p50/p95/p99 latency and errors, then the bento/baseline ratios and the
+targets (>= 3x throughput, p99 no worse, no errors); with `--soak S`, the bento is then driven
+alone for S seconds and the RSS of its process tree at the start and end is reported (growth
+under 10%). The last line printed on stdout is one JSON object with every figure.
+
+    python -m bench.serve [--bento TAG] [--requests 2000] [--concurrency 32] [--soak 60]
+
+The baseline is `bench.baseline_app` under uvicorn: the same fine-tuned weights (the bento's
+model from the BentoML store), fp32, one request at a time. Both get the same torch thread
+count (`--threads`). Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import psutil
+
+from tasks.served import ServedCheckError, free_port, log_tail, serve_bento
+from textgate.config import load_params, resolve_paths
+from textgate.errors import DataError, TextgateError
+from textgate.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_APP = "bench.baseline_app:app"
+BASELINE_LOG = "baseline-uvicorn.log"
+# Environment variables read by bench/baseline_app.py and bentos/service.py.
+BASELINE_MODEL_DIR_ENV = "TEXTGATE_BASELINE_MODEL_DIR"
+BASELINE_THREADS_ENV = "TEXTGATE_BASELINE_THREADS"
+# Bentos built before the rename read TEXTGATE_TORCH_THREADS, later ones TEXTGATE_THREADS
+# (falling back to the old name): both are set, to the same value.
+BENTO_THREADS_ENVS = ("TEXTGATE_THREADS", "TEXTGATE_TORCH_THREADS")
+
+MIN_THROUGHPUT_RATIO = 3.0  # bento throughput / baseline throughput
+MAX_P99_RATIO = 1.0  # bento p99 / baseline p99: no worse
+MAX_ERRORS = 0
+MAX_RSS_GROWTH_PCT = 10.0
+
+READY_TIMEOUT_S = 120.0
+STOP_GRACE_S = 20.0
+POLL_INTERVAL_S = 0.5
+RSS_SAMPLE_INTERVAL_S = 5.0
+ERROR_SAMPLES = 5
+BODY_EXCERPT_CHARS = 200
+MIB = 1024 * 1024
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """What one load run saw.
+
+    `latencies_ms` holds the round trips of the requests answered correctly (HTTP 200 with one
+    {label, score} per text), in completion order; every other request is an error. `labels`
+    maps a request's index to the labels it got, so two servers can be compared.
+    """
+
+    wall_s: float
+    texts_per_request: int
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    labels: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    def record_error(self, message: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < ERROR_SAMPLES:
+            self.error_samples.append(message)
+
+
+def request_texts(texts: Sequence[str], index: int, per_request: int) -> list[str]:
+    """The texts of request `index`: the next `per_request` texts, cycling through `texts`."""
+    return [texts[(index * per_request + offset) % len(texts)] for offset in range(per_request)]
+
+
+def parse_labels(response: httpx.Response, expected: int) -> tuple[str, ...] | str:
+    """The labels of a valid answer, or a description of what is wrong with the response."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:BODY_EXCERPT_CHARS]}"
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP 200 but not JSON: {response.text[:BODY_EXCERPT_CHARS]}"
+    if (
+        isinstance(body, list)
+        and len(body) == expected
+        and all(
+            isinstance(item, dict)
+            and isinstance(item.get("label"), str)
+            and isinstance(item.get("score"), int | float)
+            for item in body
+        )
+    ):
+        return tuple(item["label"] for item in body)
+    excerpt = response.text[:BODY_EXCERPT_CHARS]
+    return f"HTTP 200 but not {expected} {{label, score}} answer(s): {excerpt}"
+
+
+async def drive(
+    url: str,
+    texts: Sequence[str],
+    *,
+    concurrency: int,
+    requests: int | None = None,
+    duration_s: float | None = None,
+    texts_per_request: int = 1,
+    timeout_s: float = 60.0,
+) -> LoadResult:
+    """Send requests from `concurrency` concurrent clients; return what they saw.
+
+    The clients take request indices from one shared counter until `requests` have been sent,
+    or until `duration_s` has passed (give one or both). Each request is
+    `POST {url}/classify {"texts": [...]}` with `texts_per_request` texts (`request_texts`).
+    The wall time runs from the first request to the last answer.
+    """
+    if requests is None and duration_s is None:
+        raise ValueError("drive needs a number of requests, a duration, or both")
+    if not texts:
+        raise DataError("the benchmark needs at least one text")
+    endpoint = f"{url.rstrip('/')}/classify"
+    result = LoadResult(wall_s=0.0, texts_per_request=texts_per_request)
+    next_index = 0
+    deadline: float | None = None  # set when the clients start
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while (requests is None or next_index < requests) and (
+            deadline is None or time.perf_counter() < deadline
+        ):
+            index = next_index  # one event loop: no other client runs between these lines
+            next_index += 1
+            batch = request_texts(texts, index, texts_per_request)
+            sent = time.perf_counter()
+            try:
+                response = await client.post(endpoint, json={"texts": batch})
+            except (httpx.HTTPError, OSError) as error:
+                result.record_error(f"{type(error).__name__}: {error}")
+                continue
+            elapsed_ms = (time.perf_counter() - sent) * 1000
+            answer = parse_labels(response, len(batch))
+            if isinstance(answer, str):
+                result.record_error(answer)
+                continue
+            result.latencies_ms.append(elapsed_ms)
+            result.labels[index] = answer
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # trust_env=False: a proxy configured in the environment must not see loopback requests.
+    async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=timeout_s) as client:
+        start = time.perf_counter()
+        deadline = None if duration_s is None else start + duration_s
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        result.wall_s = time.perf_counter() - start
+    return result
+
+
+def summarize(result: LoadResult) -> dict[str, Any]:
+    """Throughput (answered requests and texts per wall second), latency percentiles, errors.
+
+    Percentiles are over answered requests only (NaN when there are none).
+    """
+    ok = len(result.latencies_ms)
+    if ok:
+        latencies = np.asarray(result.latencies_ms)
+        p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
+        mean, slowest = float(latencies.mean()), float(latencies.max())
+    else:
+        p50 = p95 = p99 = mean = slowest = math.nan
+    wall = result.wall_s
+    return {
+        "requests": ok + result.errors,
+        "ok": ok,
+        "errors": result.errors,
+        "texts_per_request": result.texts_per_request,
+        "wall_s": wall,
+        "throughput_rps": ok / wall if wall > 0 else math.nan,
+        "texts_per_s": ok * result.texts_per_request / wall if wall > 0 else math.nan,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+        "mean_ms": mean,
+        "max_ms": slowest,
+        "error_samples": list(result.error_samples),
+    }
+
+
+def label_agreement(first: LoadResult, second: LoadResult) -> float:
+    """Share of requests answered by both runs with the same labels (NaN when none)."""
+    common = first.labels.keys() & second.labels.keys()
+    if not common:
+        return math.nan
+    return sum(first.labels[i] == second.labels[i] for i in common) / len(common)
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running server: its base URL and its root process (workers are its descendants)."""
+
+    url: str
+    pid: int
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (BentoML's workers run in sessions of their own)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_rss_bytes(processes: Sequence[psutil.Process]) -> int:
+    """The summed resident set size of the processes still running (shared pages count twice)."""
+    total = 0
+    for process in processes:
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += process.memory_info().rss
+    return total
+
+
+def tree_cpu_seconds(processes: Sequence[psutil.Process]) -> float:
+    """The user + system CPU time the processes still running have used so far."""
+    total = 0.0
+    for process in processes:
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that caps a server's compute threads (torch reads OMP_NUM_THREADS too)."""
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@contextmanager
+def serve_baseline(
+    model_dir: str | Path,
+    *,
+    threads: int,
+    workdir: Path,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Iterator[Server]:
+    """Run the baseline app under uvicorn (one worker) on a free loopback port until exit."""
+    port = free_port()
+    log = Path(workdir) / BASELINE_LOG
+    env = {
+        **os.environ,
+        **thread_env(threads),
+        BASELINE_MODEL_DIR_ENV: str(model_dir),
+        BASELINE_THREADS_ENV: str(threads),
+    }
+    command = [sys.executable, "-m", "uvicorn", BASELINE_APP, "--app-dir", str(ROOT)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--no-access-log", "--log-level", "warning"]
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, process, log, ready_timeout_s)
+        yield Server(url=url, pid=process.pid)
+    finally:
+        _stop_group(process)
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(trust_env=False, timeout=2) as client:
+        while True:
+            if process.poll() is not None:
+                raise ServedCheckError(
+                    f"the baseline exited with code {process.returncode} before it was ready; "
+                    f"last lines of {log}:\n{log_tail(log)}"
+                )
+            with suppress(httpx.TransportError):  # not listening yet
+                if client.get(f"{url}/readyz").status_code == 200:
+                    return
+            if time.monotonic() >= deadline:
+                raise ServedCheckError(
+                    f"the baseline was not ready after {timeout_s:.0f} s; "
+                    f"last lines of {log}:\n{log_tail(log)}"
+                )
+            time.sleep(POLL_INTERVAL_S)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it after the grace period."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextmanager
+def serve_bento_server(bento_tag: str, *, threads: int, workdir: Path) -> Iterator[Server]:
+    """`tasks.served.serve_bento` with `threads` torch threads, and its server process found.
+
+    The server is the one child of this process that appeared while the bento started.
+    """
+    before = {child.pid for child in psutil.Process().children()}
+    env = {**thread_env(threads), **dict.fromkeys(BENTO_THREADS_ENVS, str(threads))}
+    with serve_bento(bento_tag, workdir=workdir, env=env, ready_timeout_s=READY_TIMEOUT_S) as url:
+        started = [child for child in psutil.Process().children() if child.pid not in before]
+        if len(started) != 1:
+            raise ServedCheckError(
+                f"expected one new `bentoml serve` process, found {[p.pid for p in started]}"
+            )
+        yield Server(url=url, pid=started[0].pid)
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command line, parsed."""
+
+    params: Path
+    bento: str | None
+    requests: int
+    concurrency: int
+    texts_per_request: int
+    warmup: int
+    soak_s: float
+    threads: int
+    timeout_s: float
+
+
+def load_texts(params_path: Path) -> list[str]:
+    """The test split's texts (`<prepare.output_dir>/test.parquet`, column `text`)."""
+    params = resolve_paths(load_params(params_path), params_path.resolve().parent)
+    path = params.prepare.output_dir / "test.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
+    texts = [str(text) for text in pd.read_parquet(path, columns=["text"])["text"]]
+    if not texts:
+        raise DataError(f"{path} has no texts")
+    return texts
+
+
+def production_bento(params_path: Path) -> str:
+    """The production bento tag from the registry (`registry.path`, relative to params)."""
+    params = resolve_paths(load_params(params_path), params_path.resolve().parent)
+    release = Registry(params.registry.path).production()
+    if release is None:
+        raise TextgateError(
+            f"nothing in production ({params.registry.path}); run the pipeline or pass --bento"
+        )
+    return release.bento_tag
+
+
+def bento_model(bento_tag: str) -> tuple[str, str, Path]:
+    """The exact bento tag, and the tag and directory of the one model it serves."""
+    import bentoml  # slow to import: only when a bento is really benchmarked
+
+    try:
+        bento = bentoml.bentos.get(bento_tag)
+    except bentoml.exceptions.NotFound:
+        raise TextgateError(f"bento {bento_tag} is not in the BentoML store") from None
+    models = [str(model.tag) for model in bento.info.all_models]
+    if len(models) != 1:
+        raise TextgateError(f"bento {bento.tag} should serve exactly one model, it has {models}")
+    try:
+        model = bentoml.models.get(models[0])
+    except bentoml.exceptions.NotFound:
+        raise TextgateError(f"model {models[0]} of bento {bento.tag} is not in the store") from None
+    return str(bento.tag), models[0], Path(model.path)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures come from: CPUs, platform, versions, load average at the start."""
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "bentoml": version("bentoml"),
+        "load_average": [round(value, 2) for value in os.getloadavg()],
+    }
+
+
+def measure(
+    name: str, server: Server, texts: Sequence[str], options: Options
+) -> tuple[dict[str, Any], LoadResult]:
+    """Warm a server up (untimed), drive it with the timed load, note its tree's RSS."""
+    log(f"{name}: {options.warmup} warm-up request(s)")
+    if options.warmup:
+        asyncio.run(
+            drive(
+                server.url,
+                texts,
+                concurrency=options.concurrency,
+                requests=options.warmup,
+                texts_per_request=options.texts_per_request,
+                timeout_s=options.timeout_s,
+            )
+        )
+    log(f"{name}: {options.requests} request(s) from {options.concurrency} client(s)")
+    processes = process_tree(server.pid)
+    cpu_before = tree_cpu_seconds(processes)
+    result = asyncio.run(
+        drive(
+            server.url,
+            texts,
+            concurrency=options.concurrency,
+            requests=options.requests,
+            texts_per_request=options.texts_per_request,
+            timeout_s=options.timeout_s,
+        )
+    )
+    cpu_s = tree_cpu_seconds(processes) - cpu_before
+    summary = summarize(result)
+    # CPU time per answered request: less sensitive than wall time to other load on the host.
+    summary["server_cpu_s"] = cpu_s
+    summary["cpu_ms_per_request"] = cpu_s * 1000 / summary["ok"] if summary["ok"] else math.nan
+    summary["rss_mb"] = tree_rss_bytes(processes) / MIB
+    log(
+        f"{name}: {summary['throughput_rps']:.1f} req/s, p99 {summary['p99_ms']:.0f} ms, "
+        f"{summary['errors']} error(s)"
+    )
+    return summary, result
+
+
+async def soak(server: Server, texts: Sequence[str], options: Options) -> dict[str, Any]:
+    """Drive the server for `options.soak_s` seconds; its process tree's RSS at start and end."""
+    processes = process_tree(server.pid)  # before the load: workers included
+    start_rss = tree_rss_bytes(processes)
+    samples = [start_rss]
+
+    async def sample_rss() -> None:
+        while True:
+            await asyncio.sleep(RSS_SAMPLE_INTERVAL_S)
+            samples.append(tree_rss_bytes(processes))
+
+    sampler = asyncio.create_task(sample_rss())
+    try:
+        result = await drive(
+            server.url,
+            texts,
+            concurrency=options.concurrency,
+            duration_s=options.soak_s,
+            texts_per_request=options.texts_per_request,
+            timeout_s=options.timeout_s,
+        )
+    finally:
+        sampler.cancel()
+    with suppress(psutil.NoSuchProcess):  # a worker started during the soak counts too
+        known = {process.pid for process in processes}
+        processes += [p for p in process_tree(server.pid) if p.pid not in known]
+    end_rss = tree_rss_bytes(processes)
+    samples.append(end_rss)
+    summary = summarize(result)
+    summary.update(
+        seconds=options.soak_s,
+        processes=len(processes),
+        rss_start_mb=start_rss / MIB,
+        rss_end_mb=end_rss / MIB,
+        rss_peak_mb=max(samples) / MIB,
+        rss_growth_pct=(end_rss / start_rss - 1) * 100 if start_rss else math.nan,
+    )
+    return summary
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN where it is undefined."""
+    if denominator == 0 or math.isnan(numerator) or math.isnan(denominator):
+        return math.nan
+    return numerator / denominator
+
+
+def evaluate_targets(
+    bento: dict[str, Any], baseline: dict[str, Any], soak_summary: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Each target with its value, threshold and verdict, and whether all are met.
+
+    A NaN value (nothing answered) fails its target.
+    """
+
+    def check(value: float, threshold: float, met: bool) -> dict[str, Any]:
+        return {"value": value, "threshold": threshold, "passed": bool(met)}
+
+    throughput = ratio(bento["throughput_rps"], baseline["throughput_rps"])
+    p99 = ratio(bento["p99_ms"], baseline["p99_ms"])
+    checks = {
+        "throughput_ratio": check(
+            throughput, MIN_THROUGHPUT_RATIO, throughput >= MIN_THROUGHPUT_RATIO
+        ),
+        "p99_ratio": check(p99, MAX_P99_RATIO, p99 <= MAX_P99_RATIO),
+        "errors": check(bento["errors"], MAX_ERRORS, bento["errors"] <= MAX_ERRORS),
+    }
+    if soak_summary is not None:
+        growth = soak_summary["rss_growth_pct"]
+        checks["soak_rss_growth_pct"] = check(
+            growth, MAX_RSS_GROWTH_PCT, growth < MAX_RSS_GROWTH_PCT
+        )
+        checks["soak_errors"] = check(
+            soak_summary["errors"], MAX_ERRORS, soak_summary["errors"] <= MAX_ERRORS
+        )
+    return {**checks, "passed": all(c["passed"] for c in checks.values())}
+
+
+def build_report(
+    *,
+    bento: dict[str, Any],
+    baseline: dict[str, Any],
+    soak_summary: dict[str, Any] | None,
+    agreement: float,
+    config: dict[str, Any],
+    machine: dict[str, Any],
+) -> dict[str, Any]:
+    """The whole result, as printed on the JSON last line."""
+    return {
+        "bento": bento,
+        "baseline": baseline,
+        "throughput_ratio": ratio(bento["throughput_rps"], baseline["throughput_rps"]),
+        "p99_ratio": ratio(bento["p99_ms"], baseline["p99_ms"]),
+        "label_agreement": agreement,
+        "targets": evaluate_targets(bento, baseline, soak_summary),
+        "soak": soak_summary,
+        "config": config,
+        "machine": machine,
+    }
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN and infinities become None (JSON has neither); containers are walked."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(item) for item in value]
+    return value
+
+
+def json_line(report: dict[str, Any]) -> str:
+    """The report as one line of strict JSON."""
+    return json.dumps(_json_ready(report), allow_nan=False, separators=(",", ":"))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A readable table, the ratios and one [pass]/[FAIL] line per target."""
+    bento, baseline = report["bento"], report["baseline"]
+    rows = [  # title, key, format, whether a bento/baseline ratio is shown
+        ("requests", "requests", "{:.0f}", False),
+        ("errors", "errors", "{:.0f}", False),
+        ("wall time (s)", "wall_s", "{:.1f}", False),
+        ("throughput (req/s)", "throughput_rps", "{:.1f}", True),
+        ("throughput (texts/s)", "texts_per_s", "{:.1f}", True),
+        ("p50 latency (ms)", "p50_ms", "{:.1f}", True),
+        ("p95 latency (ms)", "p95_ms", "{:.1f}", True),
+        ("p99 latency (ms)", "p99_ms", "{:.1f}", True),
+        ("max latency (ms)", "max_ms", "{:.1f}", False),
+        ("server CPU/request (ms)", "cpu_ms_per_request", "{:.1f}", True),
+        ("server RSS after (MiB)", "rss_mb", "{:.0f}", False),
+    ]
+
+    def cell(summary: dict[str, Any], key: str, pattern: str) -> str:
+        value = summary.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        return pattern.format(value)
+
+    lines = [f"{'':24}{'baseline':>12}{'bento':>12}{'bento/baseline':>16}"]
+    for title, key, pattern, compare in rows:
+        relative = ""
+        if compare:
+            value = ratio(bento.get(key, math.nan), baseline.get(key, math.nan))
+            relative = "n/a" if math.isnan(value) else f"{value:.2f}x"
+        lines.append(
+            f"{title:24}{cell(baseline, key, pattern):>12}{cell(bento, key, pattern):>12}"
+            f"{relative:>16}"
+        )
+    for name, summary in (("baseline", baseline), ("bento", bento)):
+        for sample in summary.get("error_samples", []):
+            lines.append(f"{name} error: {sample}")
+    agreement = report["label_agreement"]
+    if not math.isnan(agreement):
+        lines.append(f"label agreement (same requests): {agreement:.2%}")
+    soak_summary = report["soak"]
+    if soak_summary is not None:
+        lines.append(
+            f"soak {soak_summary['seconds']:.0f} s: {soak_summary['requests']} request(s), "
+            f"{soak_summary['errors']} error(s), {soak_summary['throughput_rps']:.1f} req/s; "
+            f"RSS of {soak_summary['processes']} process(es) {soak_summary['rss_start_mb']:.0f} "
+            f"-> {soak_summary['rss_end_mb']:.0f} MiB (peak {soak_summary['rss_peak_mb']:.0f}), "
+            f"growth {soak_summary['rss_growth_pct']:+.1f}%"
+        )
+    targets = report["targets"]
+    descriptions = {  # title, value format, threshold format
+        "throughput_ratio": ("bento/baseline throughput", "{:.2f}x", ">= {:.1f}x"),
+        "p99_ratio": ("bento/baseline p99 latency", "{:.2f}x", "<= {:.1f}x"),
+        "errors": ("bento errors", "{:.0f}", "<= {:.0f}"),
+        "soak_rss_growth_pct": ("soak RSS growth", "{:+.1f}%", "< {:.0f}%"),
+        "soak_errors": ("soak errors", "{:.0f}", "<= {:.0f}"),
+    }
+    for key, (title, shown, bound) in descriptions.items():
+        if key not in targets:
+            continue
+        target = targets[key]
+        value = "n/a" if math.isnan(target["value"]) else shown.format(target["value"])
+        verdict = "pass" if target["passed"] else "FAIL"
+        lines.append(f"[{verdict}] {title}: {value} (target {bound.format(target['threshold'])})")
+    lines.append(f"all targets met: {'yes' if targets['passed'] else 'no'}")
+    return "\n".join(lines)
+
+
+def run(options: Options) -> dict[str, Any]:
+    """Benchmark the baseline, then the bento (then soak it); return the report."""
+    texts = load_texts(options.params)
+    bento_tag, model_tag, model_dir = bento_model(options.bento or production_bento(options.params))
+    machine = machine_info()
+    config = {
+        "bento_tag": bento_tag,
+        "model_tag": model_tag,
+        "requests": options.requests,
+        "concurrency": options.concurrency,
+        "texts_per_request": options.texts_per_request,
+        "warmup": options.warmup,
+        "threads": options.threads,
+        "test_texts": len(texts),
+    }
+    log(f"bento {bento_tag}, model {model_tag}, {len(texts)} test texts, {options.threads} threads")
+    soak_summary = None
+    with tempfile.TemporaryDirectory(prefix="textgate-bench-") as tmp:
+        workdir = Path(tmp)
+        log("baseline: starting uvicorn")
+        with serve_baseline(model_dir, threads=options.threads, workdir=workdir) as server:
+            baseline, baseline_result = measure("baseline", server, texts, options)
+        log(f"bento: starting bentoml serve {bento_tag}")
+        with serve_bento_server(bento_tag, threads=options.threads, workdir=workdir) as server:
+            bento, bento_result = measure("bento", server, texts, options)
+            if options.soak_s > 0:
+                log(f"bento: soak for {options.soak_s:.0f} s")
+                soak_summary = asyncio.run(soak(server, texts, options))
+    return build_report(
+        bento=bento,
+        baseline=baseline,
+        soak_summary=soak_summary,
+        agreement=label_agreement(baseline_result, bento_result),
+        config=config,
+        machine=machine,
+    )
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--bento", help="bento tag (default: production, from the registry)")
+    parser.add_argument("--requests", type=_positive_int, default=2000, help="timed requests")
+    parser.add_argument("--concurrency", type=_positive_int, default=32, help="clients")
+    parser.add_argument("--texts-per-request", type=_positive_int, default=1)
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=64,
+        help="untimed requests before the timed ones",
+    )
+    parser.add_argument(
+        "--soak", type=_non_negative_float, default=0.0, help="soak seconds (0 = off)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads of each server (default: the CPUs this process may use)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    args = parser.parse_args(argv)
+    return Options(
+        params=args.params,
+        bento=args.bento,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        texts_per_request=args.texts_per_request,
+        warmup=args.warmup,
+        soak_s=args.soak,
+        threads=args.threads,
+        timeout_s=args.timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    try:
+        report = run(options)
+    except TextgateError as error:
+        print(f"bench.serve: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(json_line(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

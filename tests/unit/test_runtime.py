@@ -1,0 +1,331 @@
+"""ONNX export and runtime, runtime selection, threads and explanations by occlusion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from textgate.errors import DataError
+from textgate.model import (
+    MAX_EXPLAIN_CHARS,
+    TRAINING_FILE,
+    UNKNOWN_LABEL,
+    TextClassifier,
+    explain_by_occlusion,
+)
+from textgate.runtime import (
+    ONNX_DIR,
+    ONNX_FP32,
+    ONNX_INT8,
+    THREADS_ENV,
+    OnnxClassifier,
+    default_threads,
+    export_onnx,
+    load_classifier,
+)
+from textgate.text import clean_text
+
+# Very different lengths, so a batch of them is sorted and padded; the long one is truncated.
+TEXTS = [
+    "I lost my card yesterday",
+    "x",
+    "password reset does not work and I have tried three times already today, please help " * 3,
+    "please refund my order",
+    "",
+    "hello there",
+    "my wallet was stolen with all my cards in it",
+    "cannot sign in to the app, mail me at jo@example.com",
+]
+needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks torch on CUDA")
+
+
+def _copy(src: Path, dst: Path, **metadata: object) -> Path:
+    shutil.copytree(src, dst)
+    if metadata:
+        training = json.loads((dst / TRAINING_FILE).read_text(encoding="utf-8"))
+        (dst / TRAINING_FILE).write_text(json.dumps(training | metadata), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny_model_dir-like model whose labels and scores vary from text to text.
+
+    The untrained tiny model gives every text about 1/3 per label, which would hide a mixed-up
+    order or a wrong argmax. Random weights 25 times larger (initializer_range 0.5) spread
+    the scores over about 0.5 to 0.8 with three different top labels, no training needed.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from textgate.io import read_json
+    from textgate.model import LABEL_MAP_FILE, save_classifier
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    labels = read_json(tiny_model_dir / LABEL_MAP_FILE)["labels"]
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.5,
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    return save_classifier(
+        model,
+        tokenizer,
+        labels,
+        read_json(tiny_model_dir / TRAINING_FILE),
+        tmp_path_factory.mktemp("varied-model") / "model",
+    )
+
+
+@pytest.fixture(scope="session")
+def int8_export(varied_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    model_dir = _copy(varied_model_dir, tmp_path_factory.mktemp("onnx-int8") / "model")
+    return export_onnx(model_dir) | {"model_dir": model_dir}
+
+
+@pytest.fixture(scope="session")
+def fp32_dir(varied_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_dir = _copy(varied_model_dir, tmp_path_factory.mktemp("onnx-fp32") / "model")
+    export_onnx(model_dir, quantize=False)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def torch_reference(varied_model_dir: Path) -> TextClassifier:
+    return TextClassifier(varied_model_dir)
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def test_int8_export_keeps_only_the_file_serving_loads(int8_export: dict) -> None:
+    model_dir = int8_export["model_dir"]
+    assert int8_export["file"] == str(model_dir / ONNX_INT8)
+    assert list((model_dir / ONNX_DIR).iterdir()) == [model_dir / ONNX_INT8]
+    assert not [path for path in model_dir.iterdir() if path.name.startswith(".")]  # no staging
+    assert int8_export["runtime"] == "onnx-int8"
+    assert 0 < int8_export["size_mb"] < 3  # the tiny model; fp32 is ~3.9 MB
+    assert int8_export["export_seconds"] > 0
+
+
+def test_onnx_inputs_are_the_tokenizer_inputs_with_dynamic_axes(fp32_dir: Path) -> None:
+    classifier = OnnxClassifier(fp32_dir)
+    inputs = classifier.session.get_inputs()
+    assert [node.name for node in inputs] == list(classifier.tokenizer.model_input_names)
+    assert all(node.shape == ["batch", "sequence"] for node in inputs)
+    assert [node.name for node in classifier.session.get_outputs()] == ["logits"]
+
+
+def test_fp32_onnx_matches_torch(fp32_dir: Path, torch_reference: TextClassifier) -> None:
+    classifier = OnnxClassifier(fp32_dir)
+    assert classifier.runtime == "onnx-fp32"
+    assert classifier.labels == torch_reference.labels
+    logits = classifier.predict_logits(TEXTS, batch_size=3)
+    assert logits.dtype == np.float32
+    expected = torch_reference.predict_logits(TEXTS)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_onnx_is_close_to_torch(int8_export: dict, torch_reference: TextClassifier) -> None:
+    classifier = OnnxClassifier(int8_export["model_dir"])
+    assert classifier.runtime == "onnx-int8"
+    assert classifier.labels == torch_reference.labels
+    expected = torch_reference.predict_proba(TEXTS)
+    probabilities = classifier.predict_proba(TEXTS)
+    assert len(set(expected.argmax(axis=1))) > 1  # the varied head tells texts apart
+    tolerance = 0.15  # the large random weights quantize worse than trained ones
+    assert np.abs(probabilities - expected).max() < tolerance
+    top_two = np.sort(expected, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 2 * tolerance  # int8 noise cannot flip these
+    assert clear.sum() >= len(TEXTS) // 2
+    np.testing.assert_array_equal(
+        probabilities.argmax(axis=1)[clear], expected.argmax(axis=1)[clear]
+    )
+
+
+def test_batches_come_back_in_input_order(fp32_dir: Path) -> None:
+    classifier = OnnxClassifier(fp32_dir)
+    one_by_one = np.concatenate([classifier.predict_logits([text]) for text in TEXTS])
+    np.testing.assert_allclose(
+        classifier.predict_logits(TEXTS, batch_size=3), one_by_one, atol=1e-5
+    )
+    reversed_order = classifier.predict_logits(TEXTS[::-1], batch_size=2)
+    np.testing.assert_allclose(reversed_order[::-1], one_by_one, atol=1e-5)
+    assert classifier.predict_logits([]).shape == (0, len(classifier.labels))
+
+
+def test_export_is_deterministic_and_a_new_export_replaces_the_old(
+    int8_export: dict, varied_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = _copy(varied_model_dir, tmp_path / "model")
+    info = export_onnx(model_dir)
+    assert Path(info["file"]).read_bytes() == Path(int8_export["file"]).read_bytes()
+    export_onnx(model_dir, quantize=False)
+    assert list((model_dir / ONNX_DIR).iterdir()) == [model_dir / ONNX_FP32]
+    assert OnnxClassifier(model_dir).runtime == "onnx-fp32"
+
+
+def test_export_refuses_a_directory_that_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a textgate model directory"):
+        export_onnx(tmp_path)
+
+
+# --- runtime selection and threads ------------------------------------------------------
+
+
+@needs_cpu_only
+def test_auto_picks_onnx_when_exported_and_torch_otherwise(
+    int8_export: dict, varied_model_dir: Path
+) -> None:
+    assert load_classifier(int8_export["model_dir"]).runtime == "onnx-int8"
+    assert isinstance(load_classifier(int8_export["model_dir"], "torch"), TextClassifier)
+    classifier = load_classifier(varied_model_dir)
+    assert isinstance(classifier, TextClassifier)
+    assert classifier.runtime == "torch-cpu"
+
+
+def test_explicit_onnx_without_an_export_is_a_clear_error(varied_model_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"no ONNX export \(onnx/model\.int8\.onnx"):
+        load_classifier(varied_model_dir, "onnx")
+
+
+def test_unknown_runtime_is_refused(varied_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        load_classifier(varied_model_dir, "tensorrt")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_bad_threads_variable_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(THREADS_ENV, value)
+    with pytest.raises(ValueError, match=f"{THREADS_ENV} must be a positive integer"):
+        default_threads()
+
+
+def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert 1 <= default_threads() <= 2
+    monkeypatch.setenv(THREADS_ENV, " 3 ")
+    assert default_threads() == 3
+
+
+def test_session_uses_the_requested_threads(
+    int8_export: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = int8_export["model_dir"]
+    options = OnnxClassifier(model_dir, threads=1).session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+    monkeypatch.setenv(THREADS_ENV, "3")
+    options = load_classifier(model_dir, "onnx").session.get_session_options()
+    assert options.intra_op_num_threads == 3
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        OnnxClassifier(model_dir, threads=0)
+
+
+@needs_cpu_only
+def test_torch_runtime_sets_its_threads(varied_model_dir: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        load_classifier(varied_model_dir, "torch", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- abstention in both runtimes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_both_runtimes_abstain_below_the_threshold(
+    int8_export: dict, tmp_path: Path, runtime: str
+) -> None:
+    model_dir = _copy(int8_export["model_dir"], tmp_path / "model", abstention={"threshold": 0.6})
+    classifier = load_classifier(model_dir, runtime)  # type: ignore[arg-type]
+    assert classifier.abstain_threshold == 0.6
+    predictions = classifier.predict(TEXTS)
+    assert any(p.abstained for p in predictions) and not all(p.abstained for p in predictions)
+    for prediction in predictions:
+        assert prediction.abstained == (prediction.score < 0.6)
+        expected = UNKNOWN_LABEL if prediction.abstained else prediction.best_label
+        assert prediction.label == expected
+        assert prediction.best_label in classifier.labels
+
+
+# --- explanations ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def explainers(fp32_dir: Path) -> list:
+    return [TextClassifier(fp32_dir), OnnxClassifier(fp32_dir)]
+
+
+def test_explanation_tokens_are_the_wordpieces_of_the_cleaned_text(explainers: list) -> None:
+    text = "My card was stolen, email jo@example.com"
+    torch_explanation, onnx_explanation = (c.explain(text) for c in explainers)
+    tokenizer = explainers[0].tokenizer
+    assert torch_explanation.tokens == tokenizer.tokenize(clean_text(text))
+    assert "[" in torch_explanation.tokens and "jo" not in torch_explanation.tokens  # redacted
+    assert onnx_explanation.tokens == torch_explanation.tokens
+    assert len(torch_explanation.attributions) == len(torch_explanation.tokens)
+    assert np.all(np.isfinite(torch_explanation.attributions))
+    np.testing.assert_allclose(
+        onnx_explanation.attributions, torch_explanation.attributions, atol=1e-5
+    )
+    assert onnx_explanation.label == torch_explanation.label
+
+
+def test_explanation_agrees_with_prediction_and_occlusion_matters(explainers: list) -> None:
+    classifier = explainers[1]
+    text = "my wallet was stolen with all my cards in it"
+    explanation = classifier.explain(text)
+    (prediction,) = classifier.predict([text])
+    assert (explanation.label, explanation.best_label) == (prediction.label, prediction.best_label)
+    assert explanation.score == pytest.approx(prediction.score, abs=1e-5)
+    assert max(abs(value) for value in explanation.attributions) > 1e-4
+
+
+def test_explanation_is_truncated_like_prediction(explainers: list) -> None:
+    explanation = explainers[0].explain("word " * 90)  # 450 characters, 90 tokens
+    assert len(explanation.tokens) == explainers[0].max_length - 2  # [CLS] and [SEP]
+    assert explainers[0].explain("").tokens == []
+
+
+def test_explaining_a_long_text_is_refused(explainers: list) -> None:
+    with pytest.raises(ValueError, match=f"MAX_EXPLAIN_CHARS={MAX_EXPLAIN_CHARS}"):
+        explainers[1].explain("a" * (MAX_EXPLAIN_CHARS + 1))
+
+
+def test_occlusion_credits_the_one_token_the_model_looks_at(explainers: list) -> None:
+    tokenizer = explainers[0].tokenizer
+    key = tokenizer.convert_tokens_to_ids("stolen")
+    calls = []
+
+    def logits_from_ids(input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+        calls.append(input_ids.shape)
+        has_key = (input_ids == key).any(axis=1)  # (rows,)
+        return np.stack([np.where(has_key, 4.0, 0.0), np.zeros(len(input_ids))], axis=1)
+
+    explanation = explain_by_occlusion(
+        "my card was stolen today",
+        tokenizer=tokenizer,
+        logits_from_ids=logits_from_ids,
+        labels=["lost_card", "other"],
+        max_length=32,
+    )
+    assert len(calls) == 1  # one batch: the text and each occlusion
+    assert calls[0] == (1 + len(explanation.tokens), len(explanation.tokens) + 2)
+    assert explanation.label == "lost_card"
+    attributions = dict(zip(explanation.tokens, explanation.attributions, strict=True))
+    assert attributions.pop("stolen") == pytest.approx(1 / (1 + np.exp(-4)) - 0.5)
+    assert set(attributions.values()) == {0.0}
