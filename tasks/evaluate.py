@@ -15,7 +15,7 @@ from textgate.behaviour import load_must_pass, must_pass
 from textgate.config import Params
 from textgate.io import atomic_path, write_json
 from textgate.metrics import Metrics, compute_metrics
-from textgate.model import Prediction, make_predictions
+from textgate.model import Classifier, make_predictions
 from textgate.runtime import load_classifier
 from textgate.stats import expected_calibration_error, softmax
 
@@ -48,15 +48,21 @@ def plot_confusion(metrics: Metrics, path: Path) -> None:
 
 
 def golden_cases(
-    texts: list[str], predictions: list[Prediction], count: int, seed: int
+    classifier: Classifier, texts: list[str], count: int, seed: int, extra: list[str]
 ) -> list[dict[str, object]]:
-    """Texts with their offline answers, replayed against the served bento before promotion."""
+    """Texts with their offline answers, replayed against the served bento before promotion.
+
+    `count` test texts (a seeded sample) plus `extra` (the must-pass texts). Each answer is
+    computed one text at a time, as the replay sends them: int8 activations are quantised
+    per batch, so a text's score can move in the third decimal with what it is batched with.
+    """
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(texts), size=min(count, len(texts)), replace=False).tolist())
-    return [
-        {"text": texts[i], "label": predictions[i].label, "score": predictions[i].score}
-        for i in chosen
-    ]
+    golden = []
+    for text in [texts[i] for i in chosen] + extra:
+        (prediction,) = classifier.predict([text])
+        golden.append({"text": text, "label": prediction.label, "score": prediction.score})
+    return golden
 
 
 def run(params: Params) -> Metrics:
@@ -145,13 +151,13 @@ def run(params: Params) -> Metrics:
     )
     with atomic_path(out / "predictions.parquet") as tmp:
         frame.to_parquet(tmp, index=False)
-    golden = golden_cases(texts, offline, config.golden_requests, config.seed)
-    if must_pass_cases:
-        extra_cases = classifier.predict([case.text for case in must_pass_cases], config.batch_size)
-        golden += [
-            {"text": case.text, "label": p.label, "score": p.score}
-            for case, p in zip(must_pass_cases, extra_cases, strict=True)
-        ]
+    golden = golden_cases(
+        classifier,
+        texts,
+        config.golden_requests,
+        config.seed,
+        extra=[case.text for case in must_pass_cases],
+    )
     write_json(out / "golden.json", golden)
     with atomic_path(out / "confusion.csv") as tmp:
         frame[["label", "predicted"]].rename(columns={"label": "actual"}).to_csv(tmp, index=False)
