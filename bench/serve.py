@@ -333,13 +333,18 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def serve_bento_server(bento_tag: str, *, threads: int, workdir: Path) -> Iterator[Server]:
+def serve_bento_server(bento_tag: str, *, threads: int | None, workdir: Path) -> Iterator[Server]:
     """`tasks.served.serve_bento` with `threads` torch threads, and its server process found.
 
     The server is the one child of this process that appeared while the bento started.
     """
     before = {child.pid for child in psutil.Process().children()}
-    env = {**thread_env(threads), **dict.fromkeys(BENTO_THREADS_ENVS, str(threads))}
+    # None: the bento's own defaults (workers and threads shared out over the cores).
+    env = (
+        {}
+        if threads is None
+        else {**thread_env(threads), **dict.fromkeys(BENTO_THREADS_ENVS, str(threads))}
+    )
     with serve_bento(bento_tag, workdir=workdir, env=env, ready_timeout_s=READY_TIMEOUT_S) as url:
         started = [child for child in psutil.Process().children() if child.pid not in before]
         if len(started) != 1:
@@ -365,6 +370,7 @@ class Options:
     soak_s: float
     threads: int
     timeout_s: float
+    bento_threads: int | None = None
 
 
 def load_texts(params_path: Path) -> list[str]:
@@ -668,6 +674,7 @@ def run(options: Options) -> dict[str, Any]:
         "texts_per_request": options.texts_per_request,
         "warmup": options.warmup,
         "threads": options.threads,
+        "bento_threads": options.bento_threads or "bento defaults",
         "test_texts": len(texts),
     }
     log(f"bento {bento_tag}, model {model_tag}, {len(texts)} test texts, {options.threads} threads")
@@ -678,7 +685,9 @@ def run(options: Options) -> dict[str, Any]:
         with serve_baseline(model_dir, threads=options.threads, workdir=workdir) as server:
             baseline, baseline_result = measure("baseline", server, texts, options)
         log(f"bento: starting bentoml serve {bento_tag}")
-        with serve_bento_server(bento_tag, threads=options.threads, workdir=workdir) as server:
+        with serve_bento_server(
+            bento_tag, threads=options.bento_threads, workdir=workdir
+        ) as server:
             bento, bento_result = measure("bento", server, texts, options)
             if options.soak_s > 0:
                 log(f"bento: soak for {options.soak_s:.0f} s")
@@ -742,6 +751,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=len(os.sched_getaffinity(0)),
         help="torch threads of each server (default: the CPUs this process may use)",
     )
+    parser.add_argument(
+        "--bento-threads",
+        type=_positive_int,
+        default=None,
+        help="the bento's threads per worker (default: its own defaults, which share the cores "
+        "out between its workers; the baseline keeps --threads)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     args = parser.parse_args(argv)
     return Options(
@@ -753,6 +769,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         warmup=args.warmup,
         soak_s=args.soak,
         threads=args.threads,
+        bento_threads=args.bento_threads,
         timeout_s=args.timeout,
     )
 

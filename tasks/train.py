@@ -14,9 +14,9 @@ import transformers
 from tasks.common import stage_main
 from textgate.abstain import choose_threshold
 from textgate.config import Params
+from textgate.export import export_onnx
 from textgate.io import read_json, write_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
-from textgate.runtime import export_onnx
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.training import seed_everything, train_classifier
 

@@ -13,23 +13,16 @@ PyTorch release drops the TorchScript exporter.
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import tempfile
-import time
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from textgate.errors import DataError
 from textgate.model import (
-    LABEL_MAP_FILE,
     MAX_EXPLAIN_CHARS,
     Classifier,
     Explanation,
@@ -49,7 +42,6 @@ __all__ = [
     "Prediction",
     "Runtime",
     "default_threads",
-    "export_onnx",
     "load_classifier",
     "onnx_file",
 ]
@@ -59,10 +51,6 @@ ONNX_FP32 = "onnx/model.onnx"
 ONNX_INT8 = "onnx/model.int8.onnx"
 THREADS_ENV = "TEXTGATE_THREADS"
 Runtime = Literal["auto", "torch", "onnx"]
-
-_OPSET = 17
-# A padded batch: tracing with padding keeps the attention-mask path in the graph.
-_EXAMPLE_TEXTS = ("a short example", "a somewhat longer example text to trace the export with")
 
 
 def default_threads() -> int:
@@ -100,113 +88,6 @@ def onnx_file(model_dir: str | Path) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-class _LogitsOnly(torch.nn.Module):
-    """The classifier with positional inputs in the tokenizer's order, returning only logits."""
-
-    def __init__(self, model: torch.nn.Module, input_names: Sequence[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.input_names = list(input_names)
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.input_names, inputs, strict=True))).logits
-
-
-def _export_fp32(model_dir: Path, out: Path) -> None:
-    """Trace the checkpoint in `model_dir` to an fp32 ONNX graph with dynamic batch and length."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    model.to("cpu", torch.float32).eval()
-    example = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
-    # Exactly the tokenizer's model inputs, in its order (e.g. input_ids, token_type_ids,
-    # attention_mask); the wrapper maps them by name, so the order cannot be confused.
-    input_names = [name for name in tokenizer.model_input_names if name in example]
-    axes = {0: "batch", 1: "sequence"}
-    with warnings.catch_warnings():
-        # The TorchScript exporter's deprecation notice and tracer notes about Python bools:
-        # shapes stay dynamic (checked by the tests on batches of other sizes and lengths).
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _LogitsOnly(model, input_names),
-            tuple(example[name] for name in input_names),
-            str(out),
-            input_names=input_names,
-            output_names=["logits"],
-            dynamic_axes={name: axes for name in input_names} | {"logits": {0: "batch"}},
-            opset_version=_OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-
-
-class _DropPreprocessAdvice(logging.Filter):
-    """quantize_dynamic advises pre-processing on the root logger; it does not help here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
-
-
-def _quantize_int8(source: Path, out: Path) -> None:
-    """Dynamic int8 quantization: int8 weights, activations quantized per batch at run time.
-
-    Per-channel weights with reduce_range (7 bits) kept the trained MiniLM closest to fp32:
-    on the 1,980 sample messages, mean |delta p| 0.003 and 100% argmax agreement, against 0.008
-    and 99.95% without reduce_range. reduce_range also avoids the u8 x s8 saturation that
-    ONNX Runtime's quantization guide warns of on AVX2/AVX-512 CPUs without VNNI.
-    (ONNX Runtime's pre-processing pass gave the same accuracy and no speed-up: not used.)
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    advice = _DropPreprocessAdvice()
-    root.addFilter(advice)
-    try:
-        quantize_dynamic(
-            source, out, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
-        )
-    finally:
-        root.removeFilter(advice)
-
-
-def export_onnx(model_dir: str | Path, *, quantize: bool = True) -> dict[str, Any]:
-    """Export a model directory's checkpoint to ONNX (int8 unless `quantize=False`).
-
-    Writes `onnx/model.int8.onnx` (quantize) or `onnx/model.onnx`, replacing any earlier
-    `onnx/` folder as a whole, so the directory holds only the file serving loads. The same
-    checkpoint gives the same file.
-
-    Returns:
-        `file` (the path written), `size_mb`, `export_seconds`, `runtime` ("onnx-int8" or
-        "onnx-fp32") and `opset`.
-    """
-    model_dir = Path(model_dir)
-    if not (model_dir / LABEL_MAP_FILE).is_file():
-        raise DataError(f"{model_dir} is not a textgate model directory (no {LABEL_MAP_FILE})")
-    start = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f".{ONNX_DIR}.", dir=model_dir))
-    try:
-        fp32 = staging / Path(ONNX_FP32).name
-        _export_fp32(model_dir, fp32)
-        if quantize:
-            _quantize_int8(fp32, staging / Path(ONNX_INT8).name)
-            fp32.unlink()
-        target = model_dir / ONNX_DIR
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    path = model_dir / (ONNX_INT8 if quantize else ONNX_FP32)
-    return {
-        "file": str(path),
-        "size_mb": round(path.stat().st_size / 2**20, 2),
-        "export_seconds": round(time.perf_counter() - start, 2),
-        "runtime": "onnx-int8" if quantize else "onnx-fp32",
-        "opset": _OPSET,
-    }
 
 
 class OnnxClassifier(Classifier):

@@ -103,8 +103,8 @@ def decisive_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(scope="session")
 def abstaining_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_model_dir with an abstention threshold of 0.99 in its metadata, exported to ONNX."""
+    from textgate.export import export_onnx
     from textgate.model import TRAINING_FILE
-    from textgate.runtime import export_onnx
 
     out = tmp_path_factory.mktemp("abstaining-model") / "model"
     shutil.copytree(tiny_model_dir, out)

@@ -556,7 +556,7 @@ def test_request_log_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bento
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({}, None),
+        ({}, 2),  # 4 cores (patched below) shared by 2 workers
         ({"TEXTGATE_THREADS": "3"}, None),  # the runtime reads it
         ({"TEXTGATE_TORCH_THREADS": "3"}, 3),
         ({"TEXTGATE_THREADS": "2", "TEXTGATE_TORCH_THREADS": "3"}, None),
@@ -569,4 +569,15 @@ def test_configured_threads(
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert configured_threads() == expected
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert configured_threads(workers=2) == expected
+
+
+def test_default_threads_never_oversubscribe_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TEXTGATE_THREADS", "TEXTGATE_TORCH_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for cores, workers, expected in [(1, 1, 1), (2, 2, 1), (2, 1, 2), (16, 2, 4), (3, 2, 1)]:
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        threads = configured_threads(workers=workers)
+        assert threads == expected
+        assert threads * workers <= max(cores, workers)

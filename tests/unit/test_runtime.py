@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from textgate.errors import DataError
+from textgate.export import export_onnx
 from textgate.model import (
     MAX_EXPLAIN_CHARS,
     TRAINING_FILE,
@@ -25,7 +26,6 @@ from textgate.runtime import (
     THREADS_ENV,
     OnnxClassifier,
     default_threads,
-    export_onnx,
     load_classifier,
 )
 from textgate.text import clean_text
