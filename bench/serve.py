@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from tasks.served import ServedCheckError, free_port, log_tail, serve_bento
+from tasks.served import ServedCheckError, free_port, log_tail, parse_answers, serve_bento
 from textgate.config import load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
 from textgate.registry import Registry
@@ -65,7 +65,6 @@ STOP_GRACE_S = 20.0
 POLL_INTERVAL_S = 0.5
 RSS_SAMPLE_INTERVAL_S = 5.0
 ERROR_SAMPLES = 5
-BODY_EXCERPT_CHARS = 200
 MIB = 1024 * 1024
 
 
@@ -101,25 +100,8 @@ def request_texts(texts: Sequence[str], index: int, per_request: int) -> list[st
 
 def parse_labels(response: httpx.Response, expected: int) -> tuple[str, ...] | str:
     """The labels of a valid answer, or a description of what is wrong with the response."""
-    if response.status_code != 200:
-        return f"HTTP {response.status_code}: {response.text[:BODY_EXCERPT_CHARS]}"
-    try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP 200 but not JSON: {response.text[:BODY_EXCERPT_CHARS]}"
-    if (
-        isinstance(body, list)
-        and len(body) == expected
-        and all(
-            isinstance(item, dict)
-            and isinstance(item.get("label"), str)
-            and isinstance(item.get("score"), int | float)
-            for item in body
-        )
-    ):
-        return tuple(item["label"] for item in body)
-    excerpt = response.text[:BODY_EXCERPT_CHARS]
-    return f"HTTP 200 but not {expected} {{label, score}} answer(s): {excerpt}"
+    answers = parse_answers(response, expected)
+    return answers if isinstance(answers, str) else tuple(label for label, _ in answers)
 
 
 async def drive(

@@ -305,7 +305,8 @@ def replay(
                 errors.append(f"{case.text!r}: {type(error).__name__}: {error}")
                 continue
             elapsed_ms = (time.perf_counter() - start) * 1000
-            answer = _parse_answer(response)
+            parsed = parse_answers(response, 1)
+            answer = parsed if isinstance(parsed, str) else parsed[0]
             if isinstance(answer, str):
                 errors.append(f"{case.text!r}: {answer}")
                 continue
@@ -341,8 +342,9 @@ def replay(
     )
 
 
-def _parse_answer(response: httpx.Response) -> tuple[str, float] | str:
-    """The (label, score) of a one-text answer, or a description of what is wrong with it."""
+def parse_answers(response: httpx.Response, expected: int) -> list[tuple[str, float]] | str:
+    """The (label, score) per text of a `/classify` answer for `expected` texts, or a
+    description of what is wrong with the response (also used by bench/serve.py)."""
     if response.status_code != 200:
         return f"HTTP {response.status_code}: {response.text[:BODY_EXCERPT_CHARS]}"
     try:
@@ -351,14 +353,20 @@ def _parse_answer(response: httpx.Response) -> tuple[str, float] | str:
         return f"HTTP 200 but not JSON: {response.text[:BODY_EXCERPT_CHARS]}"
     if (
         isinstance(body, list)
-        and len(body) == 1
-        and isinstance(body[0], dict)
-        and isinstance(body[0].get("label"), str)
-        and isinstance(body[0].get("score"), int | float)
-        and not isinstance(body[0].get("score"), bool)
+        and len(body) == expected
+        and all(
+            isinstance(item, dict)
+            and isinstance(item.get("label"), str)
+            and isinstance(item.get("score"), int | float)
+            and not isinstance(item.get("score"), bool)
+            for item in body
+        )
     ):
-        return body[0]["label"], float(body[0]["score"])
-    return f"HTTP 200 but not one {{label, score}} answer: {response.text[:BODY_EXCERPT_CHARS]}"
+        return [(item["label"], float(item["score"])) for item in body]
+    noun = "answer" if expected == 1 else "answers"
+    return (
+        f"HTTP 200 but not {expected} {{label, score}} {noun}: {response.text[:BODY_EXCERPT_CHARS]}"
+    )
 
 
 def check_served_bento(

@@ -8,16 +8,16 @@ import asyncio
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from bench import serve as bench
 from tasks.served import free_port
+from tests.serving import local_http_server
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +49,8 @@ class _StubHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def stub_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(_StubHandler) as url:
+        yield url
 
 
 def test_drive_counts_answers_and_errors(stub_url: str) -> None:

@@ -9,10 +9,9 @@ stdlib HTTP server, and against a closed port, with no bento at all.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import psutil
@@ -29,6 +28,7 @@ from tasks.served import (
     write_golden,
 )
 from tests.conftest import INTENT_WORDS, make_rows
+from tests.serving import local_http_server
 from textgate.config import load_params
 from textgate.errors import DataError
 from textgate.model import TextClassifier
@@ -181,14 +181,8 @@ class FakeService(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(FakeService) as url:
+        yield url
 
 
 def test_replay_counts_errors_and_mismatches_as_not_matched(fake_url: str) -> None:
@@ -213,7 +207,7 @@ def test_replay_counts_errors_and_mismatches_as_not_matched(fake_url: str) -> No
     assert len(report.errors) == 2
     assert "'boom'" in report.errors[0] and "HTTP 500" in report.errors[0]
     assert "model exploded" in report.errors[0]
-    assert "'two'" in report.errors[1] and "not one {label, score} answer" in report.errors[1]
+    assert "'two'" in report.errors[1] and "not 1 {label, score} answer" in report.errors[1]
     assert len(report.latencies_ms) == 3  # the valid answers only
 
 
