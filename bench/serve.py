@@ -1,12 +1,13 @@
 """Serving benchmark: the promoted bento against a plain transformers pipeline, in one run.
 
-Both servers are started for real, one after the other (never both under load at once), and
-driven with the same load: `--concurrency` clients send `--requests` timed requests of
-`--texts-per-request` test-split texts each, after untimed warm-up requests. For each server
-it prints throughput, p50/p95/p99 latency and errors, then the bento/baseline ratios and the
-targets (>= 3x throughput, p99 no worse, no errors); with `--soak S`, the bento is then driven
-alone for S seconds and the RSS of its process tree at the start and end is reported (growth
-under 10%). The last line printed on stdout is one JSON object with every figure.
+Both servers are started for real and driven with the same load: `--concurrency` clients send
+`--requests` timed requests of `--texts-per-request` test-split texts each, after untimed
+warm-up requests. The timed requests are split into `--rounds` rounds in which the servers take
+turns (never both under load at once), so other load on the host weighs on both alike. For
+each server it prints throughput, p50/p95/p99 latency and errors, then the bento/baseline
+ratios and the targets (>= 3x throughput, p99 no worse, no errors); with `--soak S`, the bento
+is then driven alone for S seconds and the RSS of its process tree at the start and end is
+reported (growth under 10%). The last line printed on stdout is one JSON object with every figure.
 
     python -m bench.serve [--bento TAG] [--requests 2000] [--concurrency 32] [--soak 60]
 
@@ -29,12 +30,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 import pandas as pd
@@ -92,6 +94,14 @@ class LoadResult:
         if len(self.error_samples) < ERROR_SAMPLES:
             self.error_samples.append(message)
 
+    def extend(self, other: LoadResult) -> None:
+        """Add another run's requests (of the same shape) to this one's."""
+        self.wall_s += other.wall_s
+        self.latencies_ms.extend(other.latencies_ms)
+        self.errors += other.errors
+        self.error_samples.extend(other.error_samples[: ERROR_SAMPLES - len(self.error_samples)])
+        self.labels.update(other.labels)
+
 
 def request_texts(texts: Sequence[str], index: int, per_request: int) -> list[str]:
     """The texts of request `index`: the next `per_request` texts, cycling through `texts`."""
@@ -113,11 +123,12 @@ async def drive(
     duration_s: float | None = None,
     texts_per_request: int = 1,
     timeout_s: float = 60.0,
+    first_index: int = 0,
 ) -> LoadResult:
     """Send requests from `concurrency` concurrent clients; return what they saw.
 
-    The clients take request indices from one shared counter until `requests` have been sent,
-    or until `duration_s` has passed (give one or both). Each request is
+    The clients take request indices from one shared counter, starting at `first_index`, until
+    `requests` have been sent, or until `duration_s` has passed (give one or both). Each request is
     `POST {url}/classify {"texts": [...]}` with `texts_per_request` texts (`request_texts`).
     The wall time runs from the first request to the last answer.
     """
@@ -127,12 +138,13 @@ async def drive(
         raise DataError("the benchmark needs at least one text")
     endpoint = f"{url.rstrip('/')}/classify"
     result = LoadResult(wall_s=0.0, texts_per_request=texts_per_request)
-    next_index = 0
+    next_index = first_index
+    last_index = None if requests is None else first_index + requests
     deadline: float | None = None  # set when the clients start
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
-        while (requests is None or next_index < requests) and (
+        while (last_index is None or next_index < last_index) and (
             deadline is None or time.perf_counter() < deadline
         ):
             index = next_index  # one event loop: no other client runs between these lines
@@ -140,24 +152,29 @@ async def drive(
             batch = request_texts(texts, index, texts_per_request)
             sent = time.perf_counter()
             try:
-                response = await client.post(endpoint, json={"texts": batch})
-            except (httpx.HTTPError, OSError) as error:
+                async with session.post(endpoint, json={"texts": batch}) as response:
+                    status, body = response.status, await response.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 result.record_error(f"{type(error).__name__}: {error}")
                 continue
             elapsed_ms = (time.perf_counter() - sent) * 1000
-            answer = parse_labels(response, len(batch))
+            answer = parse_labels(httpx.Response(status, content=body), len(batch))
             if isinstance(answer, str):
                 result.record_error(answer)
                 continue
             result.latencies_ms.append(elapsed_ms)
             result.labels[index] = answer
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    # trust_env=False: a proxy configured in the environment must not see loopback requests.
-    async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=timeout_s) as client:
+    # aiohttp, not httpx, drives the load: on the same cores as the server, httpx's async
+    # client spent about 3 ms of CPU per request against aiohttp's 0.15 ms (measured against
+    # a trivial ASGI app), which would have been taken from the server being measured.
+    # trust_env=False (the default): a proxy in the environment must not see loopback requests.
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
         deadline = None if duration_s is None else start + duration_s
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(session) for _ in range(concurrency)))
         result.wall_s = time.perf_counter() - start
     return result
 
@@ -353,6 +370,7 @@ class Options:
     threads: int
     timeout_s: float
     bento_threads: int | None = None
+    rounds: int = 4
 
 
 def load_texts(params_path: Path) -> list[str]:
@@ -417,10 +435,8 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def measure(
-    name: str, server: Server, texts: Sequence[str], options: Options
-) -> tuple[dict[str, Any], LoadResult]:
-    """Warm a server up (untimed), drive it with the timed load, note its tree's RSS."""
+def warm_up(name: str, server: Server, texts: Sequence[str], options: Options) -> None:
+    """Untimed requests, so that lazy initialisation is not measured."""
     log(f"{name}: {options.warmup} warm-up request(s)")
     if options.warmup:
         asyncio.run(
@@ -433,30 +449,76 @@ def measure(
                 timeout_s=options.timeout_s,
             )
         )
-    log(f"{name}: {options.requests} request(s) from {options.concurrency} client(s)")
-    processes = process_tree(server.pid)
-    cpu_before = tree_cpu_seconds(processes)
-    result = asyncio.run(
-        drive(
-            server.url,
-            texts,
-            concurrency=options.concurrency,
-            requests=options.requests,
-            texts_per_request=options.texts_per_request,
-            timeout_s=options.timeout_s,
-        )
-    )
-    cpu_s = tree_cpu_seconds(processes) - cpu_before
-    summary = summarize(result)
-    # CPU time per answered request: less sensitive than wall time to other load on the host.
-    summary["server_cpu_s"] = cpu_s
-    summary["cpu_ms_per_request"] = cpu_s * 1000 / summary["ok"] if summary["ok"] else math.nan
-    summary["rss_mb"] = tree_rss_bytes(processes) / MIB
-    log(
-        f"{name}: {summary['throughput_rps']:.1f} req/s, p99 {summary['p99_ms']:.0f} ms, "
-        f"{summary['errors']} error(s)"
-    )
-    return summary, result
+
+
+@dataclass
+class Measured:
+    """One server's timed load, accumulated over the rounds."""
+
+    name: str
+    server: Server
+    result: LoadResult
+    cpu_s: float = 0.0
+    round_rps: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        summary = summarize(self.result)
+        processes = process_tree(self.server.pid)
+        # CPU time per answered request: less sensitive than wall time to other load on the host.
+        summary["server_cpu_s"] = self.cpu_s
+        ok = summary["ok"]
+        summary["cpu_ms_per_request"] = self.cpu_s * 1000 / ok if ok else math.nan
+        summary["rss_mb"] = tree_rss_bytes(processes) / MIB
+        summary["round_throughput_rps"] = self.round_rps
+        return summary
+
+
+def round_sizes(requests: int, rounds: int) -> list[int]:
+    """`requests` split into `rounds` near-equal parts (none empty)."""
+    rounds = max(1, min(rounds, requests))
+    return [requests // rounds + (1 if index < requests % rounds else 0) for index in range(rounds)]
+
+
+def measure_rounds(
+    servers: Sequence[tuple[str, Server]], texts: Sequence[str], options: Options
+) -> list[Measured]:
+    """Drive each server in turn, round after round, with the same requests.
+
+    In round r every server gets the same slice of request indices, one server at a time (never
+    two under load at once). Alternating in rounds spreads any other load on the host (other
+    processes, thermal or frequency changes) over all servers instead of one.
+    """
+    measured = [
+        Measured(name, server, LoadResult(0.0, options.texts_per_request))
+        for name, server in servers
+    ]
+    first = 0
+    sizes = round_sizes(options.requests, options.rounds)
+    for number, size in enumerate(sizes, start=1):
+        for item in measured:
+            processes = process_tree(item.server.pid)
+            cpu_before = tree_cpu_seconds(processes)
+            result = asyncio.run(
+                drive(
+                    item.server.url,
+                    texts,
+                    concurrency=options.concurrency,
+                    requests=size,
+                    texts_per_request=options.texts_per_request,
+                    timeout_s=options.timeout_s,
+                    first_index=first,
+                )
+            )
+            item.cpu_s += tree_cpu_seconds(processes) - cpu_before
+            rps = len(result.latencies_ms) / result.wall_s if result.wall_s > 0 else 0.0
+            item.round_rps.append(rps)
+            item.result.extend(result)
+            log(
+                f"round {number}/{len(sizes)}: {item.name} {size} request(s), {rps:.1f} req/s, "
+                f"{result.errors} error(s)"
+            )
+        first += size
+    return measured
 
 
 async def soak(server: Server, texts: Sequence[str], options: Options) -> dict[str, Any]:
@@ -612,6 +674,12 @@ def format_report(report: dict[str, Any]) -> str:
     for name, summary in (("baseline", baseline), ("bento", bento)):
         for sample in summary.get("error_samples", []):
             lines.append(f"{name} error: {sample}")
+    rounds = [(report[name].get("round_throughput_rps") or []) for name in ("baseline", "bento")]
+    if len(rounds[0]) > 1 and len(rounds[0]) == len(rounds[1]):
+        ratios = ", ".join(
+            f"{ratio(bento, baseline):.2f}x" for baseline, bento in zip(*rounds, strict=True)
+        )
+        lines.append(f"throughput ratio per round: {ratios}")
     agreement = report["label_agreement"]
     if not math.isnan(agreement):
         lines.append(f"label agreement (same requests): {agreement:.2%}")
@@ -655,25 +723,38 @@ def run(options: Options) -> dict[str, Any]:
         "concurrency": options.concurrency,
         "texts_per_request": options.texts_per_request,
         "warmup": options.warmup,
+        "rounds": options.rounds,
         "threads": options.threads,
         "bento_threads": options.bento_threads or "bento defaults",
         "test_texts": len(texts),
     }
     log(f"bento {bento_tag}, model {model_tag}, {len(texts)} test texts, {options.threads} threads")
     soak_summary = None
-    with tempfile.TemporaryDirectory(prefix="textgate-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="textgate-bench-") as tmp, ExitStack() as baseline_up:
         workdir = Path(tmp)
         log("baseline: starting uvicorn")
-        with serve_baseline(model_dir, threads=options.threads, workdir=workdir) as server:
-            baseline, baseline_result = measure("baseline", server, texts, options)
+        baseline_server = baseline_up.enter_context(
+            serve_baseline(model_dir, threads=options.threads, workdir=workdir)
+        )
         log(f"bento: starting bentoml serve {bento_tag}")
         with serve_bento_server(
             bento_tag, threads=options.bento_threads, workdir=workdir
-        ) as server:
-            bento, bento_result = measure("bento", server, texts, options)
+        ) as bento_server:
+            warm_up("baseline", baseline_server, texts, options)
+            warm_up("bento", bento_server, texts, options)
+            log(
+                f"{options.requests} timed request(s) per server from {options.concurrency} "
+                f"client(s), in {options.rounds} alternating round(s)"
+            )
+            baseline_measured, bento_measured = measure_rounds(
+                [("baseline", baseline_server), ("bento", bento_server)], texts, options
+            )
+            baseline, bento = baseline_measured.summary(), bento_measured.summary()
+            baseline_result, bento_result = baseline_measured.result, bento_measured.result
+            baseline_up.close()  # the soak drives the bento alone
             if options.soak_s > 0:
                 log(f"bento: soak for {options.soak_s:.0f} s")
-                soak_summary = asyncio.run(soak(server, texts, options))
+                soak_summary = asyncio.run(soak(bento_server, texts, options))
     return build_report(
         bento=bento,
         baseline=baseline,
@@ -741,6 +822,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "out between its workers; the baseline keeps --threads)",
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=4,
+        help="the timed requests are split into this many rounds, the servers taking turns",
+    )
     args = parser.parse_args(argv)
     return Options(
         params=args.params,
@@ -753,11 +840,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         threads=args.threads,
         bento_threads=args.bento_threads,
         timeout_s=args.timeout,
+        rounds=args.rounds,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
+    # Stopped with SIGTERM (kill, timeout): exit through the context managers, which stop the
+    # servers this run started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         report = run(options)
     except TextgateError as error:

@@ -307,6 +307,8 @@ class Classifier:
 
     runtime: str
     tokenizer: PreTrainedTokenizerBase
+    # The most texts one forward pass takes; None = as many as the caller's batch_size.
+    max_batch_size: int | None = None
 
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
@@ -334,19 +336,39 @@ class Classifier:
         raise NotImplementedError
 
     def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Raw class scores for raw texts, after the same cleaning as training."""
+        """Raw class scores for raw texts, after the same cleaning as training.
+
+        The texts are tokenized once, sorted by token count and run in batches of at most
+        `batch_size` (and `max_batch_size`), each padded to its longest text only.
+        """
         cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
         out = np.empty((len(cleaned), len(self.labels)), dtype=np.float32)
-        for index in length_sorted_batches(cleaned, batch_size):
-            batch = self.tokenizer(
-                [cleaned[i] for i in index],
-                truncation=True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="np",
-            )
+        if not cleaned:
+            return out
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.max_batch_size is not None:
+            batch_size = min(batch_size, self.max_batch_size)
+        encoded = self.tokenizer(cleaned, truncation=True, max_length=self.max_length)
+        ids: list[list[int]] = encoded["input_ids"]
+        types: list[list[int]] | None = encoded.get("token_type_ids")
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(lengths, kind="stable")
+        pad_id = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            width = int(lengths[index].max())
+            input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
+            attention_mask = np.zeros((len(index), width), dtype=np.int64)
+            token_type_ids = np.zeros((len(index), width), dtype=np.int64)
+            for row, i in enumerate(index):  # right padding, as the tokenizer pads
+                n = lengths[i]
+                input_ids[row, :n] = ids[i]
+                attention_mask[row, :n] = 1
+                if types is not None:
+                    token_type_ids[row, :n] = types[i]
             out[index] = self.logits_from_ids(
-                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+                input_ids, attention_mask, token_type_ids if types is not None else None
             )
         return out
 

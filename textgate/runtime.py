@@ -118,6 +118,13 @@ class OnnxClassifier(Classifier):
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if self.session.get_providers()[0] == "CPUExecutionProvider":
+            # One text per forward pass on CPUs. Batching buys nothing here (the matrix
+            # products of one short text already keep a core busy) and padding costs: on the
+            # sample's test texts (27 tokens on average), one thread ran 155 texts/s one at a
+            # time against 89/s in batches of 32. It also makes every answer independent of
+            # the texts it is batched with (int8 activations are quantised per call).
+            self.max_batch_size = 1
         self.input_names = [node.name for node in self.session.get_inputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
 

@@ -90,7 +90,7 @@ def test_refused_connections_are_errors_and_give_no_percentiles() -> None:
     summary = bench.summarize(result)
     assert summary["errors"] == 4 and summary["ok"] == 0
     assert math.isnan(summary["p99_ms"]) and summary["throughput_rps"] == 0
-    assert "ConnectError" in summary["error_samples"][0]
+    assert "Connect call failed" in summary["error_samples"][0]
 
 
 def test_summarize_percentiles_and_throughput() -> None:
@@ -237,3 +237,22 @@ def test_baseline_app_answers_like_the_bento(
     assert len(answers) == 2
     assert all(set(a) == {"label", "score"} and 0 <= a["score"] <= 1 for a in answers)
     assert {a["label"] for a in answers} <= {"lost_card", "login", "refund"}
+
+
+def test_requests_split_into_rounds() -> None:
+    assert bench.round_sizes(10, 4) == [3, 3, 2, 2]
+    assert bench.round_sizes(3, 8) == [1, 1, 1]  # never an empty round
+    assert sum(bench.round_sizes(2000, 4)) == 2000
+
+
+def test_rounds_continue_the_request_indices(stub_url: str) -> None:
+    texts = [f"text {i}" for i in range(10)]
+    first = asyncio.run(bench.drive(stub_url, texts, concurrency=2, requests=3))
+    second = asyncio.run(bench.drive(stub_url, texts, concurrency=2, requests=3, first_index=3))
+    # Request i carries texts[i]: the second round went on where the first stopped.
+    assert second.labels == {i: (f"TEXT {i}",) for i in (3, 4, 5)}
+    walls = first.wall_s + second.wall_s
+    first.extend(second)
+    assert first.labels == {i: (f"TEXT {i}",) for i in range(6)}
+    assert len(first.latencies_ms) == 6 and first.errors == 0
+    assert first.wall_s == pytest.approx(walls)
