@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export BENTOML_DO_NOT_TRACK ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-fast serve ui lint lock clean
+.PHONY: venv run test test-fast serve ui deploy worker monitor lint lock clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,27 @@ test-fast: venv  ## everything but the end-to-end tests
 serve: venv  ## serve the production bento on $(PORT)
 	$(BIN)/textgate serve --port $(PORT)
 
-ui: venv  ## a local Prefect server and UI on http://127.0.0.1:4200
+# `make ui` also points the Prefect CLI (and textgate) at that server: it makes a Prefect
+# profile `textgate` with PREFECT_API_URL and makes it the active one. Go back to a
+# temporary server per run with `prefect profile use ephemeral`.
+UI_API_URL := http://127.0.0.1:4200/api
+
+ui: venv  ## a local Prefect server and UI on http://127.0.0.1:4200 (SQLite in ~/.prefect)
+	-@$(BIN)/prefect profile create textgate >/dev/null 2>&1
+	@$(BIN)/prefect --profile textgate config set PREFECT_API_URL=$(UI_API_URL) \
+		PREFECT_SERVER_ANALYTICS_ENABLED=false >/dev/null
+	-@$(BIN)/prefect profile use textgate >/dev/null 2>&1
+	@echo "Prefect profile 'textgate' is active: PREFECT_API_URL=$(UI_API_URL)"
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: venv  ## register the nightly pipeline and the drift monitor (needs `make ui` running)
+	$(BIN)/textgate deploy
+
+worker: venv  ## run the deployments: a process worker on deploy.work_pool
+	$(BIN)/textgate worker
+
+monitor: venv  ## check the serving request log for drift once
+	$(BIN)/textgate monitor
 
 lint: venv
 	$(BIN)/ruff check .

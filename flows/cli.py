@@ -1,4 +1,5 @@
-"""`textgate` command line: run the pipeline, show and change the production model, serve it."""
+"""`textgate` command line: run the pipeline, show and change the production model, serve it;
+deploy the pipeline and the drift monitor to a Prefect server, run them, set up alerts."""
 
 from __future__ import annotations
 
@@ -87,18 +88,144 @@ def _print_verdict(verdict: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline flow; exit 1 if validation, a stage or the gate fails."""
     params = load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
-    from flows.pipeline import check_approval_possible, pipeline
+    from flows.server import early_server, use_server
 
-    check_approval_possible(params)
+    # Without a configured server, a temporary one boots while Prefect and the pipeline are
+    # imported (see flows/server.py).
+    server = early_server()
+    try:
+        from flows.server import check_approval_possible
 
-    state = pipeline(
-        params_path=str(Path(args.params).resolve().name),
-        repo_dir=str(Path(args.params).resolve().parent),
-        return_state=True,
-    )
+        check_approval_possible(params)
+        _check_server()
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    from flows.pipeline import pipeline
+
+    with use_server(server):
+        state = pipeline(
+            params_path=str(Path(args.params).resolve().name),
+            repo_dir=str(Path(args.params).resolve().parent),
+            return_state=True,
+        )
     print(f"\npipeline {state.name}: {state.message or ''}".rstrip())
     if state.is_failed() or state.is_crashed():
         return 1
+    return 0
+
+
+def _check_server(command: str | None = None) -> None:
+    """Fail early, with what to do, when the configured Prefect server does not answer.
+
+    Args:
+        command: a command that needs a server; without one configured it is an error.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        if command is None:
+            return  # each run starts a temporary server
+        raise TextgateError(
+            f"`textgate {command}` needs a Prefect server: start one with `make ui` (it points "
+            "the `textgate` Prefect profile at it), or set PREFECT_API_URL"
+        )
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        raise TextgateError(
+            f"the Prefect server at PREFECT_API_URL={url} does not answer ({problem}): start it "
+            "with `make ui`, or run without a server (unset PREFECT_API_URL, or `prefect "
+            "profile use ephemeral` if a profile sets it)"
+        )
+
+
+def _workspace(params_path: str) -> tuple[Params, Path, str]:
+    """The params, the workspace (the params file's directory) and the file's name in it."""
+    path = Path(params_path).resolve()
+    return load_params(path), path.parent, path.name
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Register the pipeline (on its cron) and the drift monitor (on its interval) with the
+    Prefect server, in the work pool deploy.work_pool (created if missing)."""
+    params, root, name = _workspace(args.params)
+    _check_server("deploy")
+    from flows.deploy import deploy_all, ensure_work_pool
+    from flows.lock import ensure_concurrency_limit
+
+    pool = params.deploy.work_pool
+    if ensure_work_pool(pool):
+        print(f"created the process work pool {pool!r}")
+    if (
+        params.deploy.concurrency_limit
+        and ensure_concurrency_limit(params.deploy.concurrency_limit)[0]
+    ):
+        print(f"created the global concurrency limit {params.deploy.concurrency_limit!r} (1 slot)")
+    for deployed in deploy_all(root, params, name):
+        print(f"deployed {deployed.name}: {deployed.schedule} (id {deployed.id})")
+    print(f"runs start once a worker polls {pool!r}: `textgate worker` (or `make worker`)")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run the deployments: a Prefect process worker on deploy.work_pool (replaces this
+    process; stop it with Ctrl-C)."""
+    params = load_params(args.params)
+    _check_server("worker")
+    from flows.deploy import WORK_POOL_TYPE, ensure_work_pool
+
+    pool = params.deploy.work_pool
+    if ensure_work_pool(pool):
+        print(f"created the process work pool {pool!r}")
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
+    command += ["--type", WORK_POOL_TYPE]
+    print(" ".join(["prefect", *command[3:]]), flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Check serving traffic for drift once (the deployed monitor does it on an interval);
+    exit 1 if the check could not be made."""
+    _, root, name = _workspace(args.params)
+    _check_server()
+    from flows.monitor import drift_monitor
+
+    state = drift_monitor(params_path=name, repo_dir=str(root), return_state=True)
+    print(f"\nmonitor {state.name}: {state.message or ''}".rstrip())
+    return 1 if state.is_failed() or state.is_crashed() else 0
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http(s) URL, got {text!r}")
+    return text
+
+
+def cmd_notify_setup(args: argparse.Namespace) -> int:
+    """Save the Prefect notification block alerts go through: a JSON webhook (default) or a
+    Slack incoming webhook, named notify.block."""
+    params = load_params(args.params)
+    name = args.name or params.notify.block
+    if name is None:
+        raise TextgateError("notify.block is null (alerts are off): set it, or pass --name")
+    name = name.rsplit("/", 1)[-1]
+    _check_server("notify-setup")
+    from flows.notify import save_webhook_block, send_alert
+
+    slug = save_webhook_block(name, args.url, kind=args.kind)
+    print(f"saved the notification block {slug}")
+    if params.notify.block is None or params.notify.block.rsplit("/", 1)[-1] != name:
+        print(f"alerts use notify.block: set it to {name!r} in {args.params}")
+    if args.test:
+        sent = send_alert(slug, "textgate: test alert", "notifications from textgate work")
+        print("test alert sent" if sent else "test alert NOT sent (see the warning above)")
+        return 0 if sent else 1
     return 0
 
 
@@ -243,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="default: serve.port in params")
     serve.add_argument("--host", default="127.0.0.1", help="use 0.0.0.0 to listen on all")
     serve.set_defaults(func=cmd_serve)
+    deploy = commands.add_parser("deploy", help=cmd_deploy.__doc__, parents=[common])
+    deploy.set_defaults(func=cmd_deploy)
+    worker = commands.add_parser("worker", help=cmd_worker.__doc__, parents=[common])
+    worker.set_defaults(func=cmd_worker)
+    monitor = commands.add_parser("monitor", help=cmd_monitor.__doc__, parents=[common])
+    monitor.set_defaults(func=cmd_monitor)
+    notify = commands.add_parser("notify-setup", help=cmd_notify_setup.__doc__, parents=[common])
+    notify.add_argument("--url", required=True, type=_url, help="where alerts are posted")
+    notify.add_argument(
+        "--kind", choices=("webhook", "slack"), default="webhook", help="default: webhook"
+    )
+    notify.add_argument("--name", default=None, help="block name (default: notify.block)")
+    notify.add_argument("--test", action="store_true", help="send a test alert")
+    notify.set_defaults(func=cmd_notify_setup)
     return parser
 
 

@@ -1,15 +1,22 @@
 """The textgate pipeline: validate, prepare, train, evaluate (DVC), then gate, package, promote.
 
 DVC decides which stages are up to date; Prefect adds what DVC lacks: the gate, packaging,
-promotion, and artifacts in the UI. Run it with `textgate run` or `python -m flows.pipeline`.
+promotion, and artifacts in the UI. Run it with `textgate run` or `python -m flows.pipeline`,
+or as the deployment `textgate-pipeline/default` (flows/deploy.py).
+
+One `dvc status` first: when every stage is up to date no `dvc repro` is started at all.
+Runs in one workspace take turns (flows/lock.py), so none meets DVC's repo lock. A failed gate
+or stage sends an alert through `notify.block` (flows/notify.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +28,14 @@ from prefect.context import get_run_context
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
-from prefect.settings import PREFECT_API_URL
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel, Field
 
+from flows.lock import workspace_lock
+from flows.notify import send_alert
+from flows.server import check_approval_possible
 from textgate.config import Params, load_params, resolve_paths
-from textgate.errors import ConfigError, TextgateError
+from textgate.errors import TextgateError
 from textgate.gate import (
     Check,
     Verdict,
@@ -64,6 +73,34 @@ class StageError(RuntimeError):
     """A DVC stage exited non-zero; the message carries the stage's own explanation."""
 
 
+class PipelineFailed(TextgateError, Mapping[str, Any]):
+    """A run the gate stopped: the verdict as its message, the run's summary as a mapping.
+
+    A failed Prefect state's data must be an exception (a worker re-raises it, with this
+    message), while callers read the summary: `state.result(raise_on_failure=False)["..."]`.
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+    def __getitem__(self, key: str) -> Any:
+        return self.summary[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.summary)
+
+    def __len__(self) -> int:
+        return len(self.summary)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.summary))
+
+
+def _failed(message: str, summary: dict[str, Any], name: str = "Failed") -> State:
+    return Failed(name=name, message=message, data=PipelineFailed(message, summary))
+
+
 def _stage_env() -> dict[str, str]:
     # Stage commands say `python`: make it this interpreter, whatever the caller's PATH.
     env = dict(os.environ)
@@ -99,6 +136,32 @@ def run_stage(stage: str, root: Path) -> StageRun:
     ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
     logger.info("stage %s: %s", stage, "ran" if ran else "up to date, skipped")
     return StageRun(stage=stage, ran=ran)
+
+
+@task(name="dvc-status", cache_policy=NO_CACHE)
+def dvc_up_to_date(root: Path) -> bool:
+    """`dvc status`: True when no stage would run (one DVC start instead of one per stage).
+
+    Anything else (changes, or status failing) leaves the decision to each stage's repro.
+    """
+    logger = get_run_logger()
+    completed = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=root,
+        env=_stage_env(),
+        capture_output=True,
+        text=True,
+    )
+    try:
+        status = json.loads(completed.stdout) if completed.returncode == 0 else None
+    except ValueError:
+        status = None
+    if status == {}:
+        logger.info("dvc status: every stage is up to date")
+        return True
+    if isinstance(status, dict):
+        logger.info("dvc status: changed: %s", ", ".join(status))
+    return False
 
 
 def publish_validation(params: Params) -> None:
@@ -320,15 +383,6 @@ def promote(
     )
 
 
-def check_approval_possible(params: Params) -> None:
-    """Approval happens in the Prefect UI: a temporary server would leave nobody to ask."""
-    if params.gate.require_approval and not PREFECT_API_URL.value():
-        raise ConfigError(
-            "gate.require_approval is true, which needs a Prefect server to approve in: "
-            "start one with `make ui` and set PREFECT_API_URL (see the README)"
-        )
-
-
 def _run_info(lineage: dict[str, Any], **extra: Any) -> dict[str, Any]:
     context = get_run_context()
     flow_run = getattr(context, "flow_run", None)
@@ -342,25 +396,59 @@ def _run_info(lineage: dict[str, Any], **extra: Any) -> dict[str, Any]:
     }
 
 
+def alert(params: Params, subject: str, body: str) -> None:
+    """Send an alert through `notify.block`, naming this flow run; a failure is only logged."""
+    flow_run = getattr(get_run_context(), "flow_run", None)
+    if flow_run is not None:
+        subject = f"{subject} ({flow_run.name})"
+        body = f"{body}\n\nflow run: {flow_run.name} ({flow_run.id})"
+    send_alert(params.notify.block, subject=subject, body=body)
+
+
 @flow(name="textgate-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str, Any]:
-    """Validate, prepare, train and evaluate through DVC; gate; package, check and promote."""
-    from tasks.lineage import collect_lineage
+    """Validate, prepare, train and evaluate through DVC; gate; package, check and promote.
 
+    One run at a time per workspace: a second run waits for the first (flows/lock.py).
+    """
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
     # Absolute paths, so in-process steps do not depend on the current directory.
     declared = load_params(root / params_path)
     params = resolve_paths(declared, root)
     check_approval_possible(params)
+    flow_run = getattr(get_run_context(), "flow_run", None)
+    with workspace_lock(
+        root,
+        limit=params.deploy.concurrency_limit,
+        timeout_s=params.deploy.lock_timeout_s,
+        flow_run=flow_run.name if flow_run else None,
+        log=logger,
+    ):
+        return _run_pipeline(root, declared, params)
 
+
+def _run_pipeline(root: Path, declared: Params, params: Params) -> Any:
+    """The pipeline's steps, under the workspace lock."""
+    from tasks.lineage import collect_lineage
+
+    logger = get_run_logger()
     runs: list[StageRun] = []
+    up_to_date = dvc_up_to_date(root)
+
+    def stage_run(stage: str) -> StageRun:
+        return StageRun(stage=stage, ran=False) if up_to_date else run_stage(stage, root)
+
     try:
-        runs.append(run_stage("validate", root))
-    finally:
-        publish_validation(params)
-    for stage in DVC_STAGES[1:]:
-        runs.append(run_stage(stage, root))
+        try:
+            runs.append(stage_run("validate"))
+        finally:
+            publish_validation(params)
+        for stage in DVC_STAGES[1:]:
+            runs.append(stage_run(stage))
+    except StageError as error:
+        alert(params, "textgate: pipeline stage failed", str(error))
+        raise
     ran = [run.stage for run in runs if run.ran]
     skipped = [run.stage for run in runs if not run.ran]
     logger.info("stages ran: %s; up to date: %s", ran or "none", skipped or "none")
@@ -377,12 +465,15 @@ def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str,
         summary["verdict"] = verdict.model_dump(mode="json")
         summary["verdict_file"] = str(publish_verdict(verdict, params, _run_info(lineage, **extra)))
         logger.info(verdict.summary())
+        if not verdict.passed:
+            failed = [line for line in verdict.summary().splitlines() if "[pass]" not in line]
+            alert(params, "textgate: gate FAILED, nothing promoted", "\n".join(failed))
         return summary
 
     verdict = gate(params, lineage["model_md5"])
     if not verdict.passed:
         finish(verdict)
-        return Failed(message=verdict.summary(), data=summary)
+        return _failed(verdict.summary(), summary)
 
     current = Registry(params.registry.path).production()
     if (
@@ -404,15 +495,14 @@ def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str,
     verdict = verdict.with_checks(check_served(params, packaged))
     if not verdict.passed:
         finish(verdict, bento_tag=packaged.bento_tag, promoted=False)
-        return Failed(
-            message=f"{verdict.summary()}\nbento {packaged.bento_tag} was built but not promoted",
-            data=summary,
+        return _failed(
+            f"{verdict.summary()}\nbento {packaged.bento_tag} was built but not promoted", summary
         )
     if params.gate.require_approval:
         verdict = verdict.with_checks([request_approval(verdict, params)])
         if not verdict.passed:
             finish(verdict, bento_tag=packaged.bento_tag, promoted=False)
-            return Failed(name="Rejected", message=verdict.summary(), data=summary)
+            return _failed(verdict.summary(), summary, name="Rejected")
 
     release = promote(params, packaged, lineage, verdict)
     summary["promoted"] = True

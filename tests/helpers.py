@@ -40,6 +40,7 @@ def tiny_overrides(work: Path, base_model: Path) -> dict[str, Any]:
             "batch_size": 8,
             "max_length": 32,
             "learning_rate": 1.0e-3,
+            "checkpoint_dir": str(work / "checkpoints"),
         },
         "evaluate": {
             "output_dir": str(work / "evaluate"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -71,6 +72,7 @@ class TrainConfig(_Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
+    head_learning_rate_multiplier: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_ratio: float = Field(ge=0, lt=1)
     seed: int
@@ -78,6 +80,13 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "off"]
     quantize: Literal["int8", "off"]
     abstain_target_precision: float = Field(gt=0, le=1)
+    # Training processes (torchrun / DDP); auto = one per CUDA GPU, else 1.
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"]
+    freeze_embeddings: bool
+    evals_per_epoch: int = Field(ge=1)
+    early_stopping_patience: Annotated[int, Field(ge=0)] | None  # 0 or None: off
+    checkpoint_dir: FilePath
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] | None  # 0 or None: epoch ends only
 
 
 class EvaluateConfig(_Section):
@@ -142,6 +151,56 @@ class ServeConfig(_Section):
     port: int = Field(ge=1, le=65535)
 
 
+class DeployConfig(_Section):
+    """Prefect deployments and the workspace lock every pipeline run takes."""
+
+    work_pool: str = Field(min_length=1)
+    pipeline_cron: str = Field(pattern=r"^\S+( \S+){4}$")  # five cron fields
+    timezone: str
+    monitor_interval_minutes: float = Field(gt=0)
+    concurrency_limit: str | None = Field(min_length=1)
+    lock_timeout_s: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _known_timezone(self) -> DeployConfig:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r} (an IANA name)") from None
+        return self
+
+
+class MonitorConfig(_Section):
+    """Drift monitoring of the serving request log; thresholds say when to retrain."""
+
+    request_log: FilePath | None
+    state_dir: FilePath
+    min_requests: int = Field(ge=1)
+    sample_size: int = Field(ge=10)
+    max_label_psi: float = Field(gt=0)
+    mmd_p_value: float = Field(gt=0, lt=1)
+    mmd_permutations: int = Field(ge=20)
+    max_length_ks: float = Field(gt=0, le=1)
+    max_abstention_increase: Rate
+    retrain: bool
+    retrain_cooldown_hours: float = Field(ge=0)
+    seed: int
+
+    @model_validator(mode="after")
+    def _permutations_can_reach_the_threshold(self) -> MonitorConfig:
+        # The smallest p-value a permutation test can give is 1 / (1 + permutations).
+        if 1 / (1 + self.mmd_permutations) >= self.mmd_p_value:
+            raise ValueError(
+                f"mmd_permutations={self.mmd_permutations} can never give p < "
+                f"mmd_p_value={self.mmd_p_value}: use at least {int(1 / self.mmd_p_value)}"
+            )
+        return self
+
+
+class NotifyConfig(_Section):
+    block: str | None = Field(min_length=1)  # a Prefect notification block; None = off
+
+
 class Params(_Section):
     data: DataConfig
     validate_: ValidateConfig = Field(alias="validate")
@@ -152,6 +211,9 @@ class Params(_Section):
     package: PackageConfig
     registry: RegistryConfig
     serve: ServeConfig
+    deploy: DeployConfig
+    monitor: MonitorConfig
+    notify: NotifyConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
