@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -34,12 +33,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+
+from bench.common import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_OVERHEAD_S = 10.0
@@ -239,24 +239,6 @@ def running_server(env: dict[str, str]) -> Iterator[str]:
             server.kill()
 
 
-def machine_info() -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "prefect": version("prefect"),
-        "dvc": version("dvc"),
-        "load_average": [round(value, 2) for value in os.getloadavg()],
-    }
-
-
 def run_benchmark(workspace: Path, env: dict[str, str], repeats: int) -> dict[str, Any]:
     """Alternate unchanged flow reruns and bare `dvc repro`s; every figure in a dict."""
     flow_s: list[float] = []
@@ -340,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     env.pop(name)
         check_up_to_date(workspace, env)
-        machine = machine_info()
+        machine = machine_info("prefect", "dvc")
         if args.server:
             with running_server(env) as url:
                 result = run_benchmark(workspace, {**env, "PREFECT_API_URL": url}, args.repeats)

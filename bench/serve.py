@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -32,7 +30,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
+from bench.common import json_line, machine_info
 from tasks.served import ServedCheckError, free_port, log_tail, parse_answers, serve_bento
 from textgate.config import load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
@@ -414,27 +412,6 @@ def bento_model(bento_tag: str) -> tuple[str, str, Path]:
     return str(bento.tag), models[0], Path(model.path)
 
 
-def machine_info() -> dict[str, Any]:
-    """Where the figures come from: CPUs, platform, versions, load average at the start."""
-
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "bentoml": version("bentoml"),
-        "load_average": [round(value, 2) for value in os.getloadavg()],
-    }
-
-
 def warm_up(name: str, server: Server, texts: Sequence[str], options: Options) -> None:
     """Untimed requests, so that lazy initialisation is not measured."""
     log(f"{name}: {options.warmup} warm-up request(s)")
@@ -622,22 +599,6 @@ def build_report(
     }
 
 
-def _json_ready(value: Any) -> Any:
-    """NaN and infinities become None (JSON has neither); containers are walked."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(item) for item in value]
-    return value
-
-
-def json_line(report: dict[str, Any]) -> str:
-    """The report as one line of strict JSON."""
-    return json.dumps(_json_ready(report), allow_nan=False, separators=(",", ":"))
-
-
 def format_report(report: dict[str, Any]) -> str:
     """A readable table, the ratios and one [pass]/[FAIL] line per target."""
     bento, baseline = report["bento"], report["baseline"]
@@ -715,7 +676,7 @@ def run(options: Options) -> dict[str, Any]:
     """Benchmark the baseline, then the bento (then soak it); return the report."""
     texts = load_texts(options.params)
     bento_tag, model_tag, model_dir = bento_model(options.bento or production_bento(options.params))
-    machine = machine_info()
+    machine = machine_info("torch", "transformers", "bentoml")
     config = {
         "bento_tag": bento_tag,
         "model_tag": model_tag,

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,11 +32,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.common import json_line, json_ready, machine_info
 
 TARGET_SPEEDUP = 3.0  # baseline training time / textgate's time to reach the same accuracy
 TARGET_ACCURACY = 0.95
@@ -412,22 +411,6 @@ def build_report(
     }
 
 
-def _json_ready(value: Any) -> Any:
-    """NaN and infinities become None (JSON has neither); containers are walked."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(item) for item in value]
-    return value
-
-
-def json_line(report: dict[str, Any]) -> str:
-    """The report as one line of strict JSON."""
-    return json.dumps(_json_ready(report), allow_nan=False, separators=(",", ":"))
-
-
 def _cell(value: Any, pattern: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -484,34 +467,13 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    """Where the figures come from: CPUs, platform, versions, load average at the start."""
-
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "accelerate": version("accelerate"),
-        "load_average": list(os.getloadavg()),
-    }
-
-
 def run(options: Options) -> dict[str, Any]:
     """The baseline, then textgate, each in its own process; return the report."""
     config_seed = _train_config(options).seed
     labels, splits = load_data(options, config_seed)  # fail early on bad data
     sizes = {name: len(split.texts) for name, split in splits.items()}
     log(f"data {options.data}: {sizes}, {len(labels)} labels")
-    machine = machine_info()
+    machine = machine_info("torch", "transformers", "accelerate")
     baseline = run_worker("baseline", options)
     log(f"baseline: {baseline['seconds']:.1f} s, test accuracy {baseline['test']['accuracy']:.4f}")
     textgate = run_worker("textgate", options)
@@ -608,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.worker:
             result = WORKERS[args.worker](options)
-            args.worker_out.write_text(json.dumps(_json_ready(result)), encoding="utf-8")
+            args.worker_out.write_text(json.dumps(json_ready(result)), encoding="utf-8")
             return 0
         report = run(options)
     except (BenchError, TextgateError) as error:
