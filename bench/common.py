@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -44,3 +46,16 @@ def machine_info(*packages: str) -> dict[str, Any]:
         **{package: package_version(package) for package in packages},
         "load_average": [round(value, 2) for value in os.getloadavg()],
     }
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout holds only the results)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from bench.common import machine_info
+from bench.common import log, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_OVERHEAD_S = 10.0
@@ -67,10 +67,6 @@ LENIENT_GATE = {
     "behaviour": {"casing": 0.0, "punctuation": 0.0, "typos": 0.0, "filler": 0.0, "must_pass": 0.0},
     "max_p95_latency_ms": 10000,
 }
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from bench.common import json_line, machine_info
+from bench.common import json_line, log, machine_info, positive_int
 from tasks.served import ServedCheckError, free_port, log_tail, parse_answers, serve_bento
 from textgate.config import load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
@@ -726,17 +726,6 @@ def run(options: Options) -> dict[str, Any]:
     )
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -757,9 +746,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--bento", help="bento tag (default: production, from the registry)")
-    parser.add_argument("--requests", type=_positive_int, default=2000, help="timed requests")
-    parser.add_argument("--concurrency", type=_positive_int, default=32, help="clients")
-    parser.add_argument("--texts-per-request", type=_positive_int, default=1)
+    parser.add_argument("--requests", type=positive_int, default=2000, help="timed requests")
+    parser.add_argument("--concurrency", type=positive_int, default=32, help="clients")
+    parser.add_argument("--texts-per-request", type=positive_int, default=1)
     parser.add_argument(
         "--warmup",
         type=_non_negative_int,
@@ -771,13 +760,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=len(os.sched_getaffinity(0)),
         help="torch threads of each server (default: the CPUs this process may use)",
     )
     parser.add_argument(
         "--bento-threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="the bento's threads per worker (default: its own defaults, which share the cores "
         "out between its workers; the baseline keeps --threads)",
@@ -785,7 +774,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     parser.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         help="the timed requests are split into this many rounds, the servers taking turns",
     )

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import json_line, json_ready, machine_info
+from bench.common import json_line, json_ready, log, machine_info, positive_int
 
 TARGET_SPEEDUP = 3.0  # baseline training time / textgate's time to reach the same accuracy
 TARGET_ACCURACY = 0.95
@@ -498,17 +498,6 @@ def run(options: Options) -> dict[str, Any]:
 # --- command line ----------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def to_argv(options: Options) -> list[str]:
     """The command-line arguments that give `options` back (for the worker processes)."""
     argv = ["--data", str(options.data), "--params", str(options.params)]
@@ -532,10 +521,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="folder of train/val/test.csv")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument(
-        "--max-train", type=_positive_int, help="a stratified subset of the training split"
+        "--max-train", type=positive_int, help="a stratified subset of the training split"
     )
-    parser.add_argument("--max-val", type=_positive_int, help="a stratified subset of val")
-    parser.add_argument("--max-test", type=_positive_int, help="a stratified subset of test")
+    parser.add_argument("--max-val", type=positive_int, help="a stratified subset of val")
+    parser.add_argument("--max-test", type=positive_int, help="a stratified subset of test")
     parser.add_argument("--seed", type=int, help="default: train.seed in params")
     parser.add_argument("--base-model", help="default: train.base_model in params")
     parser.add_argument(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +59,14 @@ MUST_PASS_ROWS = [("hello stolen card thanks", "lost_card"), ("hi refund today",
 
 def make_params(overrides: dict[str, Any]) -> Params:
     return parse_params(merge(raw_params(), overrides))
+
+
+def copy_project(root: Path, names: Iterable[str]) -> None:
+    """Copy the project's files and folders `names` (relative to the repo) under `root`."""
+    for name in names:
+        source, target = REPO_ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import yaml
 from flows.lock import LOCK_FILE, file_lock
 from tests.conftest import make_rows, write_csv
 from tests.flows.test_pipeline import COPIED, LENIENT_GATE, _git, _set_params
-from tests.helpers import MUST_PASS_ROWS, REPO_ROOT
+from tests.helpers import MUST_PASS_ROWS, copy_project
 from tests.serving import local_http_server
 from textgate.registry import Registry
 
@@ -44,13 +43,7 @@ def harness():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
     root = tmp_path_factory.mktemp("concurrency-workspace")
-    for name in COPIED:
-        source, target = REPO_ROOT / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
+    copy_project(root, COPIED)
     write_csv(root / "data" / "raw" / "train.csv", make_rows(per_class=20))
     write_csv(root / "data" / "must_pass.csv", MUST_PASS_ROWS)
     _set_params(

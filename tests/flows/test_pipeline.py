@@ -9,7 +9,6 @@ approval (reject, then approve); a validation failure; bad params.
 from __future__ import annotations
 
 import contextvars
-import shutil
 import subprocess
 import threading
 import time
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import make_rows, write_csv
-from tests.helpers import MUST_PASS_ROWS, REPO_ROOT, merge
+from tests.helpers import MUST_PASS_ROWS, copy_project, merge
 from tests.serving import bentoml_serve
 from textgate.registry import Registry
 
@@ -65,14 +64,7 @@ LENIENT_GATE = {
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
     root = tmp_path_factory.mktemp("workspace")
-    for name in COPIED:
-        source = REPO_ROOT / name
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
+    copy_project(root, COPIED)
     write_csv(root / "data" / "raw" / "train.csv", make_rows(per_class=30))
     write_csv(root / "data" / "must_pass.csv", MUST_PASS_ROWS)
     _set_params(
