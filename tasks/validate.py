@@ -28,9 +28,10 @@ EXAMPLES = 5  # offending rows or classes kept per check in report.json
 
 # The frames expectations run on; each is one Great Expectations asset, suite and validation.
 TRAIN_ROWS = "train_rows"  # v.row_features of the train file
-TRAIN_CLASSES = "train_classes"  # v.class_counts of the train labels
+TRAIN_CLASSES = "train_classes"  # v.class_features of the train rows, declared labels only
 TRAIN_TEXTS = "train_texts"  # v.text_conflicts of the train rows
 TEST_ROWS = "test_rows"  # v.row_features of the test file
+TEST_CLASSES = "test_classes"  # v.class_features of the test rows
 
 Frames = dict[str, pd.DataFrame]
 Result = dict[str, Any]  # the `result` dict of one Great Expectations expectation result
@@ -74,7 +75,7 @@ def _counted(table: str, what: str) -> Callable[[Result, Frames], str]:
 
 
 def _row_checks(params: Params, table: str, labels: list[str], set_name: str) -> list[_Check]:
-    """Column, null, blank, length and label-set checks of one row frame (train or test)."""
+    """Column, null, blank, length, label-set and header checks of one row frame (train or test)."""
     data, cfg = params.data, params.validate_
     is_test = table == TEST_ROWS
     prefix, rows = ("test_", "test rows") if is_test else ("", "rows")
@@ -127,7 +128,11 @@ def _row_checks(params: Params, table: str, labels: list[str], set_name: str) ->
             table,
             "ExpectColumnValuesToBeInSet",
             {"column": v.TEXT_BLANK, "value_set": [False]},
-            _counted(table, f"{rows} have a text that is empty after stripping whitespace"),
+            _counted(
+                table,
+                f"{rows} have a text that is empty after removing whitespace and invisible "
+                "characters",
+            ),
             offending,
         ),
         _Check(
@@ -158,6 +163,18 @@ def _row_checks(params: Params, table: str, labels: list[str], set_name: str) ->
             labels_in_set,
             offending,
         ),
+        _Check(
+            "header_rows",
+            table,
+            "ExpectColumnValuesToBeInSet",
+            {"column": v.IS_HEADER, "value_set": [False]},
+            _counted(
+                table,
+                f"{rows} repeat the header ({data.text_column!r}, {data.label_column!r}) as "
+                "data, as concatenated CSV exports do: delete those rows",
+            ),
+            offending,
+        ),
     ]
     if is_test:
         # The tokenizer truncates long test texts like any served input: not a data error.
@@ -169,7 +186,7 @@ def _row_checks(params: Params, table: str, labels: list[str], set_name: str) ->
 
 
 def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
-    """Class-size, duplicate, conflict and train/test overlap checks of the train file."""
+    """Class-size, duplicate, conflict, majority-class and train/test overlap checks."""
     cfg = params.validate_
 
     def min_examples(result: Result, frames: Frames) -> str:
@@ -179,12 +196,20 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
             return (
                 f"No labelled rows, so there are no classes to count; required: {need} per class."
             )
-        smallest = classes.loc[classes[v.N_EXAMPLES].idxmin()]
-        return (
+        smallest = classes.loc[classes[v.N_DISTINCT_TEXTS].idxmin()]
+        summary = (
             f"{result.get('unexpected_count', 0)} of {len(classes)} classes have fewer than {need} "
-            f"examples (smallest: {smallest[v.LABEL]!r} with {smallest[v.N_EXAMPLES]}); "
-            f"required: at least {need} per class."
+            f"distinct texts (smallest: {smallest[v.LABEL]!r} with "
+            f"{smallest[v.N_DISTINCT_TEXTS]} in {smallest[v.N_EXAMPLES]} rows); required: at "
+            f"least {need} per class (prepare drops repeated texts, then splits each class)."
         )
+        if 2 * len(classes) > classes[v.N_EXAMPLES].sum():
+            summary += (
+                f" With {len(classes)} labels over {classes[v.N_EXAMPLES].sum()} rows the label "
+                "column looks like free text or row ids: check data.label_column and that the "
+                "columns are not shifted."
+            )
+        return summary
 
     def offending_classes(result: Result, frames: Frames) -> Examples:
         index = result.get("partial_unexpected_index_list") or []
@@ -218,7 +243,7 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
             "min_examples_per_class",
             TRAIN_CLASSES,
             "ExpectColumnValuesToBeBetween",
-            {"column": v.N_EXAMPLES, "min_value": cfg.min_examples_per_class},
+            {"column": v.N_DISTINCT_TEXTS, "min_value": cfg.min_examples_per_class},
             min_examples,
             offending_classes,
         ),
@@ -241,7 +266,9 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
             conflicting_rows,
         ),
     ]
+    checks.append(_majority_check(params, TRAIN_CLASSES, ""))
     if has_test:
+        checks.append(_majority_check(params, TEST_CLASSES, "test_"))
         checks.append(
             _Check(
                 "train_test_overlap",
@@ -253,6 +280,56 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
             )
         )
     return checks
+
+
+def _majority_check(params: Params, table: str, prefix: str) -> _Check:
+    """The largest class's share of labelled rows stays under the gate's accuracy floor.
+
+    At or above it, a model that always answers that class passes the floor: the accuracy
+    gate would say nothing, and a single class leaves nothing to learn at all.
+    """
+    floor = params.gate.min_accuracy
+
+    def largest(frames: Frames) -> pd.Series:
+        classes = frames[table]
+        return classes.loc[classes[v.SHARE].idxmax()]
+
+    def summarise(result: Result, frames: Frames) -> str:
+        classes = frames[table]
+        present = classes[classes[v.N_EXAMPLES] > 0]
+        if present.empty:
+            return "No labelled rows, so there is no class to compare with gate.min_accuracy."
+        top = largest(frames)
+        if len(present) == 1:
+            return (
+                f"Every labelled row has the label {top[v.LABEL]!r}: a classifier needs at least "
+                "two classes to learn anything; check data.label_column and that the export "
+                "kept every class."
+            )
+        share = (
+            f"The largest class {top[v.LABEL]!r} holds {top[v.SHARE]:.1%} of "
+            f"{classes[v.N_EXAMPLES].sum()} labelled rows"
+        )
+        if result["success"]:
+            return f"{share}, under gate.min_accuracy ({floor:.1%})."
+        return (
+            f"{share}: always answering it would meet gate.min_accuracy ({floor:.1%}) without "
+            f"learning anything; allowed: under {floor:.1%}. Add examples of the other classes "
+            f"or down-sample {top[v.LABEL]!r}."
+        )
+
+    def examples(result: Result, frames: Frames) -> Examples:
+        classes = frames[table]
+        return [] if classes.empty else v.class_examples(classes, [classes[v.SHARE].idxmax()])
+
+    return _Check(
+        prefix + "majority_class_share",
+        table,
+        "ExpectColumnMaxToBeBetween",
+        {"column": v.SHARE, "max_value": floor, "strict_max": True},
+        summarise,
+        examples,
+    )
 
 
 def _quiet_great_expectations() -> None:
@@ -342,8 +419,9 @@ def run(params: Params) -> v.ValidationReport:
     else:
         labels, label_source = v.infer_labels(train[v.LABEL]), "inferred"
 
-    rows = v.row_features(train, test_texts=() if test is None else test[v.TEXT])
-    counts = v.class_counts(train[v.LABEL], data.labels)
+    header = (data.text_column, data.label_column)
+    rows = v.row_features(train, () if test is None else test[v.TEXT], header)
+    counts = v.class_features(rows, data.labels)
     frames: Frames = {
         TRAIN_ROWS: rows,
         # Undeclared labels already fail `labels_in_set`; their size is not checked again.
@@ -352,7 +430,8 @@ def run(params: Params) -> v.ValidationReport:
     }
     checks = _row_checks(params, TRAIN_ROWS, labels, f"{label_source} label set")
     if test is not None:
-        frames[TEST_ROWS] = v.row_features(test)
+        frames[TEST_ROWS] = v.row_features(test, header=header)
+        frames[TEST_CLASSES] = v.class_features(frames[TEST_ROWS], data.labels)
         checks += _row_checks(params, TEST_ROWS, labels, f"training label set ({label_source})")
     checks += _dataset_checks(params, has_test=test is not None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,6 +27,15 @@ class DataConfig(_Section):
     text_column: str = Field(min_length=1)
     label_column: str = Field(min_length=1)
     labels: list[str] | None
+
+    @model_validator(mode="after")
+    def _text_and_label_are_different_columns(self) -> DataConfig:
+        if self.text_column == self.label_column:
+            raise ValueError(
+                f"text_column and label_column are both {self.text_column!r}: the labels would "
+                "be the texts themselves; name the column that holds the labels"
+            )
+        return self
 
     @property
     def train_path(self) -> Path:
@@ -217,6 +227,19 @@ class Params(_Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _classes_can_reach_every_split(self) -> Params:
+        # prepare puts each class in train, val and (without a test file) test: one distinct
+        # text per part at least, so validation must ask for that many.
+        needed = 2 if self.data.test_file is not None else 3
+        if self.validate_.min_examples_per_class < needed:
+            raise ValueError(
+                f"validate.min_examples_per_class={self.validate_.min_examples_per_class} lets "
+                f"through classes that prepare cannot split: use at least {needed} (one text "
+                "per class in each of train, val" + (")" if needed == 2 else " and test)")
+            )
+        return self
+
 
 def _format_errors(error: ValidationError) -> str:
     lines = []
@@ -228,7 +251,9 @@ def _format_errors(error: ValidationError) -> str:
         elif item["type"] == "missing":
             lines.append(f"  {where}: required key is missing")
         else:
-            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+            # A section's or the whole file's mapping says nothing the message does not.
+            got = "" if isinstance(item.get("input"), dict) else f" (got {item.get('input')!r})"
+            lines.append(f"  {where}: {item['msg']}{got}")
     return "\n".join(lines)
 
 
@@ -242,13 +267,31 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         raise ConfigError(f"{source} is invalid:\n{_format_errors(error)}") from None
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: `2e-4` is a number (PyYAML's YAML 1.1 wants `2.0e-4`, else a string)."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.VERBOSE,
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ConfigError with the file and key at fault."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     return parse_params(raw, source=str(path))

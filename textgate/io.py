@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -15,10 +16,26 @@ import pandas as pd
 from textgate.errors import DataError
 
 SUPPORTED_SUFFIXES = (".csv", ".parquet", ".pq")
+# Separators spreadsheet exports use: comma, semicolon (locales with a decimal comma), tab, pipe.
+CSV_DELIMITERS = ",;\t|"
+
+
+def sniff_delimiter(text: str) -> str:
+    """The CSV delimiter of a file's text, judged on its header line; a comma when unclear.
+
+    Only the header is read: it holds column names, while texts may contain any separator.
+    """
+    header = text.lstrip("\ufeff").split("\n", 1)[0]
+    try:
+        return csv.Sniffer().sniff(header, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV (strict UTF-8) or Parquet file with every column as given.
+    """Read a CSV (strict UTF-8; comma, semicolon, tab or pipe separated) or Parquet file.
+
+    Every column is kept as given (CSV values as strings).
 
     Raises:
         DataError: the file is missing, has an unsupported suffix, is not UTF-8 or is malformed.
@@ -33,14 +50,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if suffix == ".csv":
             raw = path.read_bytes()
             try:
-                raw.decode("utf-8")
+                delimiter = sniff_delimiter(raw.decode("utf-8"))
             except UnicodeDecodeError as error:
                 line = raw[: error.start].count(b"\n") + 1
                 raise DataError(
                     f"{path}: not valid UTF-8 at byte {error.start} (line {line}); "
                     "re-save the file as UTF-8"
                 ) from None
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            return pd.read_csv(
+                path, sep=delimiter, dtype=str, keep_default_na=False, encoding="utf-8"
+            )
         return pd.read_parquet(path)
     except DataError:
         raise

@@ -19,14 +19,17 @@ from textgate.text import normalise_text
 TEXT = "text"
 LABEL = "label"
 TEXT_KEY = "text_key"  # normalised text used to match texts across rows and files; null if blank
-TEXT_CHARS = "text_chars"  # characters after stripping; null where the text is null or blank
-TEXT_BLANK = "text_blank"  # the text is a string that is empty after stripping whitespace
+TEXT_CHARS = "text_chars"  # characters of the normalised text; null where null or blank
+TEXT_BLANK = "text_blank"  # a string that normalising empties (whitespace, invisible characters)
 LABELS_PER_TEXT = "labels_per_text"  # distinct labels seen with this row's (normalised) text
 IS_DUPLICATE = "is_duplicate"  # same text and label as an earlier row
 IN_TEST = "in_test"  # the (normalised) text also appears in the test file
+IS_HEADER = "is_header"  # text and label are the column names: a header repeated as data
 
 # Columns of the per-class frame (`class_counts`) and the per-text frame (`text_conflicts`).
 N_EXAMPLES = "n_examples"
+N_DISTINCT_TEXTS = "n_distinct_texts"  # distinct normalised texts: what survives de-duplication
+SHARE = "share"  # the class's fraction of all labelled rows
 N_LABELS = "n_labels"
 CONFLICTING = "conflicting"
 
@@ -41,14 +44,17 @@ def text_key(value: object) -> str | None:
 
 
 def text_chars(texts: pd.Series) -> pd.Series:
-    """Length of each text in characters after stripping whitespace; NaN where null or blank."""
-    lengths = texts.map(lambda t: float(len(t.strip())) if isinstance(t, str) else float("nan"))
+    """Length of each normalised text in characters; NaN where null or blank."""
+    lengths = texts.map(lambda t: float(len(text_key(t) or "")) if isinstance(t, str) else 0.0)
     return lengths.where(lengths > 0).astype("float64")
 
 
 def is_blank(texts: pd.Series) -> pd.Series:
-    """True where the value is a string that is empty after stripping whitespace."""
-    return texts.map(lambda t: isinstance(t, str) and not t.strip()).astype(bool)
+    """True where the value is a string that normalising empties, as cleaning in prepare does.
+
+    Whitespace and invisible characters (zero-width spaces, soft hyphens, a BOM) both count.
+    """
+    return texts.map(lambda t: isinstance(t, str) and text_key(t) is None).astype(bool)
 
 
 def normalise_labels(labels: pd.Series) -> pd.Series:
@@ -62,16 +68,22 @@ def infer_labels(labels: pd.Series) -> list[str]:
     return sorted({str(v) for v in normalise_labels(labels) if v is not None})
 
 
-def row_features(frame: pd.DataFrame, test_texts: Iterable[object] = ()) -> pd.DataFrame:
+def row_features(
+    frame: pd.DataFrame,
+    test_texts: Iterable[object] = (),
+    header: tuple[str, str] | None = None,
+) -> pd.DataFrame:
     """Per-row frame: `text`, `label` (blank -> None) and the derived columns listed above.
 
     Args:
         frame: a table with `text` and `label` columns, as `textgate.io.read_labelled` returns.
         test_texts: texts of the test file; `in_test` marks train rows whose text is among them.
+        header: the file's (text, label) column names; `is_header` marks rows that repeat them
+            (compared without case or surrounding whitespace).
 
     Returns:
         One row per input row, same index, columns `TEXT, LABEL, TEXT_KEY, TEXT_CHARS,
-        TEXT_BLANK, LABELS_PER_TEXT, IS_DUPLICATE, IN_TEST`.
+        TEXT_BLANK, LABELS_PER_TEXT, IS_DUPLICATE, IN_TEST, IS_HEADER`.
     """
     rows = pd.DataFrame(index=frame.index)
     rows[TEXT] = frame[TEXT].astype(object)
@@ -84,7 +96,22 @@ def row_features(frame: pd.DataFrame, test_texts: Iterable[object] = ()) -> pd.D
     rows[IS_DUPLICATE] = rows.duplicated([TEXT, LABEL], keep="first")
     test_keys = {key for key in map(text_key, test_texts) if key is not None}
     rows[IN_TEST] = rows[TEXT_KEY].isin(test_keys).astype(bool)
+    rows[IS_HEADER] = _repeats_header(rows, header)
     return rows
+
+
+def _repeats_header(rows: pd.DataFrame, header: tuple[str, str] | None) -> pd.Series:
+    if header is None:
+        return pd.Series(False, index=rows.index, dtype=bool)
+    names = tuple(name.strip().casefold() for name in header)
+    pairs = zip(rows[TEXT], rows[LABEL], strict=True)
+    marks = [
+        isinstance(t, str)
+        and isinstance(lab, str)
+        and (t.strip().casefold(), lab.strip().casefold()) == names
+        for t, lab in pairs
+    ]
+    return pd.Series(marks, index=rows.index, dtype=bool)
 
 
 def class_counts(labels: pd.Series, declared: Sequence[str] | None = None) -> pd.DataFrame:
@@ -100,6 +127,26 @@ def class_counts(labels: pd.Series, declared: Sequence[str] | None = None) -> pd
     return pd.DataFrame(
         {LABEL: order, N_EXAMPLES: [int(counts.get(label, 0)) for label in order]},
     ).astype({LABEL: object, N_EXAMPLES: int})
+
+
+def class_features(rows: pd.DataFrame, declared: Sequence[str] | None = None) -> pd.DataFrame:
+    """`class_counts` of the rows' labels, plus each class's distinct texts and share of rows.
+
+    Args:
+        rows: a frame from `row_features`.
+        declared: the declared label set, as for `class_counts`.
+
+    Returns:
+        Columns `label`, `n_examples`, `n_distinct_texts` (distinct non-blank normalised texts,
+        what prepare keeps after de-duplication) and `share` (of all labelled rows; 0 when
+        there are none).
+    """
+    classes = class_counts(rows[LABEL], declared)
+    distinct = rows.dropna(subset=[TEXT_KEY, LABEL]).groupby(LABEL)[TEXT_KEY].nunique()
+    total = int(classes[N_EXAMPLES].sum())
+    classes[N_DISTINCT_TEXTS] = [int(distinct.get(label, 0)) for label in classes[LABEL]]
+    classes[SHARE] = classes[N_EXAMPLES] / total if total else 0.0
+    return classes.astype({N_DISTINCT_TEXTS: int, SHARE: "float64"})
 
 
 def text_conflicts(rows: pd.DataFrame) -> pd.DataFrame:

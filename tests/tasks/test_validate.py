@@ -36,11 +36,14 @@ def run_stage(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     data: dict[str, Any] | None = None,
+    gate: dict[str, Any] | None = None,
     **checks: Any,
 ) -> tuple[int, str, dict[str, Any] | None]:
     """Run `python -m tasks.validate` in-process; return exit code, stderr and report.json."""
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params_dict(tmp_path, data or {}, **checks)), encoding="utf-8")
+    raw = params_dict(tmp_path, data or {}, **checks)
+    raw["gate"].update(gate or {})
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     code = stage_main("validate", validate.run, ["--params", str(path)])
     report_path = tmp_path / "validate" / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else None
@@ -62,9 +65,11 @@ TRAIN_CHECKS = [
     "text_length",
     "label_not_null",
     "labels_in_set",
+    "header_rows",
     "min_examples_per_class",
     "duplicate_fraction",
     "conflicting_labels",
+    "majority_class_share",
 ]
 
 
@@ -133,6 +138,8 @@ LONG_TEXT = "please help with my refund " * 80  # 2160 characters: over max_text
 FAILURES = [
     ("empty text", [("", "refund")], {}, "text_not_empty", '""'),
     ("blank text", [("   ", "login")], {}, "text_not_empty", '"   "'),
+    # Cleaning in prepare removes invisible characters too, which would leave nothing.
+    ("invisible text", [("\u200b\u200b", "login")], {}, "text_not_empty", '"\u200b\u200b"'),
     ("too long", [(LONG_TEXT, "refund")], {}, "text_length", LONG_TEXT[:79] + "…"),
     ("too short", [("x", "login")], {}, "text_length", '"x"'),
     ("missing label", [("hello what is this", "")], {}, "label_not_null", "hello what is this"),
@@ -227,7 +234,7 @@ def test_several_failures_are_all_listed(tmp_path, capsys):
     code, err, report = run_stage(tmp_path, capsys)
     assert code == EXIT_CHECK_FAILED
     assert failed_names(report) == ["text_not_empty", "text_length", "min_examples_per_class"]
-    assert "3 of 9 data checks failed" in err
+    assert "3 of 11 data checks failed" in err
 
 
 def test_train_test_overlap_fails(tmp_path, capsys):
@@ -310,3 +317,83 @@ def test_bad_input_removes_the_report_of_an_earlier_run(tmp_path, capsys):
     assert code == EXIT_BAD_INPUT
     assert report is None
     assert not (tmp_path / "validate" / "data_docs").exists()
+
+
+def distinct_rows(label: str, n: int) -> Rows:
+    return [(f"message number {i} about {label}", label) for i in range(n)]
+
+
+def test_a_class_of_one_repeated_text_fails_min_examples(tmp_path, capsys):
+    # Four rows, but prepare keeps one after de-duplication: too few to split.
+    rows = make_rows(per_class=4) + [("where is my parcel", "delivery")] * 4
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    code, err, report = run_stage(tmp_path, capsys, max_duplicate_fraction=0.5)
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["min_examples_per_class"]
+    assert "(smallest: 'delivery' with 1 in 4 rows)" in err
+    assert "fewer than 3 distinct texts" in err
+
+
+def test_labels_that_look_like_row_ids_are_named(tmp_path, capsys):
+    rows = [(text, str(i)) for i, (text, _) in enumerate(make_rows(per_class=4))]
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    code, err, report = run_stage(tmp_path, capsys)
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["min_examples_per_class"]
+    assert "looks like free text or row ids: check data.label_column" in err
+
+
+def test_a_header_repeated_as_data_fails(tmp_path, capsys):
+    rows = make_rows(per_class=4)
+    rows.insert(6, ("Text ", "LABEL"))
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    labels = ["refund", "lost_card", "login"]
+    code, err, report = run_stage(tmp_path, capsys, {"labels": labels})
+    assert code == EXIT_CHECK_FAILED, err
+    assert "header_rows" in failed_names(report)
+    assert "- header_rows: 1 of 13 rows repeat the header ('text', 'label') as data" in err
+    assert check(report, "header_rows")["examples"] == [
+        {"row": 6, "text": "Text ", "label": "LABEL"}
+    ]
+
+
+def test_a_single_label_fails_majority_class_share(tmp_path, capsys):
+    write_csv(tmp_path / "raw" / "train.csv", distinct_rows("refund", 12))
+    code, err, report = run_stage(tmp_path, capsys)
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["majority_class_share"]
+    assert "Every labelled row has the label 'refund'" in err
+    assert check(report, "majority_class_share")["examples"] == [
+        {"label": "refund", "n_examples": 12}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("n_refund", "min_accuracy", "passes"),
+    [(34, 0.85 + 1e-9, True), (34, 0.85, False), (40, 0.85, False)],
+    ids=["share just under the floor", "share at the floor", "share over the floor"],
+)
+def test_majority_class_share_is_held_under_the_accuracy_floor(
+    tmp_path, capsys, n_refund, min_accuracy, passes
+):
+    # 34 of 34 + 3 + 3 rows is 0.85: a model always answering 'refund' meets a 0.85 floor.
+    rows = distinct_rows("refund", n_refund) + distinct_rows("login", 3)
+    rows += distinct_rows("lost_card", 3)
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    code, err, report = run_stage(tmp_path, capsys, gate={"min_accuracy": min_accuracy})
+    assert failed_names(report) == ([] if passes else ["majority_class_share"])
+    assert code == (0 if passes else EXIT_CHECK_FAILED), err
+    summary = check(report, "majority_class_share")["summary"]
+    assert f"The largest class 'refund' holds {n_refund / (n_refund + 6):.1%}" in summary
+    if not passes:
+        assert "always answering it would meet gate.min_accuracy" in err
+
+
+def test_a_test_file_of_mostly_one_class_fails(tmp_path, capsys):
+    write_csv(tmp_path / "raw" / "train.csv", make_rows(per_class=4))
+    test = distinct_rows("refund", 18) + distinct_rows("login", 1) + distinct_rows("lost_card", 1)
+    write_csv(tmp_path / "raw" / "test.csv", test)
+    code, err, report = run_stage(tmp_path, capsys, {"test_file": "test.csv"})
+    assert code == EXIT_CHECK_FAILED, err
+    assert failed_names(report) == ["test_majority_class_share"]
+    assert "'refund' holds 90.0% of 20 labelled rows" in err

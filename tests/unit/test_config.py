@@ -25,6 +25,12 @@ def test_repository_params_are_valid():
         ({"gate": {"min_accuracy": 1.5}}, "gate.min_accuracy"),
         ({"validate": {"min_text_chars": 50, "max_text_chars": 10}}, "min_text_chars"),
         ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.45}}, "val_fraction"),
+        ({"data": {"label_column": "text"}}, "text_column and label_column are both 'text'"),
+        (
+            {"validate": {"min_examples_per_class": 2}},
+            "validate.min_examples_per_class=2 lets through classes that prepare cannot split: "
+            "use at least 3",
+        ),
     ],
 )
 def test_bad_params_name_the_key_at_fault(overrides, message):
@@ -61,3 +67,30 @@ def test_params_are_frozen_and_paths_resolve(tmp_path):
     resolved = resolve_paths(params, tmp_path)
     assert resolved.registry.path == tmp_path / ".textgate/registry.json"
     assert resolved.train.base_model == params.train.base_model
+
+
+def test_a_float_written_without_a_dot_is_a_float(tmp_path):
+    # PyYAML (YAML 1.1) reads `2e-4` as the string "2e-4"; YAML 1.2, and so DVC, as a number.
+    text = (REPO_ROOT / "params.yaml").read_text(encoding="utf-8")
+    assert "learning_rate: 2.0e-4" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("learning_rate: 2.0e-4", "learning_rate: 2e-4"))
+    path.write_text(path.read_text().replace("weight_decay: 0.01", "weight_decay: 1E-2"))
+    params = load_params(path)
+    assert params.train.learning_rate == 2e-4
+    assert params.train.weight_decay == 0.01
+    assert params.train.epochs == 3  # integers stay integers
+
+
+def test_a_quoted_number_is_still_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (REPO_ROOT / "params.yaml").read_text(encoding="utf-8")
+    path.write_text(text.replace("learning_rate: 2.0e-4", "learning_rate: '2e-4'"))
+    with pytest.raises(ConfigError, match="train.learning_rate: Input should be a valid number"):
+        load_params(path)
+
+
+def test_two_examples_per_class_are_enough_with_a_fixed_test_file():
+    raw = merge(raw_params(), {"data": {"test_file": "test.csv"}})
+    params = parse_params(merge(raw, {"validate": {"min_examples_per_class": 2}}))
+    assert params.validate_.min_examples_per_class == 2

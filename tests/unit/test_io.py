@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from textgate.errors import DataError
-from textgate.io import read_json, read_labelled, write_json
+from textgate.io import read_json, read_labelled, sniff_delimiter, write_json
 
 
 def test_read_labelled_csv_and_parquet(tmp_path):
@@ -48,3 +48,38 @@ def test_json_round_trip_and_corruption(tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
     with pytest.raises(DataError, match="corrupt"):
         read_json(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "text;label\nhello, I lost my card;lost_card\nrefund please;refund\n",
+        "text\tlabel\nhello, I lost my card\tlost_card\nrefund please\trefund\n",
+        '\ufefftext;label\n"hello, I lost; my card";lost_card\nrefund please;refund\n',
+    ],
+    ids=["semicolon", "tab", "semicolon with bom and quotes"],
+)
+def test_read_labelled_reads_semicolon_and_tab_separated_csv(tmp_path, content):
+    path = tmp_path / "d.csv"
+    path.write_text(content, encoding="utf-8")
+    out = read_labelled(path, "text", "label")
+    assert out["label"].tolist() == ["lost_card", "refund"]
+    assert out["text"].iloc[0].startswith("hello, I lost")
+
+
+def test_read_labelled_keeps_commas_when_texts_hold_semicolons(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\na; b; c; d,x\ne; f,y\n", encoding="utf-8")
+    out = read_labelled(path, "text", "label")
+    assert out.to_dict("records") == [
+        {"text": "a; b; c; d", "label": "x"},
+        {"text": "e; f", "label": "y"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("header", "delimiter"),
+    [("text,label", ","), ("text;label", ";"), ("a\tb\tc", "\t"), ("a|b", "|"), ("text", ",")],
+)
+def test_sniff_delimiter_reads_the_header(header, delimiter):
+    assert sniff_delimiter(f"{header}\nx;y,z\tw\n") == delimiter

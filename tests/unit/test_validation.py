@@ -31,15 +31,15 @@ def test_text_key(value, key):
 
 
 def test_text_chars_strips_and_nulls_blank_and_missing():
-    lengths = v.text_chars(pd.Series(["  ab ", "x", "", "  ", None], dtype=object))
+    lengths = v.text_chars(pd.Series(["  ab ", "x", "", "  ", None, "a\u200b  b"], dtype=object))
     assert lengths.dtype == "float64"
-    assert lengths.iloc[:2].tolist() == [2.0, 1.0]
-    assert lengths.iloc[2:].isna().all()
+    assert lengths.iloc[[0, 1, 5]].tolist() == [2.0, 1.0, 3.0]
+    assert lengths.iloc[2:5].isna().all()
 
 
 @pytest.mark.parametrize(
     ("value", "blank"),
-    [("", True), ("  \t\n", True), (" a ", False), (None, False)],
+    [("", True), ("  \t\n", True), ("\u200b \ufeff", True), (" a ", False), (None, False)],
 )
 def test_is_blank(value, blank):
     assert v.is_blank(pd.Series([value], dtype=object)).tolist() == [blank]
@@ -77,6 +77,7 @@ def test_row_features_derived_columns():
         v.LABELS_PER_TEXT,
         v.IS_DUPLICATE,
         v.IN_TEST,
+        v.IS_HEADER,
     ]
     assert rows[v.IS_DUPLICATE].tolist() == [False, True, False, False, False, False, False, False]
     assert rows[v.LABELS_PER_TEXT].tolist() == [1, 1, 1, 2, 2, 0, 0, 0]
@@ -90,6 +91,30 @@ def test_row_features_derived_columns():
 def test_row_features_without_test_file_marks_nothing_in_test():
     rows = v.row_features(labelled([("a b", "x"), ("c d", "y")]))
     assert not rows[v.IN_TEST].any()
+    assert not rows[v.IS_HEADER].any()
+
+
+def test_row_features_marks_rows_that_repeat_the_header():
+    frame = labelled([("Message", " Intent"), ("message", "refund"), (None, "intent")])
+    rows = v.row_features(frame, header=("message", "intent"))
+    assert rows[v.IS_HEADER].tolist() == [True, False, False]
+
+
+def test_class_features_count_distinct_texts_and_shares():
+    frame = labelled(
+        [("x y", "a"), ("x  y", "a"), ("z", "a"), ("  ", "a"), ("w", "b"), ("q", None)]
+    )
+    classes = v.class_features(v.row_features(frame), declared=["a", "b", "c"])
+    assert classes[v.LABEL].tolist() == ["a", "b", "c"]
+    assert classes[v.N_EXAMPLES].tolist() == [4, 1, 0]
+    assert classes[v.N_DISTINCT_TEXTS].tolist() == [2, 1, 0]  # blank and repeated texts drop
+    assert classes[v.SHARE].tolist() == [0.8, 0.2, 0.0]  # of the 5 labelled rows
+
+
+def test_class_features_of_no_labelled_rows_has_no_shares():
+    classes = v.class_features(v.row_features(labelled([("x", None)])))
+    assert classes.empty
+    assert list(classes.columns) == [v.LABEL, v.N_EXAMPLES, v.N_DISTINCT_TEXTS, v.SHARE]
 
 
 @pytest.mark.parametrize(
