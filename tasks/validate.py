@@ -238,6 +238,16 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
         rows = frames[TRAIN_ROWS]
         return v.row_examples(rows, v.conflicting_rows(rows).index, EXAMPLES)
 
+    def label_count(result: Result, frames: Frames) -> str:
+        found = sorted(frames[TRAIN_ROWS][v.LABEL].dropna().unique())
+        if len(found) >= 2:
+            return f"{len(found)} distinct labels; required: at least 2."
+        named = f"only the label {found[0]!r}" if found else "no label at all"
+        return (
+            f"The labelled rows have {named}: a classifier needs at least 2 labels to learn "
+            "anything; check data.label_column and that the export kept every class."
+        )
+
     checks = [
         _Check(
             "min_examples_per_class",
@@ -266,9 +276,22 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
             conflicting_rows,
         ),
     ]
-    checks.append(_majority_check(params, TRAIN_CLASSES, ""))
+    checks.append(
+        _Check(
+            "two_or_more_labels",
+            TRAIN_ROWS,
+            "ExpectColumnUniqueValueCountToBeBetween",
+            {"column": v.LABEL, "min_value": 2},
+            label_count,
+            _no_examples,
+        )
+    )
+    # A floor of 0 is no floor: no class share can meet it "for free".
+    if params.gate.min_accuracy > 0:
+        checks.append(_majority_check(params, TRAIN_CLASSES, ""))
     if has_test:
-        checks.append(_majority_check(params, TEST_CLASSES, "test_"))
+        if params.gate.min_accuracy > 0:
+            checks.append(_majority_check(params, TEST_CLASSES, "test_"))
         checks.append(
             _Check(
                 "train_test_overlap",
@@ -285,8 +308,8 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
 def _majority_check(params: Params, table: str, prefix: str) -> _Check:
     """The largest class's share of labelled rows stays under the gate's accuracy floor.
 
-    At or above it, a model that always answers that class passes the floor: the accuracy
-    gate would say nothing, and a single class leaves nothing to learn at all.
+    At or above it, a model that always answers that class passes the floor, so the accuracy
+    gate would say nothing about what the model learnt.
     """
     floor = params.gate.min_accuracy
 
@@ -296,16 +319,9 @@ def _majority_check(params: Params, table: str, prefix: str) -> _Check:
 
     def summarise(result: Result, frames: Frames) -> str:
         classes = frames[table]
-        present = classes[classes[v.N_EXAMPLES] > 0]
-        if present.empty:
+        if not classes[v.N_EXAMPLES].any():
             return "No labelled rows, so there is no class to compare with gate.min_accuracy."
         top = largest(frames)
-        if len(present) == 1:
-            return (
-                f"Every labelled row has the label {top[v.LABEL]!r}: a classifier needs at least "
-                "two classes to learn anything; check data.label_column and that the export "
-                "kept every class."
-            )
         share = (
             f"The largest class {top[v.LABEL]!r} holds {top[v.SHARE]:.1%} of "
             f"{classes[v.N_EXAMPLES].sum()} labelled rows"

@@ -69,6 +69,7 @@ TRAIN_CHECKS = [
     "min_examples_per_class",
     "duplicate_fraction",
     "conflicting_labels",
+    "two_or_more_labels",
     "majority_class_share",
 ]
 
@@ -234,7 +235,7 @@ def test_several_failures_are_all_listed(tmp_path, capsys):
     code, err, report = run_stage(tmp_path, capsys)
     assert code == EXIT_CHECK_FAILED
     assert failed_names(report) == ["text_not_empty", "text_length", "min_examples_per_class"]
-    assert "3 of 11 data checks failed" in err
+    assert "3 of 12 data checks failed" in err
 
 
 def test_train_test_overlap_fails(tmp_path, capsys):
@@ -357,15 +358,20 @@ def test_a_header_repeated_as_data_fails(tmp_path, capsys):
     ]
 
 
-def test_a_single_label_fails_majority_class_share(tmp_path, capsys):
+@pytest.mark.parametrize("min_accuracy", [0.85, 0.0])
+def test_a_single_label_fails(tmp_path, capsys, min_accuracy):
     write_csv(tmp_path / "raw" / "train.csv", distinct_rows("refund", 12))
-    code, err, report = run_stage(tmp_path, capsys)
+    code, err, report = run_stage(tmp_path, capsys, gate={"min_accuracy": min_accuracy})
     assert code == EXIT_CHECK_FAILED, err
-    assert failed_names(report) == ["majority_class_share"]
-    assert "Every labelled row has the label 'refund'" in err
-    assert check(report, "majority_class_share")["examples"] == [
-        {"label": "refund", "n_examples": 12}
-    ]
+    assert "- two_or_more_labels: The labelled rows have only the label 'refund'" in err
+    if min_accuracy:
+        assert failed_names(report) == ["two_or_more_labels", "majority_class_share"]
+        assert check(report, "majority_class_share")["examples"] == [
+            {"label": "refund", "n_examples": 12}
+        ]
+    else:  # no accuracy floor: no majority check, the label count still fails
+        assert failed_names(report) == ["two_or_more_labels"]
+        assert "majority_class_share" not in [item["name"] for item in report["checks"]]
 
 
 @pytest.mark.parametrize(
