@@ -9,7 +9,8 @@ Endpoints (JSON in, JSON out; anything else is a 4xx naming the problem, never a
 - `POST /explain {"text": "..."}` -> `{"label", "score", "abstained", "tokens",
   "attributions"}`: one attribution per model token. 1 to 500 characters, not blank.
 - `GET /livez`, `/readyz`, `/healthz` (probes), `GET /metrics` (Prometheus) and the API docs
-  (`/`, `/docs.json`) are always open.
+  (`/`, `/docs.json`) are always open. `/` is bentos/pages.py's Swagger UI page: local assets
+  only, no third-party script (BentoML's own embeds Google Tag Manager).
 
 Which model: the bento argument `model_tag`, which `tasks.package` sets to the exact tag it
 has just saved, so it is recorded in the bento and restored whenever that bento is served
@@ -67,6 +68,7 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from bentos.pages import LocalIndexMiddleware
 from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier
 from textgate.text import clean_text, normalise_text
 
@@ -512,3 +514,4 @@ TextgateService.add_asgi_middleware(ApiKeyMiddleware)
 TextgateService.add_asgi_middleware(
     JsonBodyMiddleware, routes=[api.route for api in TextgateService.apis.values()]
 )
+TextgateService.add_asgi_middleware(LocalIndexMiddleware)

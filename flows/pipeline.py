@@ -188,7 +188,7 @@ def publish_validation(params: Params) -> None:
                 "|---|---|---|",
                 *rows,
                 "",
-                f"Great Expectations Data Docs: `{path.parent / 'data_docs' / 'index.html'}`",
+                f"Report page (opens offline): `{path.with_suffix('.html')}`",
             ]
         ),
     )

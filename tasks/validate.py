@@ -1,17 +1,16 @@
 """Stage `validate`: check the raw labelled data with Great Expectations before anything trains.
 
-Writes `report.json` and Great Expectations Data Docs (`data_docs/index.html`) to
-`validate.output_dir`, then raises StageFailed (exit 1) when any check fails.
+Writes `report.json` and the same report as a self-contained page, `report.html` (no script,
+no remote asset: it opens offline), to `validate.output_dir`, then raises StageFailed (exit 1)
+when any check fails.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -19,11 +18,10 @@ import pandas as pd
 from tasks.common import StageFailed, stage_main
 from textgate import validation as v
 from textgate.config import Params
-from textgate.io import read_labelled, write_json
+from textgate.io import atomic_path, read_labelled, write_json
 
 REPORT_FILE = "report.json"
-DATA_DOCS_DIR = "data_docs"
-DATA_DOCS_SITE = "textgate"
+REPORT_PAGE = "report.html"
 EXAMPLES = 5  # offending rows or classes kept per check in report.json
 
 # The frames expectations run on; each is one Great Expectations asset, suite and validation.
@@ -353,8 +351,11 @@ def _quiet_great_expectations() -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
-def _run_expectations(checks: list[_Check], frames: Frames, docs_dir: Path) -> dict[str, Result]:
-    """Validate each frame with its suite in an ephemeral context and build Data Docs.
+def _run_expectations(checks: list[_Check], frames: Frames) -> dict[str, Result]:
+    """Validate each frame with its suite in an ephemeral context.
+
+    No Data Docs: their pages load Bootstrap, jQuery and Vega from CDNs and render blank
+    offline; `render_html` writes the report page instead.
 
     Returns:
         The `result` dict of each check by name, with `success` and `exception` added.
@@ -366,17 +367,6 @@ def _run_expectations(checks: list[_Check], frames: Frames, docs_dir: Path) -> d
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    context.add_data_docs_site(
-        DATA_DOCS_SITE,
-        {
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(docs_dir),
-            },
-        },
-    )
     source = context.data_sources.add_pandas("textgate")
     results: dict[str, Result] = {}
     for table, frame in frames.items():
@@ -404,7 +394,6 @@ def _run_expectations(checks: list[_Check], frames: Frames, docs_dir: Path) -> d
                 if info.get("raised_exception")
                 else None,
             }
-    context.build_data_docs(site_names=[DATA_DOCS_SITE])
     return results
 
 
@@ -420,11 +409,9 @@ def _check_result(check: _Check, result: Result, frames: Frames) -> v.CheckResul
 def run(params: Params) -> v.ValidationReport:
     """Validate the raw train (and test) data with Great Expectations; exit 1 on a failed check."""
     data, cfg = params.data, params.validate_
-    docs_dir = cfg.output_dir / DATA_DOCS_DIR
-    # Outputs of an earlier run must not outlive a run that stops on bad input, and pages of
-    # earlier runs must not linger in the Data Docs index.
-    (cfg.output_dir / REPORT_FILE).unlink(missing_ok=True)
-    shutil.rmtree(docs_dir, ignore_errors=True)
+    # Outputs of an earlier run must not outlive a run that stops on bad input.
+    for name in (REPORT_FILE, REPORT_PAGE):
+        (cfg.output_dir / name).unlink(missing_ok=True)
     train = read_labelled(data.train_path, data.text_column, data.label_column)
     test = None
     if data.test_path is not None:
@@ -451,8 +438,7 @@ def run(params: Params) -> v.ValidationReport:
         checks += _row_checks(params, TEST_ROWS, labels, f"training label set ({label_source})")
     checks += _dataset_checks(params, has_test=test is not None)
 
-    docs_dir.mkdir(parents=True)
-    results = _run_expectations(checks, frames, docs_dir.resolve())
+    results = _run_expectations(checks, frames)
 
     report = v.ValidationReport(
         n_rows=len(train),
@@ -463,10 +449,12 @@ def run(params: Params) -> v.ValidationReport:
         checks=[_check_result(check, results[check.name], frames) for check in checks],
     )
     write_json(cfg.output_dir / REPORT_FILE, report.to_dict())
+    with atomic_path(cfg.output_dir / REPORT_PAGE) as tmp:
+        tmp.write_text(v.render_html(report), encoding="utf-8")
     if not report.success:
         raise StageFailed(
             f"{v.format_failures(report)}\n"
-            f"Details: {cfg.output_dir / REPORT_FILE} and {docs_dir / 'index.html'}"
+            f"Details: {cfg.output_dir / REPORT_FILE} and {cfg.output_dir / REPORT_PAGE}"
         )
     return report
 

@@ -6,6 +6,7 @@ runs expectations on their columns; this module stays free of Great Expectations
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -264,3 +265,65 @@ def format_failures(report: ValidationReport, rows_per_check: int = 3) -> str:
         lines.append(f"- {check.name}: {check.summary}")
         lines += [f"    {describe_example(e)}" for e in check.examples[:rows_per_check]]
     return "\n".join(lines)
+
+
+# The report page is one file with its style inline and no script: it opens offline, from disk
+# or a CI artifact, exactly as written.
+_PAGE_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; color: #222; }
+table { border-collapse: collapse; width: 100%; margin: 0.5rem 0 1.5rem; }
+th, td { border: 1px solid #ccc; padding: 0.35rem 0.6rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+.passed { color: #116b2b; font-weight: 600; }
+.failed { color: #b00020; font-weight: 600; }
+ul { margin: 0.3rem 0 0; padding-left: 1.2rem; }
+"""
+
+
+def _verdict(success: bool) -> str:
+    return '<span class="passed">passed</span>' if success else '<span class="failed">failed</span>'
+
+
+def _check_row(check: CheckResult) -> str:
+    examples = "".join(
+        f"<li>{html.escape(describe_example(example))}</li>" for example in check.examples
+    )
+    detail = html.escape(check.summary) + (f"<ul>{examples}</ul>" if examples else "")
+    return (
+        f"<tr><td>{html.escape(check.name)}</td><td>{_verdict(check.success)}</td>"
+        f"<td>{detail}</td></tr>"
+    )
+
+
+def render_html(report: ValidationReport) -> str:
+    """The report as a self-contained HTML page: verdict, every check, and the class counts."""
+    test_rows = "no test file" if report.n_test_rows is None else f"{report.n_test_rows} test rows"
+    classes = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{count}</td></tr>"
+        for label, count in report.class_counts.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>textgate data validation: {"passed" if report.success else "failed"}</title>
+<style>{_PAGE_STYLE}</style>
+</head>
+<body>
+<h1>Data validation: {_verdict(report.success)}</h1>
+<p>{len(report.checks) - len(report.failed)} of {len(report.checks)} checks passed on
+{report.n_rows} train rows ({test_rows}); {len(report.labels)} labels
+({html.escape(report.label_source)}). Rows are 0-based data rows.</p>
+<h2>Checks</h2>
+<table id="checks">
+<tr><th>check</th><th>result</th><th>detail</th></tr>
+{"".join(map(_check_row, report.checks))}
+</table>
+<h2>Examples per class (train)</h2>
+<table id="classes">
+<tr><th>label</th><th>examples</th></tr>
+{classes}
+</table>
+</body>
+</html>
+"""

@@ -12,6 +12,7 @@ import yaml
 
 from tasks import validate
 from tasks.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, stage_main
+from tests.browser import remote_resources, render_offline, requires_chromium
 from tests.conftest import REPO_ROOT, make_rows, write_csv
 from textgate.config import Params, parse_params
 
@@ -74,7 +75,7 @@ TRAIN_CHECKS = [
 ]
 
 
-def test_clean_dataset_passes_and_writes_report_and_data_docs(tmp_path):
+def test_clean_dataset_passes_and_writes_report_and_its_page(tmp_path):
     rows = make_rows(per_class=4)
     write_csv(tmp_path / "raw" / "train.csv", rows)
     params = make_params(tmp_path)
@@ -102,9 +103,10 @@ def test_clean_dataset_passes_and_writes_report_and_data_docs(tmp_path):
         assert item["success"] is True
         assert item["examples"] == []
         assert item["summary"].endswith(".")
-    index = tmp_path / "validate" / "data_docs" / "index.html"
-    assert index.is_file()
-    assert "train_rows" in index.read_text(encoding="utf-8")
+    page = (tmp_path / "validate" / "report.html").read_text(encoding="utf-8")
+    assert 'Data validation: <span class="passed">passed</span>' in page
+    assert all(f"<td>{name}</td>" in page for name in TRAIN_CHECKS)
+    assert not (tmp_path / "validate" / "data_docs").exists()
 
 
 def test_declared_labels_and_a_clean_test_file_pass(tmp_path, capsys):
@@ -200,7 +202,8 @@ def test_each_check_fails_for_its_reason(tmp_path, capsys, extra, data, name, of
     failed = check(report, name)
     assert failed["examples"]
     assert offending.strip('"').rstrip("…") in json.dumps(failed["examples"], ensure_ascii=False)
-    assert (tmp_path / "validate" / "data_docs" / "index.html").is_file()
+    page = (tmp_path / "validate" / "report.html").read_text(encoding="utf-8")
+    assert f'<td>{name}</td><td><span class="failed">failed</span>' in page
 
 
 def test_offending_rows_are_0_based_data_rows(tmp_path, capsys):
@@ -317,7 +320,22 @@ def test_bad_input_removes_the_report_of_an_earlier_run(tmp_path, capsys):
     code, _, report = run_stage(tmp_path, capsys)
     assert code == EXIT_BAD_INPUT
     assert report is None
-    assert not (tmp_path / "validate" / "data_docs").exists()
+    assert not (tmp_path / "validate" / "report.html").exists()
+
+
+@requires_chromium
+def test_the_report_page_renders_offline(tmp_path, capsys):
+    rows = make_rows(per_class=4)
+    rows.insert(5, ("   ", "refund"))
+    write_csv(tmp_path / "raw" / "train.csv", rows)
+    assert run_stage(tmp_path, capsys)[0] == EXIT_CHECK_FAILED
+    page = tmp_path / "validate" / "report.html"
+    assert remote_resources(page.read_text(encoding="utf-8")) == []
+    dom = render_offline(page.as_uri())
+    assert remote_resources(dom) == []
+    assert '<table id="checks">' in dom
+    assert '<td>text_not_empty</td><td><span class="failed">failed</span>' in dom
+    assert "row 5 [label 'refund']" in dom
 
 
 def distinct_rows(label: str, n: int) -> Rows:

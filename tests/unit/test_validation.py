@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from tests.browser import remote_resources
 from textgate import validation as v
 
 
@@ -247,3 +248,24 @@ def test_format_failures_lists_failed_checks_with_three_examples_each():
     assert "text 2" in message and "text 3" not in message  # at most 3 rows per check
     assert "    row 2 [label None]: <null>" in lines
     assert "    class 'b': 1 example(s)" in lines
+
+
+def test_the_report_page_escapes_the_data_and_loads_nothing_remote():
+    hostile = '<script src="https://cdn.example.com/x.js"></script>'
+    page = v.render_html(
+        make_report(
+            v.CheckResult("text_length", True, "0 of 3 texts are too long; allowed: 0."),
+            v.CheckResult(
+                "text_not_empty",
+                False,
+                "1 of 3 rows are blank; allowed: 0.",
+                [{"row": 4, "text": hostile, "label": "refund"}],
+            ),
+        )
+    )
+    assert 'Data validation: <span class="failed">failed</span>' in page
+    assert "1 of 2 checks passed" in page
+    assert '<td>text_not_empty</td><td><span class="failed">failed</span>' in page
+    assert "row 4 [label &#x27;refund&#x27;]" in page
+    assert "<script" not in page
+    assert remote_resources(page) == []
