@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -289,57 +289,81 @@ def replay(
     if not golden:
         raise DataError("replay needs at least one golden case")
     endpoint = f"{url.rstrip('/')}/classify"
-    matched = 0
-    mismatches: list[dict[str, Any]] = []
-    errors: list[str] = []
-    latencies_ms: list[float] = []
+    outcome = _ReplayOutcome()
     with httpx.Client(trust_env=False, timeout=timeout_s) as client:
         for case in golden[:warmup]:
             with suppress(httpx.HTTPError):  # the timed pass reports it
                 client.post(endpoint, json={"texts": [case.text]})
         for case in golden:
-            start = time.perf_counter()
-            try:
-                response = client.post(endpoint, json={"texts": [case.text]})
-            except httpx.HTTPError as error:
-                errors.append(f"{case.text!r}: {type(error).__name__}: {error}")
-                continue
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            parsed = parse_answers(response, 1)
-            answer = parsed if isinstance(parsed, str) else parsed[0]
-            if isinstance(answer, str):
-                errors.append(f"{case.text!r}: {answer}")
-                continue
-            latencies_ms.append(elapsed_ms)
-            label, score = answer
-            if label == case.label and abs(score - case.score) <= score_tolerance:
-                matched += 1
-            else:
-                mismatches.append(
-                    {
-                        "text": case.text,
-                        "offline_label": case.label,
-                        "served_label": label,
-                        "offline_score": case.score,
-                        "served_score": score,
-                    }
-                )
-    if latencies_ms:
-        p50, p95 = (float(v) for v in np.percentile(latencies_ms, [50, 95], method="linear"))
-        slowest = max(latencies_ms)
+            _replay_case(client, endpoint, case, score_tolerance, outcome)
+    return outcome.report(bento_tag, len(golden))
+
+
+@dataclass
+class _ReplayOutcome:
+    """What the timed pass of `replay` has seen so far."""
+
+    matched: int = 0
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def report(self, bento_tag: str, n: int) -> ServedReport:
+        """The report of `n` replayed cases, with latency percentiles (NaN when none)."""
+        if self.latencies_ms:
+            p50, p95 = (
+                float(v) for v in np.percentile(self.latencies_ms, [50, 95], method="linear")
+            )
+            slowest = max(self.latencies_ms)
+        else:
+            p50 = p95 = slowest = math.nan
+        return ServedReport(
+            bento_tag=bento_tag,
+            n=n,
+            matched=self.matched,
+            mismatches=self.mismatches,
+            errors=self.errors,
+            latencies_ms=self.latencies_ms,
+            p50_ms=p50,
+            p95_ms=p95,
+            max_ms=slowest,
+        )
+
+
+def _replay_case(
+    client: httpx.Client,
+    endpoint: str,
+    case: GoldenCase,
+    score_tolerance: float,
+    outcome: _ReplayOutcome,
+) -> None:
+    """Send one golden text, time it, and record the answer as matched, mismatched or error."""
+    start = time.perf_counter()
+    try:
+        response = client.post(endpoint, json={"texts": [case.text]})
+    except httpx.HTTPError as error:
+        outcome.errors.append(f"{case.text!r}: {type(error).__name__}: {error}")
+        return
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    parsed = parse_answers(response, 1)
+    answer = parsed if isinstance(parsed, str) else parsed[0]
+    if isinstance(answer, str):
+        outcome.errors.append(f"{case.text!r}: {answer}")
+        return
+    outcome.latencies_ms.append(elapsed_ms)
+    label, score = answer
+    if label == case.label and abs(score - case.score) <= score_tolerance:
+        outcome.matched += 1
     else:
-        p50 = p95 = slowest = math.nan
-    return ServedReport(
-        bento_tag=bento_tag,
-        n=len(golden),
-        matched=matched,
-        mismatches=mismatches,
-        errors=errors,
-        latencies_ms=latencies_ms,
-        p50_ms=p50,
-        p95_ms=p95,
-        max_ms=slowest,
-    )
+        outcome.mismatches.append(
+            {
+                "text": case.text,
+                "offline_label": case.label,
+                "served_label": label,
+                "offline_score": case.score,
+                "served_score": score,
+            }
+        )
 
 
 def parse_answers(response: httpx.Response, expected: int) -> list[tuple[str, float]] | str:
