@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,65 +39,13 @@ import pandas as pd
 import yaml
 
 from bench.common import log, machine_info
+from bench.workspace import LENIENT_GATE, build_tiny_bert, copy_project, merge
+from textgate.process import ProcessStartError, free_port, start_process, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_OVERHEAD_S = 10.0
-# What a workspace needs of the project (as tests/flows/test_pipeline.py copies it).
-COPIED = (
-    "dvc.yaml",
-    "params.yaml",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    "tasks",
-    "textgate",
-    "flows",
-    "bentos",
-)
+SERVER_READY_TIMEOUT_S = 120.0
 ROWS_PER_LABEL = 20
-# The tiny model's figures are not the point: only the no-op timing is.
-LENIENT_GATE = {
-    "min_accuracy": 0.0,
-    "min_macro_f1": 0.0,
-    "min_class_recall": 0.0,
-    "max_ece": 1.0,
-    "max_quantization_drop": 1.0,
-    "behaviour": {"casing": 0.0, "punctuation": 0.0, "typos": 0.0, "filler": 0.0, "must_pass": 0.0},
-    "max_p95_latency_ms": 10000,
-}
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def tiny_base_model(out: Path) -> Path:
-    """A randomly initialised 2-layer BERT (hidden size 32) with the bundled MiniLM tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from textgate.model import resolve_base_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("bundled:all-MiniLM-L6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _git(workspace: Path, *args: str) -> None:
@@ -113,13 +60,7 @@ def _git(workspace: Path, *args: str) -> None:
 def build_workspace(root: Path) -> Path:
     """A git + DVC copy of the project on a small data subset and a tiny model (not yet run)."""
     workspace = root / "workspace"
-    for name in COPIED:
-        source, target = ROOT / name, workspace / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
+    copy_project(workspace)
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     data = params["data"]
     sample = pd.read_csv(ROOT / data["raw_dir"] / data["train_file"], dtype=str)
@@ -127,7 +68,7 @@ def build_workspace(root: Path) -> Path:
     (workspace / "data" / "raw").mkdir(parents=True)
     subset.to_csv(workspace / "data" / "raw" / "train.csv", index=False)
     shutil.copy2(ROOT / params["evaluate"]["must_pass_file"], workspace / "data" / "must_pass.csv")
-    base = tiny_base_model(root / "tiny-bert")
+    base = build_tiny_bert(root / "tiny-bert")
     overrides = {
         "data": {"train_file": "train.csv"},
         "validate": {"min_examples_per_class": 5},
@@ -142,7 +83,7 @@ def build_workspace(root: Path) -> Path:
         "evaluate": {"golden_requests": 10, "behaviour_examples": 50},
         "gate": LENIENT_GATE,
     }
-    (workspace / "params.yaml").write_text(yaml.safe_dump(_merge(params, overrides)))
+    (workspace / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides)))
     _git(workspace, "init", "-q")
     _git(workspace, "add", "-A")
     _git(workspace, "commit", "-qm", "bench workspace")
@@ -199,40 +140,26 @@ def check_up_to_date(workspace: Path, env: dict[str, str]) -> None:
 
 
 @contextmanager
-def running_server(env: dict[str, str]) -> Iterator[str]:
-    """`prefect server start` on a free loopback port (the bench's Prefect home); its API URL."""
-    import httpx
+def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """`prefect server start` on a free loopback port (the bench's Prefect home); its API URL.
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    Its output goes to `log_path`; it is stopped, with its whole process group, on exit.
+    """
+    port = free_port()
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    server = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}/api"
+    with start_process(
         [*command, "--port", str(port)],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench: `prefect server start` did not come up")
-            time.sleep(0.5)
+        log_path=log_path,
+        name="`prefect server start`",
+    ) as server:
+        try:
+            wait_ready(server, f"{url}/health", SERVER_READY_TIMEOUT_S)
+        except ProcessStartError as error:
+            raise SystemExit(f"bench: `prefect server start` did not come up: {error}") from error
         log(f"Prefect server on {url}")
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def run_benchmark(workspace: Path, env: dict[str, str], repeats: int) -> dict[str, Any]:
@@ -320,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_up_to_date(workspace, env)
         machine = machine_info("prefect", "dvc")
         if args.server:
-            with running_server(env) as url:
+            with running_server(env, home / "prefect-server.log") as url:
                 result = run_benchmark(workspace, {**env, "PREFECT_API_URL": url}, args.repeats)
         else:
             result = run_benchmark(workspace, env, args.repeats)

@@ -23,7 +23,6 @@ import asyncio
 import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +39,10 @@ import pandas as pd
 import psutil
 
 from bench.common import json_line, log, machine_info, positive_int
-from tasks.served import ServedCheckError, free_port, log_tail, parse_answers, serve_bento
+from tasks.served import ServedCheckError, parse_answers, serve_bento
 from textgate.config import load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
+from textgate.process import ProcessStartError, free_port, start_process, wait_ready
 from textgate.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +61,6 @@ MAX_ERRORS = 0
 MAX_RSS_GROWTH_PCT = 10.0
 
 READY_TIMEOUT_S = 120.0
-STOP_GRACE_S = 20.0
-POLL_INTERVAL_S = 0.5
 RSS_SAMPLE_INTERVAL_S = 5.0
 ERROR_SAMPLES = 5
 MIB = 1024 * 1024
@@ -280,53 +278,13 @@ def serve_baseline(
     command = [sys.executable, "-m", "uvicorn", BASELINE_APP, "--app-dir", str(ROOT)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--no-access-log", "--log-level", "warning"]
-    with log.open("wb") as handle:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    with start_process(command, env=env, cwd=workdir, log_path=log, name="the baseline") as process:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, process, log, ready_timeout_s)
+        try:
+            wait_ready(process, f"{url}/readyz", ready_timeout_s)
+        except ProcessStartError as error:
+            raise ServedCheckError(str(error)) from error
         yield Server(url=url, pid=process.pid)
-    finally:
-        _stop_group(process)
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(trust_env=False, timeout=2) as client:
-        while True:
-            if process.poll() is not None:
-                raise ServedCheckError(
-                    f"the baseline exited with code {process.returncode} before it was ready; "
-                    f"last lines of {log}:\n{log_tail(log)}"
-                )
-            with suppress(httpx.TransportError):  # not listening yet
-                if client.get(f"{url}/readyz").status_code == 200:
-                    return
-            if time.monotonic() >= deadline:
-                raise ServedCheckError(
-                    f"the baseline was not ready after {timeout_s:.0f} s; "
-                    f"last lines of {log}:\n{log_tail(log)}"
-                )
-            time.sleep(POLL_INTERVAL_S)
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it after the grace period."""
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 @contextmanager

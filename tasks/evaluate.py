@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from tasks.common import stage_main
 from textgate.abstain import selective_scores
+from textgate.behaviour import (
+    InvarianceResult,
+    MustPassCase,
+    MustPassResult,
+    load_must_pass,
+    must_pass,
+)
 from textgate.behaviour import invariance as invariance_rates
-from textgate.behaviour import load_must_pass, must_pass
-from textgate.config import Params
+from textgate.config import EvaluateConfig, Params
 from textgate.io import atomic_path, write_json
 from textgate.metrics import Metrics, compute_metrics
 from textgate.model import Classifier, make_predictions
@@ -65,6 +73,166 @@ def golden_cases(
     return golden
 
 
+@dataclass(frozen=True)
+class Split:
+    """The test split as the classifier sees it: texts, label names and label indices."""
+
+    texts: list[str]
+    labels: pd.Series
+    y_true: np.ndarray  # (examples,) index into the classifier's labels
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The test-split scores: metrics, calibrated probabilities, ECE, and the extra figures
+    (runtime, fp32 accuracy of an ONNX model, abstention) that go into metrics.json."""
+
+    metrics: Metrics
+    probabilities: np.ndarray  # (examples, labels), temperature-scaled
+    ece: float
+    ece_uncalibrated: float
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """The behavioural tests: invariance per perturbation, the must-pass file, their rates."""
+
+    invariance: dict[str, InvarianceResult]
+    must_pass: MustPassResult
+    rates: dict[str, float | None]
+
+
+def load_test_split(params: Params, classifier: Classifier) -> Split:
+    """The prepared test split, with its labels as indices into `classifier.labels`."""
+    test = pd.read_parquet(params.prepare.output_dir / "test.parquet")
+    label_ids = {label: index for index, label in enumerate(classifier.labels)}
+    return Split(
+        texts=test["text"].tolist(),
+        labels=test["label"],
+        y_true=test["label"].map(label_ids).to_numpy(),
+    )
+
+
+def score_test_split(
+    classifier: Classifier, split: Split, config: EvaluateConfig, model_dir: Path
+) -> Scores:
+    """Metrics, calibration and (for an ONNX model) the fp32 accuracy on the test split."""
+    logits = classifier.predict_logits(split.texts, config.batch_size)
+    probabilities = softmax(logits, classifier.temperature)
+    predicted = probabilities.argmax(axis=1)
+    metrics = compute_metrics(split.y_true.tolist(), predicted, classifier.labels)
+    ece = expected_calibration_error(probabilities, split.y_true, config.calibration_bins)
+    ece_raw = expected_calibration_error(softmax(logits), split.y_true, config.calibration_bins)
+    extra: dict[str, Any] = {"runtime": classifier.runtime}
+    if classifier.runtime.startswith("onnx"):
+        fp32 = load_classifier(model_dir, runtime="torch")
+        fp32_predicted = fp32.predict_logits(split.texts, config.batch_size).argmax(axis=1)
+        extra["accuracy_fp32"] = float((fp32_predicted == split.y_true).mean())
+    if classifier.abstain_threshold is not None:
+        extra["abstention"] = {
+            "threshold": classifier.abstain_threshold,
+            **selective_scores(probabilities, split.y_true, classifier.abstain_threshold),
+        }
+    return Scores(metrics, probabilities, ece, ece_raw, extra)
+
+
+def run_behaviour(
+    classifier: Classifier,
+    texts: list[str],
+    must_pass_cases: list[MustPassCase],
+    config: EvaluateConfig,
+) -> Behaviour:
+    """Invariance to perturbations of the test texts, and the must-pass cases."""
+
+    def predict_ids(batch: list[str]) -> np.ndarray:
+        return classifier.predict_proba(batch, config.batch_size).argmax(axis=1)
+
+    invariance = invariance_rates(
+        predict_ids, texts, max_examples=config.behaviour_examples, seed=config.seed
+    )
+    # A must-pass case answered "unknown" (abstained) is not answered as written: it fails.
+    must = must_pass(
+        lambda batch: [p.label for p in classifier.predict(batch, config.batch_size)],
+        must_pass_cases,
+    )
+    rates: dict[str, float | None] = {kind: result.rate for kind, result in invariance.items()}
+    rates["must_pass"] = must.rate
+    return Behaviour(invariance, must, rates)
+
+
+def write_scores(out: Path, classifier: Classifier, scores: Scores, behaviour: Behaviour) -> None:
+    """metrics.json, per_class.json and behaviour.json."""
+    metrics = scores.metrics
+    write_json(
+        out / "metrics.json",
+        {
+            "accuracy": metrics.accuracy,
+            "macro_f1": metrics.macro_f1,
+            "n_test": metrics.n,
+            "ece": scores.ece,
+            "ece_uncalibrated": scores.ece_uncalibrated,
+            "temperature": classifier.temperature,
+            "behaviour": behaviour.rates,
+            **scores.extra,
+        },
+    )
+    write_json(
+        out / "per_class.json",
+        {label: per_class.model_dump() for label, per_class in metrics.per_class.items()},
+    )
+    write_json(
+        out / "behaviour.json",
+        {
+            "invariance": {
+                kind: result.model_dump() for kind, result in behaviour.invariance.items()
+            },
+            "must_pass": behaviour.must_pass.model_dump(),
+        },
+    )
+
+
+def write_predictions(
+    out: Path, classifier: Classifier, split: Split, probabilities: np.ndarray
+) -> pd.DataFrame:
+    """predictions.parquet: one row per test example (for the champion comparison)."""
+    offline = make_predictions(probabilities, classifier.labels, classifier.abstain_threshold)
+    frame = pd.DataFrame(
+        {
+            "text": split.texts,
+            "label": split.labels,
+            "predicted": [p.best_label for p in offline],
+            "score": [p.score for p in offline],
+            "abstained": [p.abstained for p in offline],
+        }
+    )
+    with atomic_path(out / "predictions.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+    return frame
+
+
+def print_summary(classifier: Classifier, scores: Scores, behaviour: Behaviour) -> None:
+    """The stage's summary lines: accuracy, calibration, abstention, behaviour rates."""
+    metrics, extra = scores.metrics, scores.extra
+    print(
+        f"evaluate: accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f} "
+        f"on {metrics.n} test examples ({classifier.runtime}"
+        + (f"; fp32 {extra['accuracy_fp32']:.4f}" if "accuracy_fp32" in extra else "")
+        + f"); ECE {scores.ece_uncalibrated:.4f} -> {scores.ece:.4f} "
+        f"(temperature {classifier.temperature:.3f})"
+    )
+    if "abstention" in extra:
+        abstention = extra["abstention"]
+        print(
+            f"abstention at {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
+            f"of the test set with precision {abstention['precision']:.4f}"
+        )
+    print(
+        "behaviour: "
+        + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in behaviour.rates.items())
+    )
+
+
 def run(params: Params) -> Metrics:
     """Score the model on the test split and run the behavioural tests.
 
@@ -78,82 +246,16 @@ def run(params: Params) -> Metrics:
     # The runtime serving will use (int8 ONNX on CPUs when exported): that is what is gated.
     classifier = load_classifier(model_dir)
     must_pass_cases = load_must_pass(config.must_pass_file, classifier.labels)
-    test = pd.read_parquet(params.prepare.output_dir / "test.parquet")
-    texts = test["text"].tolist()
-    label_ids = {label: index for index, label in enumerate(classifier.labels)}
-    y_true = test["label"].map(label_ids).to_numpy()
-
-    logits = classifier.predict_logits(texts, config.batch_size)
-    probabilities = softmax(logits, classifier.temperature)
-    predicted = probabilities.argmax(axis=1)
-    metrics = compute_metrics(y_true.tolist(), predicted, classifier.labels)
-    ece = expected_calibration_error(probabilities, y_true, config.calibration_bins)
-    ece_raw = expected_calibration_error(softmax(logits), y_true, config.calibration_bins)
-    extra: dict[str, object] = {"runtime": classifier.runtime}
-    if classifier.runtime.startswith("onnx"):
-        fp32 = load_classifier(model_dir, runtime="torch")
-        fp32_predicted = fp32.predict_logits(texts, config.batch_size).argmax(axis=1)
-        extra["accuracy_fp32"] = float((fp32_predicted == y_true).mean())
-    if classifier.abstain_threshold is not None:
-        extra["abstention"] = {
-            "threshold": classifier.abstain_threshold,
-            **selective_scores(probabilities, y_true, classifier.abstain_threshold),
-        }
-
-    def predict_ids(batch: list[str]) -> np.ndarray:
-        return classifier.predict_proba(batch, config.batch_size).argmax(axis=1)
-
-    invariance = invariance_rates(
-        predict_ids, texts, max_examples=config.behaviour_examples, seed=config.seed
-    )
-    # A must-pass case answered "unknown" (abstained) is not answered as written: it fails.
-    must = must_pass(
-        lambda batch: [p.label for p in classifier.predict(batch, config.batch_size)],
-        must_pass_cases,
-    )
-    rates = {kind: result.rate for kind, result in invariance.items()}
-    rates["must_pass"] = must.rate
+    split = load_test_split(params, classifier)
+    scores = score_test_split(classifier, split, config, model_dir)
+    behaviour = run_behaviour(classifier, split.texts, must_pass_cases, config)
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        out / "metrics.json",
-        {
-            "accuracy": metrics.accuracy,
-            "macro_f1": metrics.macro_f1,
-            "n_test": metrics.n,
-            "ece": ece,
-            "ece_uncalibrated": ece_raw,
-            "temperature": classifier.temperature,
-            "behaviour": rates,
-            **extra,
-        },
-    )
-    write_json(
-        out / "per_class.json",
-        {label: scores.model_dump() for label, scores in metrics.per_class.items()},
-    )
-    write_json(
-        out / "behaviour.json",
-        {
-            "invariance": {kind: result.model_dump() for kind, result in invariance.items()},
-            "must_pass": must.model_dump(),
-        },
-    )
-    offline = make_predictions(probabilities, classifier.labels, classifier.abstain_threshold)
-    frame = pd.DataFrame(
-        {
-            "text": texts,
-            "label": test["label"],
-            "predicted": [p.best_label for p in offline],
-            "score": [p.score for p in offline],
-            "abstained": [p.abstained for p in offline],
-        }
-    )
-    with atomic_path(out / "predictions.parquet") as tmp:
-        frame.to_parquet(tmp, index=False)
+    write_scores(out, classifier, scores, behaviour)
+    frame = write_predictions(out, classifier, split, scores.probabilities)
     golden = golden_cases(
         classifier,
-        texts,
+        split.texts,
         config.golden_requests,
         config.seed,
         extra=[case.text for case in must_pass_cases],
@@ -161,24 +263,9 @@ def run(params: Params) -> Metrics:
     write_json(out / "golden.json", golden)
     with atomic_path(out / "confusion.csv") as tmp:
         frame[["label", "predicted"]].rename(columns={"label": "actual"}).to_csv(tmp, index=False)
-    plot_confusion(metrics, out / "confusion.png")
-    print(
-        f"evaluate: accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f} "
-        f"on {metrics.n} test examples ({classifier.runtime}"
-        + (f"; fp32 {extra['accuracy_fp32']:.4f}" if "accuracy_fp32" in extra else "")
-        + f"); ECE {ece_raw:.4f} -> {ece:.4f} (temperature {classifier.temperature:.3f})"
-    )
-    if "abstention" in extra:
-        abstention = extra["abstention"]
-        print(
-            f"abstention at {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
-            f"of the test set with precision {abstention['precision']:.4f}"
-        )
-    print(
-        "behaviour: "
-        + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in rates.items())
-    )
-    return metrics
+    plot_confusion(scores.metrics, out / "confusion.png")
+    print_summary(classifier, scores, behaviour)
+    return scores.metrics
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +25,17 @@ import psutil
 
 from textgate.errors import DataError, TextgateError
 from textgate.io import read_json, write_json
+from textgate.process import (
+    ManagedProcess,
+    ProcessStartError,
+    free_port,
+    start_process,
+    stop,
+    url_ready,
+    wait_ready,
+)
 
 LOG_FILE = "bentoml-serve.log"
-LOG_TAIL_LINES = 40
 STOP_GRACE_S = 20.0
 POLL_INTERVAL_S = 0.5
 # How much of an error response body an error message quotes.
@@ -92,19 +97,6 @@ def _golden_case(entry: Any, where: str) -> GoldenCase:
     return GoldenCase(text=text, label=label, score=float(score))
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last `lines` lines of a log file ("" when it does not exist)."""
-    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 @contextmanager
 def serve_bento(
     bento_tag: str,
@@ -132,31 +124,28 @@ def serve_bento(
             exit code and the end of the log.
     """
     workdir = Path(workdir)
-    log = workdir / LOG_FILE
     port = free_port() if port is None else port
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **(env or {})}
     full_env.pop("PYTHONPATH", None)
     command = [sys.executable, "-m", "bentoml", "serve", bento_tag]
     command += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as handle:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            env=full_env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group (the workers are not in it: see below)
-        )
-    server = _ServerProcess(process)
+    process = start_process(
+        command,
+        env=full_env,
+        cwd=workdir,
+        log_path=workdir / LOG_FILE,
+        name=f"bentoml serve {bento_tag}",
+    )
+    server = _BentoServer(process)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, bento_tag, server, log, ready_timeout_s)
+        server.wait_ready(url, ready_timeout_s)
         yield url
     finally:
         server.stop()
 
 
-class _ServerProcess:
+class _BentoServer:
     """A `bentoml serve` process and the workers it starts.
 
     The server has a process group of its own, but its process manager (circus) starts each
@@ -164,7 +153,7 @@ class _ServerProcess:
     the server, so the workers seen are remembered, in case the server dies first.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: ManagedProcess) -> None:
         self.process = process
         self.workers: dict[int, psutil.Process] = {}
 
@@ -174,19 +163,28 @@ class _ServerProcess:
             for child in psutil.Process(self.process.pid).children(recursive=True):
                 self.workers.setdefault(child.pid, child)
 
+    def wait_ready(self, url: str, timeout_s: float) -> None:
+        """Wait until `GET {url}/readyz` answers 200, noting the workers as they start.
+
+        Raises:
+            ServedCheckError: the server exited first, or was not ready in time.
+        """
+
+        def ready() -> bool:
+            self.note_workers()
+            return url_ready(f"{url}/readyz")
+
+        try:
+            wait_ready(self.process, ready, timeout_s, poll_s=POLL_INTERVAL_S)
+        except ProcessStartError as error:
+            raise ServedCheckError(str(error)) from error
+        self.note_workers()
+
     def stop(self) -> None:
         """Stop the server and its workers: SIGTERM, then SIGKILL after the grace period."""
-        if self.process.poll() is None:
+        if self.process.running():
             self.note_workers()
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        # What is left of the group; its id cannot be reused while a member is alive.
-        with suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        stop(self.process, STOP_GRACE_S)
         # psutil checks that a remembered pid is still the same process before signalling it.
         left = [worker for worker in self.workers.values() if worker.is_running()]
         for worker in left:
@@ -197,34 +195,6 @@ class _ServerProcess:
             with suppress(psutil.NoSuchProcess):
                 worker.kill()
         psutil.wait_procs(alive, timeout=10)
-
-
-def _wait_ready(
-    url: str, bento_tag: str, server: _ServerProcess, log: Path, timeout_s: float
-) -> None:
-    process = server.process
-    deadline = time.monotonic() + timeout_s
-    # trust_env=False: a proxy configured in the environment must not see loopback requests.
-    with httpx.Client(trust_env=False, timeout=2) as client:
-        while True:
-            server.note_workers()
-            if process.poll() is not None:
-                raise ServedCheckError(
-                    f"bentoml serve {bento_tag} exited with code {process.returncode} before "
-                    f"it was ready; last lines of {log}:\n{log_tail(log)}"
-                )
-            try:
-                if client.get(f"{url}/readyz").status_code == 200:
-                    server.note_workers()
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            if time.monotonic() >= deadline:
-                raise ServedCheckError(
-                    f"bentoml serve {bento_tag} was not ready after {timeout_s:.0f} s "
-                    f"(still running); last lines of {log}:\n{log_tail(log)}"
-                )
-            time.sleep(POLL_INTERVAL_S)
 
 
 @dataclass(frozen=True)
@@ -289,57 +259,81 @@ def replay(
     if not golden:
         raise DataError("replay needs at least one golden case")
     endpoint = f"{url.rstrip('/')}/classify"
-    matched = 0
-    mismatches: list[dict[str, Any]] = []
-    errors: list[str] = []
-    latencies_ms: list[float] = []
+    outcome = _ReplayOutcome()
     with httpx.Client(trust_env=False, timeout=timeout_s) as client:
         for case in golden[:warmup]:
             with suppress(httpx.HTTPError):  # the timed pass reports it
                 client.post(endpoint, json={"texts": [case.text]})
         for case in golden:
-            start = time.perf_counter()
-            try:
-                response = client.post(endpoint, json={"texts": [case.text]})
-            except httpx.HTTPError as error:
-                errors.append(f"{case.text!r}: {type(error).__name__}: {error}")
-                continue
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            parsed = parse_answers(response, 1)
-            answer = parsed if isinstance(parsed, str) else parsed[0]
-            if isinstance(answer, str):
-                errors.append(f"{case.text!r}: {answer}")
-                continue
-            latencies_ms.append(elapsed_ms)
-            label, score = answer
-            if label == case.label and abs(score - case.score) <= score_tolerance:
-                matched += 1
-            else:
-                mismatches.append(
-                    {
-                        "text": case.text,
-                        "offline_label": case.label,
-                        "served_label": label,
-                        "offline_score": case.score,
-                        "served_score": score,
-                    }
-                )
-    if latencies_ms:
-        p50, p95 = (float(v) for v in np.percentile(latencies_ms, [50, 95], method="linear"))
-        slowest = max(latencies_ms)
+            _replay_case(client, endpoint, case, score_tolerance, outcome)
+    return outcome.report(bento_tag, len(golden))
+
+
+@dataclass
+class _ReplayOutcome:
+    """What the timed pass of `replay` has seen so far."""
+
+    matched: int = 0
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def report(self, bento_tag: str, n: int) -> ServedReport:
+        """The report of `n` replayed cases, with latency percentiles (NaN when none)."""
+        if self.latencies_ms:
+            p50, p95 = (
+                float(v) for v in np.percentile(self.latencies_ms, [50, 95], method="linear")
+            )
+            slowest = max(self.latencies_ms)
+        else:
+            p50 = p95 = slowest = math.nan
+        return ServedReport(
+            bento_tag=bento_tag,
+            n=n,
+            matched=self.matched,
+            mismatches=self.mismatches,
+            errors=self.errors,
+            latencies_ms=self.latencies_ms,
+            p50_ms=p50,
+            p95_ms=p95,
+            max_ms=slowest,
+        )
+
+
+def _replay_case(
+    client: httpx.Client,
+    endpoint: str,
+    case: GoldenCase,
+    score_tolerance: float,
+    outcome: _ReplayOutcome,
+) -> None:
+    """Send one golden text, time it, and record the answer as matched, mismatched or error."""
+    start = time.perf_counter()
+    try:
+        response = client.post(endpoint, json={"texts": [case.text]})
+    except httpx.HTTPError as error:
+        outcome.errors.append(f"{case.text!r}: {type(error).__name__}: {error}")
+        return
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    parsed = parse_answers(response, 1)
+    answer = parsed if isinstance(parsed, str) else parsed[0]
+    if isinstance(answer, str):
+        outcome.errors.append(f"{case.text!r}: {answer}")
+        return
+    outcome.latencies_ms.append(elapsed_ms)
+    label, score = answer
+    if label == case.label and abs(score - case.score) <= score_tolerance:
+        outcome.matched += 1
     else:
-        p50 = p95 = slowest = math.nan
-    return ServedReport(
-        bento_tag=bento_tag,
-        n=len(golden),
-        matched=matched,
-        mismatches=mismatches,
-        errors=errors,
-        latencies_ms=latencies_ms,
-        p50_ms=p50,
-        p95_ms=p95,
-        max_ms=slowest,
-    )
+        outcome.mismatches.append(
+            {
+                "text": case.text,
+                "offline_label": case.label,
+                "served_label": label,
+                "offline_score": case.score,
+                "served_score": score,
+            }
+        )
 
 
 def parse_answers(response: httpx.Response, expected: int) -> list[tuple[str, float]] | str:

@@ -29,6 +29,8 @@ atexit.register(shutil.rmtree, _BENTOML_HOME, ignore_errors=True)
 # that test ("--- Logging error --- ... I/O operation on closed file" in every later test).
 import prefect.main  # noqa: E402, F401
 
+from bench.workspace import build_tiny_bert  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Few distinctive words per intent, so a tiny model learns them in a couple of epochs.
@@ -76,26 +78,11 @@ def bentoml_home() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-layer BERT (hidden size 32) with the MiniLM tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    """A randomly initialised 2-layer BERT (hidden size 32) with the MiniLM tokenizer.
 
-    from textgate.model import resolve_base_model
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("bundled:all-MiniLM-L6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)  # the same random encoder in every session: tests that train are stable
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    Seeded: the same random encoder in every session, so tests that train are stable.
+    """
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
 
 
 @pytest.fixture(scope="session")

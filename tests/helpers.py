@@ -1,32 +1,33 @@
-"""Helpers shared by tests: params built from the real params.yaml with overrides."""
+"""Helpers shared by tests: params built from the real params.yaml with overrides.
+
+`merge` and `copy_project` come from bench/workspace.py, which the benchmarks share.
+"""
 
 from __future__ import annotations
 
-import copy
-import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bench.workspace import copy_project, merge
 from textgate.config import Params, parse_params
+
+__all__ = [
+    "MUST_PASS_ROWS",
+    "REPO_ROOT",
+    "copy_project",
+    "make_params",
+    "merge",
+    "raw_params",
+    "tiny_overrides",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def raw_params() -> dict[str, Any]:
     return yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def tiny_overrides(work: Path, base_model: Path) -> dict[str, Any]:
@@ -59,14 +60,3 @@ MUST_PASS_ROWS = [("hello stolen card thanks", "lost_card"), ("hi refund today",
 
 def make_params(overrides: dict[str, Any]) -> Params:
     return parse_params(merge(raw_params(), overrides))
-
-
-def copy_project(root: Path, names: Iterable[str]) -> None:
-    """Copy the project's files and folders `names` (relative to the repo) under `root`."""
-    for name in names:
-        source, target = REPO_ROOT / name, root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)

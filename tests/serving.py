@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.served import ServedCheckError, free_port, serve_bento
+from tasks.served import ServedCheckError, serve_bento
+from textgate.process import free_port
 
 __all__ = ["READY_TIMEOUT_S", "bentoml_serve", "free_port"]
 

@@ -226,82 +226,96 @@ def assess_drift(
     Embeddings are optional (without them the embedding check is left out); each is
     (samples, hidden).
     """
-    checks: list[DriftCheck] = []
+    checks = [label_check(reference, window, config)]
+    if reference_embeddings is not None and window_embeddings is not None:
+        checks.append(embedding_check(reference_embeddings, window_embeddings, config))
+    checks.append(length_check(reference, window, config))
+    checks.append(abstention_check(reference, window, config))
+    return DriftReport(checks=checks)
 
+
+def label_check(reference: Profile, window: Profile, config: MonitorConfig) -> DriftCheck:
+    """PSI of the predicted-label distribution against `config.max_label_psi`."""
     psi = label_psi(reference.label_counts, window.label_counts)
     chi2_p = label_chi2_p_value(reference.label_counts, window.label_counts)
-    checks.append(
-        DriftCheck(
-            name="label_psi",
-            value=psi,
-            threshold=config.max_label_psi,
-            drifted=psi > config.max_label_psi,
-            detail=f"PSI {psi:.3f} {'>' if psi > config.max_label_psi else '<='} "
-            f"{config.max_label_psi} (chi-squared p = {chi2_p:.3g})",
-            p_value=chi2_p,
-        )
+    return DriftCheck(
+        name="label_psi",
+        value=psi,
+        threshold=config.max_label_psi,
+        drifted=psi > config.max_label_psi,
+        detail=f"PSI {psi:.3f} {'>' if psi > config.max_label_psi else '<='} "
+        f"{config.max_label_psi} (chi-squared p = {chi2_p:.3g})",
+        p_value=chi2_p,
     )
 
-    if reference_embeddings is not None and window_embeddings is not None:
-        mmd = rbf_mmd_test(
-            reference_embeddings,
-            window_embeddings,
-            permutations=config.mmd_permutations,
-            seed=config.seed,
-        )
-        fired = mmd.p_value < config.mmd_p_value
-        checks.append(
-            DriftCheck(
-                name="embedding_mmd",
-                value=mmd.p_value,  # what the threshold applies to; MMD^2 is in the detail
-                threshold=config.mmd_p_value,
-                drifted=fired,
-                detail=f"MMD^2 {mmd.mmd2:.4f}, permutation p = {mmd.p_value:.4f} "
-                f"{'<' if fired else '>='} {config.mmd_p_value} "
-                f"({len(reference_embeddings)} vs {len(window_embeddings)} texts)",
-                p_value=mmd.p_value,
-            )
-        )
 
+def embedding_check(
+    reference_embeddings: np.ndarray, window_embeddings: np.ndarray, config: MonitorConfig
+) -> DriftCheck:
+    """The MMD permutation test's p-value against `config.mmd_p_value`.
+
+    Args:
+        reference_embeddings: (samples, hidden).
+        window_embeddings: (samples, hidden).
+    """
+    mmd = rbf_mmd_test(
+        reference_embeddings,
+        window_embeddings,
+        permutations=config.mmd_permutations,
+        seed=config.seed,
+    )
+    fired = mmd.p_value < config.mmd_p_value
+    return DriftCheck(
+        name="embedding_mmd",
+        value=mmd.p_value,  # what the threshold applies to; MMD^2 is in the detail
+        threshold=config.mmd_p_value,
+        drifted=fired,
+        detail=f"MMD^2 {mmd.mmd2:.4f}, permutation p = {mmd.p_value:.4f} "
+        f"{'<' if fired else '>='} {config.mmd_p_value} "
+        f"({len(reference_embeddings)} vs {len(window_embeddings)} texts)",
+        p_value=mmd.p_value,
+    )
+
+
+def length_check(reference: Profile, window: Profile, config: MonitorConfig) -> DriftCheck:
+    """The KS distance between text lengths against `config.max_length_ks`."""
     distance, ks_p = length_ks(reference.lengths, window.lengths)
     fired = distance > config.max_length_ks
-    checks.append(
-        DriftCheck(
-            name="length_ks",
-            value=distance,
-            threshold=config.max_length_ks,
-            drifted=fired,
-            detail=f"KS distance {distance:.3f} {'>' if fired else '<='} {config.max_length_ks} "
-            f"(median {np.median(window.lengths):.0f} vs {np.median(reference.lengths):.0f} "
-            f"characters, p = {ks_p:.3g})",
-            p_value=ks_p,
-        )
+    return DriftCheck(
+        name="length_ks",
+        value=distance,
+        threshold=config.max_length_ks,
+        drifted=fired,
+        detail=f"KS distance {distance:.3f} {'>' if fired else '<='} {config.max_length_ks} "
+        f"(median {np.median(window.lengths):.0f} vs {np.median(reference.lengths):.0f} "
+        f"characters, p = {ks_p:.3g})",
+        p_value=ks_p,
     )
 
+
+def abstention_check(reference: Profile, window: Profile, config: MonitorConfig) -> DriftCheck:
+    """The window's abstention rate against the validation rate plus the allowed increase.
+
+    Not checked (never drifted) when the reference has no abstention rate.
+    """
     observed = window.abstention_rate or 0.0
     expected = reference.abstention_rate
     if expected is None:
-        checks.append(
-            DriftCheck(
-                name="abstention_rate",
-                value=observed,
-                threshold=config.max_abstention_increase,
-                drifted=False,
-                detail=f"{observed:.1%} abstained; not checked: the model has no validation "
-                "abstention rate",
-            )
+        return DriftCheck(
+            name="abstention_rate",
+            value=observed,
+            threshold=config.max_abstention_increase,
+            drifted=False,
+            detail=f"{observed:.1%} abstained; not checked: the model has no validation "
+            "abstention rate",
         )
-    else:
-        limit = expected + config.max_abstention_increase
-        fired = observed > limit
-        checks.append(
-            DriftCheck(
-                name="abstention_rate",
-                value=observed,
-                threshold=limit,
-                drifted=fired,
-                detail=f"{observed:.1%} abstained {'>' if fired else '<='} {limit:.1%} "
-                f"(validation {expected:.1%} + {config.max_abstention_increase:.0%})",
-            )
-        )
-    return DriftReport(checks=checks)
+    limit = expected + config.max_abstention_increase
+    fired = observed > limit
+    return DriftCheck(
+        name="abstention_rate",
+        value=observed,
+        threshold=limit,
+        drifted=fired,
+        detail=f"{observed:.1%} abstained {'>' if fired else '<='} {limit:.1%} "
+        f"(validation {expected:.1%} + {config.max_abstention_increase:.0%})",
+    )

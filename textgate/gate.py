@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from textgate.config import GateConfig
-from textgate.stats import mcnemar_p_value, paired_bootstrap
+from textgate.stats import BootstrapResult, mcnemar_p_value, paired_bootstrap
 from textgate.text import text_fingerprint
 
 CheckKind = Literal[
@@ -255,32 +255,9 @@ def champion_checks(
     trained on them (see `unseen_mask`); the reason says so.
     """
     if champion_error is not None:
-        return [
-            Check(
-                name="champion",
-                kind="champion",
-                metric="accuracy",
-                value=None,
-                threshold=None,
-                passed=False,
-                reason=f"cannot compare with the production model: {champion_error}",
-            )
-        ]
+        return [_champion_unscorable(champion_error)]
     if champion is None:
-        passed = config.no_champion == "pass"
-        return [
-            Check(
-                name="champion",
-                kind="champion",
-                metric="accuracy",
-                value=None,
-                threshold=None,
-                passed=passed,
-                applied=False,
-                reason="no model in production yet (first release); "
-                f"gate.no_champion is '{config.no_champion}'",
-            )
-        ]
+        return [_no_champion(config)]
     if not (len(y_true) == len(candidate) == len(champion)) or not y_true:
         raise ValueError("y_true, candidate and champion must be non-empty and of one length")
     labels = sorted(set(y_true) | set(candidate) | set(champion))
@@ -289,9 +266,9 @@ def champion_checks(
     ours = [index[label] for label in candidate]
     theirs = [index[label] for label in champion]
     p_value = mcnemar_p_value(truth, ours, theirs)
+    production = f"production {champion_tag}" if champion_tag else "production"
     checks = []
     for metric in COMPARED:
-        margin = getattr(config.margins, metric)
         result = paired_bootstrap(
             truth,
             ours,
@@ -302,42 +279,78 @@ def champion_checks(
             confidence=config.confidence,
             seed=seed,
         )
-        passed = result.low >= -margin
-        level = f"{config.confidence:.0%} CI"
-        production = f"production {champion_tag}" if champion_tag else "production"
-        reason = (
-            f"{metric} {result.value_a:.4f} vs {production} {result.value_b:.4f}: "
-            f"delta {result.delta:+.4f}, {level} [{result.low:+.4f}, {result.high:+.4f}]; "
-        )
-        if passed:
-            reason += f"lower bound >= -{margin:.4f} margin: not worse beyond the margin"
-        else:
-            reason += (
-                f"lower bound < -{margin:.4f} margin: a regression beyond the margin "
-                "is not ruled out"
-            )
+        notes = []
         if metric == "accuracy":
-            reason += f" (McNemar p = {p_value:.3g})"
+            notes.append(f" (McNemar p = {p_value:.3g})")
         if excluded:
-            reason += (
+            notes.append(
                 f"; on {len(truth)} test examples, {excluded} left out because production "
                 "was trained on them"
             )
-        checks.append(
-            Check(
-                name=f"champion_{metric}",
-                kind="champion",
-                metric=metric,
-                value=result.value_a,
-                baseline=result.value_b,
-                threshold=-margin,
-                delta=result.delta,
-                ci=(result.low, result.high),
-                passed=passed,
-                reason=reason,
-            )
-        )
+        checks.append(_non_inferiority_check(metric, result, config, production, "".join(notes)))
     return checks
+
+
+def _champion_unscorable(champion_error: str) -> Check:
+    """The champion check when the production model cannot be scored: it fails."""
+    return Check(
+        name="champion",
+        kind="champion",
+        metric="accuracy",
+        value=None,
+        threshold=None,
+        passed=False,
+        reason=f"cannot compare with the production model: {champion_error}",
+    )
+
+
+def _no_champion(config: GateConfig) -> Check:
+    """The champion check of a first release: not applied; it passes as `no_champion` says."""
+    return Check(
+        name="champion",
+        kind="champion",
+        metric="accuracy",
+        value=None,
+        threshold=None,
+        passed=config.no_champion == "pass",
+        applied=False,
+        reason="no model in production yet (first release); "
+        f"gate.no_champion is '{config.no_champion}'",
+    )
+
+
+def _non_inferiority_check(
+    metric: str, result: BootstrapResult, config: GateConfig, production: str, notes: str
+) -> Check:
+    """One metric's champion check: the CI's lower end against minus the metric's margin.
+
+    `production` names the production model in the reason; `notes` is appended to it.
+    """
+    margin = getattr(config.margins, metric)
+    passed = result.low >= -margin
+    level = f"{config.confidence:.0%} CI"
+    reason = (
+        f"{metric} {result.value_a:.4f} vs {production} {result.value_b:.4f}: "
+        f"delta {result.delta:+.4f}, {level} [{result.low:+.4f}, {result.high:+.4f}]; "
+    )
+    if passed:
+        reason += f"lower bound >= -{margin:.4f} margin: not worse beyond the margin"
+    else:
+        reason += (
+            f"lower bound < -{margin:.4f} margin: a regression beyond the margin is not ruled out"
+        )
+    return Check(
+        name=f"champion_{metric}",
+        kind="champion",
+        metric=metric,
+        value=result.value_a,
+        baseline=result.value_b,
+        threshold=-margin,
+        delta=result.delta,
+        ci=(result.low, result.high),
+        passed=passed,
+        reason=reason + notes,
+    )
 
 
 def unseen_mask(texts: Sequence[str], seen: set[str] | None) -> list[bool]:

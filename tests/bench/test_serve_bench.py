@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from bench import serve as bench
-from tasks.served import free_port
 from tests.serving import local_http_server
+from textgate.process import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -18,25 +18,13 @@ import httpx
 import pytest
 import yaml
 
+from bench.workspace import LENIENT_GATE, PROJECT_FILES
 from tests.conftest import make_rows, write_csv
 from tests.helpers import MUST_PASS_ROWS, copy_project, merge
 from tests.serving import bentoml_serve
 from textgate.registry import Registry
 
 pytestmark = pytest.mark.slow
-
-COPIED = [
-    "dvc.yaml",
-    "params.yaml",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    "tasks",
-    "textgate",
-    "flows",
-    "bentos",
-]
 
 
 def _git(workspace: Path, *args: str) -> None:
@@ -49,22 +37,12 @@ def _set_params(workspace: Path, overrides: dict) -> None:
 
 
 GOOD_EPOCHS = 12  # the tiny model learns the three keyword intents (see test_release_checks)
-# Only the checks a test is about should bite: the tiny model's other figures are not tuned.
-LENIENT_GATE = {
-    "min_accuracy": 0.0,
-    "min_macro_f1": 0.0,
-    "min_class_recall": 0.0,
-    "max_ece": 1.0,
-    "max_quantization_drop": 1.0,
-    "behaviour": {"casing": 0.0, "punctuation": 0.0, "typos": 0.0, "filler": 0.0, "must_pass": 0.0},
-    "max_p95_latency_ms": 10000,  # a shared CI machine; latency budgets are for benchmarks
-}
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
     root = tmp_path_factory.mktemp("workspace")
-    copy_project(root, COPIED)
+    copy_project(root, PROJECT_FILES)
     write_csv(root / "data" / "raw" / "train.csv", make_rows(per_class=30))
     write_csv(root / "data" / "must_pass.csv", MUST_PASS_ROWS)
     _set_params(

@@ -21,7 +21,6 @@ from tasks.served import (
     GoldenCase,
     ServedCheckError,
     check_served_bento,
-    free_port,
     load_golden,
     replay,
     serve_bento,
@@ -32,6 +31,7 @@ from tests.serving import local_http_server
 from textgate.config import load_params
 from textgate.errors import DataError
 from textgate.model import TextClassifier
+from textgate.process import free_port
 
 pytestmark = pytest.mark.slow  # builds and serves real bentos
 

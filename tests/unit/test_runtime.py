@@ -60,20 +60,16 @@ def varied_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     order or a wrong argmax. Random weights 25 times larger (initializer_range 0.5) spread
     the scores over about 0.5 to 0.8 with three different top labels, no training needed.
     """
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertForSequenceClassification
 
+    from bench.workspace import tiny_bert_config
     from textgate.io import read_json
     from textgate.model import LABEL_MAP_FILE, save_classifier
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     labels = read_json(tiny_model_dir / LABEL_MAP_FILE)["labels"]
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+    config = tiny_bert_config(
+        tokenizer.vocab_size,
         initializer_range=0.5,
         id2label=dict(enumerate(labels)),
         label2id={label: index for index, label in enumerate(labels)},
