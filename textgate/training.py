@@ -514,9 +514,15 @@ def train_classifier(
         callbacks: reports and checkpoint storage; None: none.
     """
     run = _start_run(
-        model, tokenizer, (train_texts, train_labels), (val_texts, val_labels), config, device,
-        world or World(), callbacks or TrainingCallbacks(),
-    )  # fmt: skip
+        model,
+        tokenizer,
+        (train_texts, train_labels),
+        (val_texts, val_labels),
+        config,
+        device,
+        world or World(),
+        callbacks or TrainingCallbacks(),
+    )
     _resume(run)
     run.trained = _distributed(run.model, run.world, run.device)
     run.model.train()
@@ -557,14 +563,24 @@ def _start_run(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
     )
     return _Run(
-        config=config, world=world, device=device, dtype=dtype, threads=threads,
-        callbacks=callbacks, model=model, optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler, train_data=train_data,
-        train_targets=torch.tensor(list(train[1]), dtype=torch.long), val_data=val_data,
-        val_targets=np.asarray(val[1], dtype=np.int64), clock=clock,
+        config=config,
+        world=world,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        callbacks=callbacks,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_data=train_data,
+        train_targets=torch.tensor(list(train[1]), dtype=torch.long),
+        val_data=val_data,
+        val_targets=np.asarray(val[1], dtype=np.int64),
+        clock=clock,
         tally=_Tally(loss_sum=torch.zeros((), device=device)),
         early=EarlyStopping(config.early_stopping_patience),
-    )  # fmt: skip
+    )
 
 
 def _resume(run: _Run) -> None:
@@ -670,11 +686,16 @@ def _report_progress(run: _Run, moment: Literal["start", "step", "end"], batches
         samples_per_second = run.tally.samples / max(step_seconds, 1e-9)
     report(
         TrainingProgress(
-            moment=moment, epoch=progress.epoch, epochs=run.config.epochs,
-            batches_done=progress.batches_done, batches=batches, step=progress.step,
-            loss=loss, samples_per_second=samples_per_second,
+            moment=moment,
+            epoch=progress.epoch,
+            epochs=run.config.epochs,
+            batches_done=progress.batches_done,
+            batches=batches,
+            step=progress.step,
+            loss=loss,
+            samples_per_second=samples_per_second,
         )
-    )  # fmt: skip
+    )
 
 
 def _validation(run: _Run, last_of_epoch: bool) -> None:
