@@ -474,9 +474,9 @@ class _Run:
     tally: _Tally
     early: EarlyStopping
     progress: _Progress = field(default_factory=_Progress)
-    best_state: dict[str, torch.Tensor] | None = None  # on the CPU; None: the current weights
+    best_state: dict[str, torch.Tensor] | None = None  # on the CPU; None: keep the last weights
     resumed_from: int | None = None
-    trained: torch.nn.Module | None = None  # the model, wrapped in DDP between processes
+    trained: torch.nn.Module | None = None  # set once resumed: the model, in DDP if distributed
 
     @property
     def total_steps(self) -> int:
