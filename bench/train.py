@@ -277,8 +277,9 @@ def run_textgate(options: Options) -> dict[str, Any]:
     """Train with textgate's loop and params.yaml's defaults, scoring the test split at each
     validation (the hook's time is not training time); score the kept (best) weights."""
 
+    from tasks.train import ConsoleReport
     from textgate.model import build_classifier, predict_logits, select_device
-    from textgate.training import EvalPoint, seed_everything, train_classifier
+    from textgate.training import EvalPoint, TrainingCallbacks, seed_everything, train_classifier
 
     config = _train_config(options)
     labels, splits = load_data(options, config.seed)
@@ -315,6 +316,7 @@ def run_textgate(options: Options) -> dict[str, Any]:
         )
 
     log(f"textgate: train_classifier on {len(splits['train'].texts)} examples, {device}")
+    console = ConsoleReport()
     result = train_classifier(
         model,
         tokenizer,
@@ -324,7 +326,9 @@ def run_textgate(options: Options) -> dict[str, Any]:
         ids["val"],
         config,
         device,
-        on_evaluate=score_test,
+        callbacks=TrainingCallbacks(
+            on_progress=console.progress, on_validation=console.validated, on_evaluate=score_test
+        ),
     )
     logits = predict_logits(model, tokenizer, test_texts, config.max_length, EVAL_BATCH_SIZE)
     return {

@@ -16,16 +16,20 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import transformers
 import yaml
+from tqdm.auto import tqdm
 
 from tasks.common import stage_main
-from textgate.abstain import choose_threshold
+from textgate.abstain import AbstentionPolicy, choose_threshold
 from textgate.config import Params, TrainConfig
 from textgate.distributed import (
     World,
@@ -40,9 +44,19 @@ from textgate.errors import TextgateError
 from textgate.io import read_json, write_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
-from textgate.training import choose_threads, seed_everything, train_classifier, usable_cpus
+from textgate.training import (
+    TrainingCallbacks,
+    TrainingProgress,
+    TrainResult,
+    ValidationReport,
+    choose_threads,
+    seed_everything,
+    train_classifier,
+    usable_cpus,
+)
 
 CALIBRATION_BINS = 15
+CHECKPOINT_FILE = "last.pt"
 # Settings that do not change the course of training: a checkpoint survives changing them.
 NOT_IN_FINGERPRINT = {
     "output_dir",
@@ -80,7 +94,7 @@ def export_int8(model_dir: Path) -> None:
     print(f"export: {info['runtime']} {info['size_mb']} MB in {info['export_seconds']} s")
 
 
-def calibrate(logits, labels: list[int]) -> dict[str, float]:
+def calibrate(logits: np.ndarray, labels: list[int]) -> dict[str, float]:
     """Fit the temperature on validation logits; ECE before and after (temperature scaling)."""
     temperature = fit_temperature(logits, labels)
     return {
@@ -130,38 +144,80 @@ def run(params: Params) -> dict[str, float]:
 
 def train_and_save(params: Params, world: World, device: torch.device) -> dict[str, float]:
     """Train in this process (one of `world`); rank 0 then calibrates and writes the files."""
-    config, prepared = params.train, params.prepare.output_dir
-    labels: list[str] = read_json(prepared / "label_map.json")["labels"]
-    label_ids = {label: index for index, label in enumerate(labels)}
-    train = pd.read_parquet(prepared / "train.parquet")
-    val = pd.read_parquet(prepared / "val.parquet")
+    config = params.train
+    splits = read_splits(params.prepare.output_dir)
     if world.is_main:
         print(
-            f"train: {len(train)} examples, {len(labels)} labels, {config.base_model} on "
-            f"{device}" + (f" x {world.size} processes" if world.distributed else "")
+            f"train: {len(splits.train)} examples, {len(splits.labels)} labels, "
+            f"{config.base_model} on {device}"
+            + (f" x {world.size} processes" if world.distributed else "")
         )
-    data_files = [prepared / name for name in ("train.parquet", "val.parquet", "label_map.json")]
-    checkpoint_dir = config.checkpoint_dir / run_fingerprint(config, data_files, world.size)
-
-    val_labels = val["label"].map(label_ids).tolist()
+    checkpoint_dir = config.checkpoint_dir / run_fingerprint(config, splits.files, world.size)
     seed_everything(config.seed)  # before the new classification head is initialised
-    model, tokenizer = build_classifier(config.base_model, labels)
+    model, tokenizer = build_classifier(config.base_model, splits.labels)
     result = train_classifier(
         model,
         tokenizer,
-        train["text"].tolist(),
-        train["label"].map(label_ids).tolist(),
-        val["text"].tolist(),
-        val_labels,
+        splits.train["text"].tolist(),
+        splits.targets(splits.train),
+        splits.val["text"].tolist(),
+        splits.targets(splits.val),
         config,
         device,
-        progress=world.is_main,
         world=world,
-        checkpoint_dir=checkpoint_dir,
+        callbacks=stage_callbacks(checkpoint_dir),
     )
     if not world.is_main:
         return {}
-    val_logits = predict_logits(model, tokenizer, val["text"].tolist(), config.max_length)
+    val_logits = predict_logits(model, tokenizer, splits.val["text"].tolist(), config.max_length)
+    calibration, abstention = calibrate_and_abstain(val_logits, splits.targets(splits.val), config)
+    metadata = model_metadata(params, splits, result, calibration, abstention)
+    save_classifier(
+        model.cpu(),
+        tokenizer,
+        splits.labels,
+        metadata,
+        config.output_dir / "model",
+        seen_texts=[*splits.train["text"], *splits.val["text"]],
+        # Inside the staging directory: the model appears with its ONNX export or not at all.
+        finalize=export_int8 if config.quantize == "int8" else None,
+    )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: nothing to resume
+    metrics = stage_metrics(result, calibration)
+    write_json(config.output_dir / "metrics.json", metrics)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The prepared training and validation splits and the label names."""
+
+    labels: list[str]
+    train: pd.DataFrame
+    val: pd.DataFrame
+    files: list[Path]  # the files they were read from
+
+    def targets(self, split: pd.DataFrame) -> list[int]:
+        """The label ids of `split`'s rows."""
+        ids = {label: index for index, label in enumerate(self.labels)}
+        return split["label"].map(ids).tolist()
+
+
+def read_splits(prepared: Path) -> Splits:
+    """The prepare stage's train and val splits and its label map."""
+    files = [prepared / name for name in ("train.parquet", "val.parquet", "label_map.json")]
+    return Splits(
+        labels=read_json(prepared / "label_map.json")["labels"],
+        train=pd.read_parquet(prepared / "train.parquet"),
+        val=pd.read_parquet(prepared / "val.parquet"),
+        files=files,
+    )
+
+
+def calibrate_and_abstain(
+    val_logits: np.ndarray, val_labels: list[int], config: TrainConfig
+) -> tuple[dict[str, float], AbstentionPolicy]:
+    """Fit the temperature and choose the abstention threshold on validation; print both."""
     calibration = calibrate(val_logits, val_labels)
     print(
         f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
@@ -179,14 +235,26 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
         + ("" if abstention.reached else ", not reached: the best the data allows")
         + ")"
     )
-    metadata = {
+    return calibration, abstention
+
+
+def model_metadata(
+    params: Params,
+    splits: Splits,
+    result: TrainResult,
+    calibration: dict[str, float],
+    abstention: AbstentionPolicy,
+) -> dict[str, Any]:
+    """What the model directory's training.json records."""
+    config = params.train
+    return {
         "base_model": config.base_model,
         "max_length": config.max_length,
         "redact_pii": params.prepare.redact_pii,
-        "labels": labels,
+        "labels": splits.labels,
         "train_config": config.model_dump(mode="json"),
-        "train_examples": len(train),
-        "val_examples": len(val),
+        "train_examples": len(splits.train),
+        "val_examples": len(splits.val),
         "result": asdict(result),
         "calibration": calibration,
         "abstention": abstention.to_dict(),
@@ -196,18 +264,11 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
             "transformers": transformers.__version__,
         },
     }
-    save_classifier(
-        model.cpu(),
-        tokenizer,
-        labels,
-        metadata,
-        config.output_dir / "model",
-        seen_texts=[*train["text"], *val["text"]],
-        # Inside the staging directory: the model appears with its ONNX export or not at all.
-        finalize=export_int8 if config.quantize == "int8" else None,
-    )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: nothing to resume
-    metrics = {
+
+
+def stage_metrics(result: TrainResult, calibration: dict[str, float]) -> dict[str, float]:
+    """The stage's metrics.json."""
+    return {
         "val_accuracy": result.val_accuracy,
         "val_macro_f1": result.val_macro_f1,
         "best_epoch": result.best_epoch,
@@ -217,8 +278,89 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
         "peak_memory_mb": round(result.peak_memory_mb, 1),
         "temperature": round(calibration["temperature"], 4),
     }
-    write_json(config.output_dir / "metrics.json", metrics)
-    return metrics
+
+
+# --- checkpoint files and console reports: the callbacks training is given -------------------
+
+
+def stage_callbacks(checkpoint_dir: Path) -> TrainingCallbacks:
+    """Report on the console; keep checkpoints in `checkpoint_dir/last.pt`."""
+    console = ConsoleReport()
+    return TrainingCallbacks(
+        on_resume=console.resumed,
+        on_progress=console.progress,
+        on_validation=console.validated,
+        save_checkpoint=partial(save_checkpoint, checkpoint_dir),
+        load_checkpoint=partial(load_checkpoint, checkpoint_dir),
+    )
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Write `state` to `directory/last.pt` atomically: a temporary file, then os.replace."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_FILE
+    temporary = directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
+    with temporary.open("wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(directory: Path) -> dict[str, Any] | None:
+    """The state saved in `directory/last.pt`; None when there is none."""
+    if not (directory / CHECKPOINT_FILE).is_file():
+        return None
+    return torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+class ConsoleReport:
+    """Training's reports on the console: a progress bar per epoch (stderr), a line per
+    validation and on resuming (stdout)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def resumed(self, step: int, epoch: int) -> None:
+        print(f"resuming from step {step} (epoch {epoch})", flush=True)
+
+    def progress(self, progress: TrainingProgress) -> None:
+        if progress.moment == "start":
+            self.bar = tqdm(
+                total=progress.batches,
+                initial=progress.batches_done,
+                desc=f"epoch {progress.epoch}/{progress.epochs}",
+                unit="batch",
+                # Piped into logs (DVC under Prefect), a bar line every 15 s is plenty.
+                mininterval=2.0 if sys.stderr.isatty() else 15.0,
+            )
+        elif self.bar is None:
+            return
+        elif progress.moment == "step":
+            self.bar.update(1)
+            if progress.loss is not None and progress.samples_per_second is not None:
+                self.bar.set_postfix(
+                    loss=f"{progress.loss:.3f}",
+                    samples_s=f"{progress.samples_per_second:.1f}",
+                    refresh=False,
+                )
+        else:
+            self.bar.close()
+            self.bar = None
+
+    def validated(self, report: ValidationReport) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        log = report.log
+        print(
+            f"step {log.step} (epoch {log.epoch}): loss {log.train_loss:.4f}, val "
+            f"accuracy {log.val_accuracy:.4f}, val macro-F1 {log.val_macro_f1:.4f} "
+            f"({log.seconds:.1f}s)"
+            + (" best" if report.best else "")
+            + (", stopping early" if report.stopping_early else ""),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

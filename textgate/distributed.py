@@ -124,11 +124,6 @@ def all_reduce_max(world: World, value: float) -> float:
     return float(max(all_gather_objects(world, value)))
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()
-
-
 def torchrun_command(processes: int, module: str, args: Sequence[str]) -> list[str]:
     """The command that runs `python -m module args` in `processes` processes on this machine."""
     return [

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,15 +158,6 @@ class Explanation:
             object.__setattr__(self, "best_label", self.label)
 
 
-def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
-) -> dict[str, torch.Tensor]:
-    """Tokenize a batch, padding to its longest text (not to max_length)."""
-    return tokenizer(
-        list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-    )
-
-
 def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[np.ndarray]:
     """Indices of `texts` in batches of similar length, so each batch pads little.
 
@@ -178,7 +170,72 @@ def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[np.
         yield order[start : start + batch_size]
 
 
+# (input_ids, attention_mask, token_type_ids or None), each (batch, tokens) -> (batch, labels)
+LogitsFromIds = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+
+
+def batched_logits(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    logits_from_ids: LogitsFromIds,
+    num_labels: int,
+) -> np.ndarray:
+    """Raw class scores, (len(texts), num_labels) float32, for already-cleaned texts.
+
+    The one tokenize-and-batch path of training, evaluation and serving: the texts are
+    tokenized once (truncated to `max_length`), sorted by token count and run in batches of at
+    most `batch_size`, each padded to its longest text only; the rows come back in input order.
+    """
+    out = np.empty((len(texts), num_labels), dtype=np.float32)
+    if not texts:
+        return out
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    ids: list[list[int]] = encoded["input_ids"]
+    types: list[list[int]] | None = encoded.get("token_type_ids")
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    order = np.argsort(lengths, kind="stable")
+    pad_id = tokenizer.pad_token_id or 0
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        width = int(lengths[index].max())
+        input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(index), width), dtype=np.int64)
+        token_type_ids = np.zeros((len(index), width), dtype=np.int64)
+        for row, i in enumerate(index):  # right padding, as the tokenizer pads
+            n = lengths[i]
+            input_ids[row, :n] = ids[i]
+            attention_mask[row, :n] = 1
+            if types is not None:
+                token_type_ids[row, :n] = types[i]
+        out[index] = logits_from_ids(
+            input_ids, attention_mask, token_type_ids if types is not None else None
+        )
+    return out
+
+
 @torch.inference_mode()
+def torch_logits(
+    model: PreTrainedModel,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    token_type_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """Raw class scores, (batch, labels) float32, of a PyTorch model for (batch, tokens) ids."""
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    tensors = {
+        name: torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
+        for name, value in inputs.items()
+    }
+    return model(**tensors).logits.float().cpu().numpy()
+
+
 def predict_logits(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -188,33 +245,14 @@ def predict_logits(
 ) -> np.ndarray:
     """Raw class scores, shape (len(texts), num_labels), for already-cleaned texts."""
     model.eval()
-    device = next(model.parameters()).device
-    num_labels = model.config.num_labels
-    if not texts:
-        return np.zeros((0, num_labels), dtype=np.float32)
-    out = np.empty((len(texts), num_labels), dtype=np.float32)
-    for index in length_sorted_batches(texts, batch_size):
-        batch = tokenize(tokenizer, [texts[i] for i in index], max_length)
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # (batch, labels)
-        out[index] = logits.float().cpu().numpy()
-    return out
-
-
-def predict_proba(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    max_length: int,
-    batch_size: int = 64,
-    temperature: float = 1.0,
-) -> np.ndarray:
-    """Class probabilities, shape (len(texts), num_labels), for already-cleaned texts."""
-    logits = predict_logits(model, tokenizer, texts, max_length, batch_size)
-    return softmax(logits, temperature).astype(np.float32)
-
-
-# (input_ids, attention_mask, token_type_ids or None), each (batch, tokens) -> (batch, labels)
-LogitsFromIds = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+    return batched_logits(
+        tokenizer,
+        texts,
+        max_length,
+        batch_size,
+        partial(torch_logits, model),
+        model.config.num_labels,
+    )
 
 
 def make_predictions(
@@ -338,39 +376,19 @@ class Classifier:
     def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Raw class scores for raw texts, after the same cleaning as training.
 
-        The texts are tokenized once, sorted by token count and run in batches of at most
-        `batch_size` (and `max_batch_size`), each padded to its longest text only.
+        Batches hold at most `batch_size` (and `max_batch_size`) texts; see `batched_logits`.
         """
         cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
-        out = np.empty((len(cleaned), len(self.labels)), dtype=np.float32)
-        if not cleaned:
-            return out
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.max_batch_size is not None:
             batch_size = min(batch_size, self.max_batch_size)
-        encoded = self.tokenizer(cleaned, truncation=True, max_length=self.max_length)
-        ids: list[list[int]] = encoded["input_ids"]
-        types: list[list[int]] | None = encoded.get("token_type_ids")
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(lengths, kind="stable")
-        pad_id = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            width = int(lengths[index].max())
-            input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
-            attention_mask = np.zeros((len(index), width), dtype=np.int64)
-            token_type_ids = np.zeros((len(index), width), dtype=np.int64)
-            for row, i in enumerate(index):  # right padding, as the tokenizer pads
-                n = lengths[i]
-                input_ids[row, :n] = ids[i]
-                attention_mask[row, :n] = 1
-                if types is not None:
-                    token_type_ids[row, :n] = types[i]
-            out[index] = self.logits_from_ids(
-                input_ids, attention_mask, token_type_ids if types is not None else None
-            )
-        return out
+        return batched_logits(
+            self.tokenizer,
+            cleaned,
+            self.max_length,
+            batch_size,
+            self.logits_from_ids,
+            len(self.labels),
+        )
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Calibrated probabilities (softmax of logits / temperature) for raw texts."""
@@ -424,12 +442,6 @@ class TextClassifier(Classifier):
         self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir)
         self.model.to(self.device).eval()
 
-    def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Raw class scores for raw texts, after the same cleaning as training."""
-        cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
-        return predict_logits(self.model, self.tokenizer, cleaned, self.max_length, batch_size)
-
-    @torch.inference_mode()
     def logits_from_ids(
         self,
         input_ids: np.ndarray,
@@ -437,14 +449,7 @@ class TextClassifier(Classifier):
         token_type_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
-        tensors = {
-            name: torch.as_tensor(np.asarray(value), dtype=torch.long, device=self.device)
-            for name, value in inputs.items()
-        }
-        return self.model(**tensors).logits.float().cpu().numpy()
+        return torch_logits(self.model, input_ids, attention_mask, token_type_ids)
 
 
 def save_classifier(

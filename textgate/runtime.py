@@ -3,12 +3,9 @@
 On a small CPU the int8 ONNX export answers several times faster than eager fp32 PyTorch, so
 serving uses it when the model directory has one; on a GPU, PyTorch on CUDA.
 
-`export_onnx` adds `onnx/model.int8.onnx` (or `onnx/model.onnx` without quantization) to a
-model directory. It uses PyTorch's TorchScript-based exporter (`dynamo=False`): it works offline
-with no dependency beyond `onnx`, exports in seconds, and its graph matches PyTorch's logits to
-~1e-7. The torch.export-based exporter (PyTorch's default since 2.9) gives the same logits but
-needs `onnxscript` and `onnx-ir` and takes about three times as long; switch to it when a
-PyTorch release drops the TorchScript exporter.
+`textgate.export.export_onnx` (a build-time step, kept apart so serving needs only ONNX
+Runtime) adds `onnx/model.int8.onnx`, or `onnx/model.onnx` without quantization, to a model
+directory; this module finds and runs it.
 """
 
 from __future__ import annotations
@@ -104,7 +101,7 @@ class OnnxClassifier(Classifier):
         if path is None:
             raise DataError(
                 f"{self.model_dir} has no ONNX export ({ONNX_INT8} or {ONNX_FP32}); "
-                "run textgate.runtime.export_onnx on it, or use the torch runtime"
+                "run textgate.export.export_onnx on it, or use the torch runtime"
             )
         self.onnx_path = path
         self.runtime = "onnx-int8" if path.name == Path(ONNX_INT8).name else "onnx-fp32"

@@ -14,8 +14,9 @@ What makes it fast:
 Several processes (torchrun) each take a disjoint shard of every global batch of
 `train.batch_size` examples, so a run takes as many optimizer steps as a single process over
 the same data. Validation is sharded too and its predictions gathered, so every process
-computes the same scores and takes the same early-stopping decision. Only rank 0 writes
-checkpoints.
+computes the same scores and takes the same early-stopping decision. Only rank 0 reports and
+saves checkpoints, both through the caller's `TrainingCallbacks`: this module prints nothing
+and writes no file.
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from textgate.config import TrainConfig
@@ -46,8 +45,11 @@ from textgate.model import autocast_dtype
 # enough that batches pad little, small enough that each epoch's batches still differ.
 BUCKET_CHUNK_BATCHES = 64
 EVAL_BATCH_SIZE = 128
-CHECKPOINT_FILE = "last.pt"
+# The layout of the state `TrainingCallbacks.save_checkpoint` is given; other layouts are not
+# resumed.
 CHECKPOINT_FORMAT = 1
+# The loss in progress reports every this many steps: reading it waits for the device.
+PROGRESS_LOSS_EVERY = 10
 MAX_GRAD_NORM = 1.0
 MIB = 1024 * 1024
 
@@ -328,29 +330,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
-    """Write `state` to `directory/last.pt` atomically: a temporary file, then os.replace."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CHECKPOINT_FILE
-    temporary = directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-    with temporary.open("wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return path
-
-
-def load_checkpoint(directory: Path | None) -> dict[str, Any] | None:
-    """The state saved in `directory/last.pt`; None when there is none."""
-    if directory is None or not (directory / CHECKPOINT_FILE).is_file():
-        return None
-    state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        return None
-    return state
-
-
 @dataclass
 class _Progress:
     """Counters of one training run, saved in checkpoints."""
@@ -406,6 +385,108 @@ def _validate(
     return scores.accuracy, scores.macro_f1
 
 
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training is: reported on rank 0 at an epoch's start, after each of its optimizer
+    steps, and at its end (the epoch done, or training)."""
+
+    moment: Literal["start", "step", "end"]
+    epoch: int
+    epochs: int
+    batches_done: int  # of this epoch's batches
+    batches: int  # in this epoch
+    step: int
+    # Only after every PROGRESS_LOSS_EVERY-th step, else None: reading the loss waits for the
+    # device. The loss is this process's mean since the previous validation.
+    loss: float | None = None
+    samples_per_second: float | None = None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """One validation, as reported on rank 0."""
+
+    log: EvalLog
+    best: bool  # the best validation so far
+    stopping_early: bool
+
+
+@dataclass(frozen=True)
+class TrainingCallbacks:
+    """What training reports and how it keeps checkpoints; each is optional.
+
+    The reports and `save_checkpoint` are called on rank 0 only, `load_checkpoint` on every
+    process. Give every process the same callbacks: with `save_checkpoint` set, each
+    checkpoint first gathers every process's random state (a collective).
+    """
+
+    on_resume: Callable[[int, int], None] | None = None  # (step, epoch) resumed from
+    on_progress: Callable[[TrainingProgress], None] | None = None
+    on_validation: Callable[[ValidationReport], None] | None = None
+    on_evaluate: EvalHook | None = None  # its own time is left out of the training time
+    save_checkpoint: Callable[[dict[str, Any]], None] | None = None
+    load_checkpoint: Callable[[], dict[str, Any] | None] | None = None  # None: none saved
+
+
+@dataclass
+class _Clock:
+    """This run's time: wall time less the evaluation hooks' time."""
+
+    start: float = field(default_factory=time.perf_counter)
+    excluded: float = 0.0  # in evaluation hooks: not training time
+    side: float = 0.0  # in validation and checkpoints: training time, but not optimizer steps
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+
+@dataclass
+class _Tally:
+    """What this run's optimizer steps did: the loss since the last validation, and speed and
+    padding counts."""
+
+    loss_sum: torch.Tensor  # () on the device, summed over this process's examples
+    loss_count: int = 0
+    samples: int = 0  # examples of the global batches
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+
+@dataclass
+class _Run:
+    """One training run: the model, its optimizer and data, and how far it has got."""
+
+    config: TrainConfig
+    world: World
+    device: torch.device
+    dtype: torch.dtype | None  # autocast; None: full precision
+    threads: int
+    callbacks: TrainingCallbacks
+    model: PreTrainedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_data: Encoded
+    train_targets: torch.Tensor  # (train examples,) on the CPU
+    val_data: Encoded
+    val_targets: np.ndarray  # (val examples,)
+    clock: _Clock
+    tally: _Tally
+    early: EarlyStopping
+    progress: _Progress = field(default_factory=_Progress)
+    best_state: dict[str, torch.Tensor] | None = None  # on the CPU; None: keep the last weights
+    resumed_from: int | None = None
+    trained: torch.nn.Module | None = None  # set once resumed: the model, in DDP if distributed
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(len(self.train_data) / self.config.batch_size) * self.config.epochs
+
+    def elapsed(self) -> float:
+        """Training time in all, earlier (interrupted) runs included."""
+        return self.progress.seconds + self.clock.seconds()
+
+
 def train_classifier(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -415,28 +496,53 @@ def train_classifier(
     val_labels: Sequence[int],
     config: TrainConfig,
     device: torch.device,
-    progress: bool = True,
     *,
     world: World | None = None,
-    checkpoint_dir: Path | None = None,
-    on_evaluate: EvalHook | None = None,
+    callbacks: TrainingCallbacks | None = None,
 ) -> TrainResult:
     """Fine-tune `model` in place and leave it holding the weights of its best validation.
 
     The model is validated `train.evals_per_epoch` times an epoch; the best validation is the
     one with the highest macro-F1, and `train.early_stopping_patience` validations without
-    improvement stop training early.
+    improvement stop training early. With `callbacks.save_checkpoint`, a checkpoint is saved
+    every `train.checkpoint_every_steps` steps and at each epoch's end; training resumes from
+    what `callbacks.load_checkpoint` returns.
 
     Args:
         world: this process among several (torchrun); the process group must be initialised
             and `device` be this process's own. None: a single process.
-        checkpoint_dir: where to save a checkpoint every `train.checkpoint_every_steps` steps
-            and at each epoch's end (rank 0), and to resume from; None: no checkpoints.
-        on_evaluate: called on rank 0 after each validation; its own time is left out of
-            the training time.
+        callbacks: reports and checkpoint storage; None: none.
     """
-    world = world or World()
-    if not val_texts:
+    run = _start_run(
+        model,
+        tokenizer,
+        (train_texts, train_labels),
+        (val_texts, val_labels),
+        config,
+        device,
+        world or World(),
+        callbacks or TrainingCallbacks(),
+    )
+    _resume(run)
+    run.trained = _distributed(run.model, run.world, run.device)
+    run.model.train()
+    while not run.progress.finished and run.progress.epoch <= config.epochs:
+        _train_epoch(run)
+    return _result(run)
+
+
+def _start_run(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: tuple[Sequence[str], Sequence[int]],
+    val: tuple[Sequence[str], Sequence[int]],
+    config: TrainConfig,
+    device: torch.device,
+    world: World,
+    callbacks: TrainingCallbacks,
+) -> _Run:
+    """Seed, set up the device and the model, tokenize both splits, make the optimizer."""
+    if not val[0]:
         raise ValueError("training needs at least one validation example")
     seed_everything(config.seed + world.rank)  # dropout differs between the processes
     threads = configure_threads(world)
@@ -448,217 +554,263 @@ def train_classifier(
     if config.freeze_embeddings:
         freeze_word_embeddings(model)
     model.to(device)
-    clock_start = time.perf_counter()
-    excluded = 0.0  # seconds spent in evaluation hooks
-    train_data = encode_texts(tokenizer, train_texts, config.max_length)
-    val_data = encode_texts(tokenizer, val_texts, config.max_length)
-    targets_all = torch.tensor(list(train_labels), dtype=torch.long)
-    val_targets = np.asarray(val_labels, dtype=np.int64)
-    label_names = [str(i) for i in range(model.config.num_labels)]
-
+    clock = _Clock()
+    train_data = encode_texts(tokenizer, train[0], config.max_length)
+    val_data = encode_texts(tokenizer, val[0], config.max_length)
     optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(len(train_data) / config.batch_size) * config.epochs
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
     )
-    early = EarlyStopping(config.early_stopping_patience)
-    state = _Progress()
-    best_state: dict[str, torch.Tensor] | None = None
-    resumed = load_checkpoint(checkpoint_dir)
-    resumed_from = None
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        ranks = resumed["ranks"]
-        _set_rng_state(ranks[world.rank if world.rank < len(ranks) else 0]["rng"], device)
-        early = EarlyStopping(**resumed["early_stopping"])
-        saved = resumed["progress"]
-        state = _Progress(**{**saved, "history": [EvalLog(**log) for log in saved["history"]]})
-        best_state = resumed["best_model"]
-        if best_state is None and resumed["best_is_current"]:
-            best_state = _cpu_state(model)
-        resumed_from = state.step
-        if world.is_main:
-            print(f"resuming from step {state.step} (epoch {state.epoch})", flush=True)
+    return _Run(
+        config=config,
+        world=world,
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        callbacks=callbacks,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_data=train_data,
+        train_targets=torch.tensor(list(train[1]), dtype=torch.long),
+        val_data=val_data,
+        val_targets=np.asarray(val[1], dtype=np.int64),
+        clock=clock,
+        tally=_Tally(loss_sum=torch.zeros((), device=device)),
+        early=EarlyStopping(config.early_stopping_patience),
+    )
 
-    trained: torch.nn.Module = model
-    if world.distributed:
-        # Wrapped after loading a checkpoint; DDP broadcasts rank 0's weights to the others.
-        trained = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    eval_at = evaluation_steps(steps_per_epoch, config.evals_per_epoch)
-    every = config.checkpoint_every_steps if checkpoint_dir is not None else None
-    first_step = state.step
-    samples = real_tokens = padded_tokens = 0
-    loss_total = torch.zeros((), device=device)  # summed over this process's examples
-    loss_count = 0
-    side_seconds = 0.0  # validation and checkpoints: not optimizer steps
 
-    def elapsed() -> float:
-        return state.seconds + time.perf_counter() - clock_start - excluded
+def _resume(run: _Run) -> None:
+    """Restore the run from the saved checkpoint, if there is one of this format."""
+    load = run.callbacks.load_checkpoint
+    saved = load() if load is not None else None
+    if saved is None or saved.get("format") != CHECKPOINT_FORMAT:
+        return  # none, or an older layout: start from the base model
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.scaler.load_state_dict(saved["scaler"])
+    ranks = saved["ranks"]
+    _set_rng_state(ranks[run.world.rank if run.world.rank < len(ranks) else 0]["rng"], run.device)
+    run.early = EarlyStopping(**saved["early_stopping"])
+    progress = saved["progress"]
+    history = [EvalLog(**log) for log in progress["history"]]
+    run.progress = _Progress(**{**progress, "history": history})
+    run.best_state = saved["best_model"]
+    if run.best_state is None and saved["best_is_current"]:
+        run.best_state = _cpu_state(run.model)
+    run.resumed_from = run.progress.step
+    if run.world.is_main and run.callbacks.on_resume is not None:
+        run.callbacks.on_resume(run.progress.step, run.progress.epoch)
 
-    def checkpoint() -> None:
-        ranks = all_gather_objects(world, {"rng": _rng_state(device)})
-        if not world.is_main:
+
+def _distributed(model: PreTrainedModel, world: World, device: torch.device) -> torch.nn.Module:
+    """The model to train: wrapped in DDP between processes, itself in a single one."""
+    if not world.distributed:
+        return model
+    # Wrapped after loading a checkpoint; DDP broadcasts rank 0's weights to the others.
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _train_epoch(run: _Run) -> None:
+    """Train the rest of the current epoch (all of it unless resumed within it), validating
+    and saving checkpoints on the way; stop early when training is finished."""
+    config, progress = run.config, run.progress
+    batches = length_bucketed_batches(
+        run.train_data.lengths, config.batch_size, seed=(config.seed, progress.epoch)
+    )
+    eval_at = evaluation_steps(len(batches), config.evals_per_epoch)
+    _report_progress(run, "start", len(batches))
+    while progress.batches_done < len(batches):
+        _train_step(run, batches[progress.batches_done])
+        _report_progress(run, "step", len(batches))
+        epoch_done = progress.batches_done == len(batches)
+        if progress.batches_done in eval_at:
+            _validation(run, last_of_epoch=epoch_done)
+        if epoch_done or progress.finished:
+            _report_progress(run, "end", len(batches))
+        if epoch_done and not progress.finished:
+            progress.epoch += 1
+            progress.batches_done = 0
+        if _checkpoint_due(run, epoch_done):
+            _checkpoint(run)
+        if epoch_done or progress.finished:
             return
-        best_is_current = early.best_step == state.step and early.best_step > 0
-        save_checkpoint(
-            checkpoint_dir,
+
+
+def _train_step(run: _Run, index: np.ndarray) -> None:
+    """One optimizer step on the global batch `index`, of which this process takes a shard."""
+    world, device, tally = run.world, run.device, run.tally
+    local, weight = index[world.rank :: world.size], world.size / len(index)
+    if len(local) == 0:  # a last batch smaller than the world: run one, count none
+        local, weight = index[:1], 0.0
+    batch = run.train_data.batch(local)
+    tally.real_tokens += int(run.train_data.lengths[local].sum())
+    tally.padded_tokens += batch["input_ids"].numel()
+    batch = _batch_to_device(batch, device)
+    targets = _to_device(run.train_targets[torch.from_numpy(local)], device)
+    with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype is not None):
+        logits = run.trained(**batch).logits  # (batch, labels)
+    # Summed over the shard and divided by the global batch: the mean over the global batch
+    # once DDP has averaged the processes' gradients.
+    loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss_sum * weight).backward()
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), MAX_GRAD_NORM)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.progress.step += 1
+    run.progress.batches_done += 1
+    tally.samples += len(index)
+    if weight:
+        tally.loss_sum += loss_sum.detach()
+        tally.loss_count += len(local)
+
+
+def _report_progress(run: _Run, moment: Literal["start", "step", "end"], batches: int) -> None:
+    """Tell `callbacks.on_progress` (rank 0) where training is."""
+    report, progress = run.callbacks.on_progress, run.progress
+    if report is None or not run.world.is_main:
+        return
+    loss = samples_per_second = None
+    if moment == "step" and progress.step % PROGRESS_LOSS_EVERY == 0:
+        loss = run.tally.loss_sum.item() / max(run.tally.loss_count, 1)
+        step_seconds = run.clock.seconds() - run.clock.side
+        samples_per_second = run.tally.samples / max(step_seconds, 1e-9)
+    report(
+        TrainingProgress(
+            moment=moment,
+            epoch=progress.epoch,
+            epochs=run.config.epochs,
+            batches_done=progress.batches_done,
+            batches=batches,
+            step=progress.step,
+            loss=loss,
+            samples_per_second=samples_per_second,
+        )
+    )
+
+
+def _validation(run: _Run, last_of_epoch: bool) -> None:
+    """Validate, log and report it, keep the best weights, decide whether training is over;
+    then run the evaluation hook."""
+    start = time.perf_counter()
+    progress, early, tally = run.progress, run.early, run.tally
+    label_names = [str(i) for i in range(run.model.config.num_labels)]
+    accuracy, macro_f1 = _validate(
+        run.model, run.val_data, run.val_targets, label_names, run.world, run.device, run.dtype
+    )
+    loss_sum, count = all_reduce_sum(run.world, [tally.loss_sum.item(), tally.loss_count])
+    tally.loss_sum.zero_()
+    tally.loss_count = 0
+    log = EvalLog(
+        step=progress.step,
+        epoch=progress.epoch,
+        train_loss=loss_sum / max(count, 1),
+        val_accuracy=accuracy,
+        val_macro_f1=macro_f1,
+        seconds=run.elapsed(),
+    )
+    progress.history.append(log)
+    best = early.update(macro_f1, progress.step, progress.epoch)
+    if best:
+        run.best_state = _cpu_state(run.model)
+    if early.should_stop or (progress.epoch == run.config.epochs and last_of_epoch):
+        progress.finished = True
+        progress.stopped_early = early.should_stop and progress.step < run.total_steps
+    if run.world.is_main and run.callbacks.on_validation is not None:
+        run.callbacks.on_validation(ValidationReport(log, best, progress.stopped_early))
+    run.clock.side += time.perf_counter() - start
+    _evaluation_hook(run, log)
+
+
+def _evaluation_hook(run: _Run, log: EvalLog) -> None:
+    """Run `callbacks.on_evaluate` (rank 0) on this validation; its time is not training time."""
+    hook = run.callbacks.on_evaluate
+    if hook is None or not run.world.is_main:
+        return
+    start = time.perf_counter()
+    hook(
+        EvalPoint(
+            step=log.step,
+            epoch=log.epoch,
+            seconds=log.seconds,
+            val_accuracy=log.val_accuracy,
+            val_macro_f1=log.val_macro_f1,
+            model=run.model,
+        )
+    )
+    run.model.train()
+    run.clock.excluded += time.perf_counter() - start
+
+
+def _checkpoint_due(run: _Run, epoch_done: bool) -> bool:
+    """A checkpoint at each epoch's end, when training is finished, and every
+    `train.checkpoint_every_steps` steps; never without `callbacks.save_checkpoint`."""
+    if run.callbacks.save_checkpoint is None:
+        return False
+    every = run.config.checkpoint_every_steps
+    return epoch_done or run.progress.finished or bool(every and run.progress.step % every == 0)
+
+
+def _checkpoint(run: _Run) -> None:
+    """Gather every process's random state; rank 0 saves the run through the callback."""
+    start = time.perf_counter()
+    ranks = all_gather_objects(run.world, {"rng": _rng_state(run.device)})
+    if run.world.is_main:
+        early, progress = run.early, run.progress
+        best_is_current = early.best_step == progress.step and early.best_step > 0
+        run.callbacks.save_checkpoint(
             {
                 "format": CHECKPOINT_FORMAT,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(),
                 "ranks": ranks,
                 "early_stopping": asdict(early),
-                "progress": {**asdict(state), "seconds": elapsed()},
-                "best_model": None if best_is_current else best_state,
+                "progress": {**asdict(progress), "seconds": run.elapsed()},
+                "best_model": None if best_is_current else run.best_state,
                 "best_is_current": best_is_current,
-            },
+            }
         )
+    run.clock.side += time.perf_counter() - start
 
-    model.train()
-    while not state.finished and state.epoch <= config.epochs:
-        batches = length_bucketed_batches(
-            train_data.lengths, config.batch_size, seed=(config.seed, state.epoch)
-        )
-        bar = tqdm(
-            total=len(batches),
-            initial=state.batches_done,
-            desc=f"epoch {state.epoch}/{config.epochs}",
-            unit="batch",
-            disable=not progress or not world.is_main,
-            # Piped into logs (DVC under Prefect), a bar line every 15 s is plenty.
-            mininterval=2.0 if sys.stderr.isatty() else 15.0,
-        )
-        while state.batches_done < len(batches):
-            index = batches[state.batches_done]
-            local, weight = index[world.rank :: world.size], world.size / len(index)
-            if len(local) == 0:  # a last batch smaller than the world: run one, count none
-                local, weight = index[:1], 0.0
-            batch = train_data.batch(local)
-            real_tokens += int(train_data.lengths[local].sum())
-            padded_tokens += batch["input_ids"].numel()
-            batch = _batch_to_device(batch, device)
-            targets = _to_device(targets_all[torch.from_numpy(local)], device)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = trained(**batch).logits  # (batch, labels)
-            # Summed over the shard and divided by the global batch: the mean over the global
-            # batch once DDP has averaged the processes' gradients.
-            loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss_sum * weight).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            state.step += 1
-            state.batches_done += 1
-            samples += len(index)
-            if weight:
-                loss_total += loss_sum.detach()
-                loss_count += len(local)
-            bar.update(1)
-            if state.step % 10 == 0 and bar.n:
-                train_seconds = time.perf_counter() - clock_start - excluded - side_seconds
-                bar.set_postfix(
-                    loss=f"{loss_total.item() / max(loss_count, 1):.3f}",
-                    samples_s=f"{samples / max(train_seconds, 1e-9):.1f}",
-                    refresh=False,
-                )
 
-            if state.batches_done in eval_at:
-                side_start = time.perf_counter()
-                accuracy, macro_f1 = _validate(
-                    model, val_data, val_targets, label_names, world, device, dtype
-                )
-                loss_sum_all, count_all = all_reduce_sum(world, [loss_total.item(), loss_count])
-                loss_total.zero_()
-                loss_count = 0
-                log = EvalLog(
-                    step=state.step,
-                    epoch=state.epoch,
-                    train_loss=loss_sum_all / max(count_all, 1),
-                    val_accuracy=accuracy,
-                    val_macro_f1=macro_f1,
-                    seconds=elapsed(),
-                )
-                state.history.append(log)
-                if early.update(macro_f1, state.step, state.epoch):
-                    best_state = _cpu_state(model)
-                if early.should_stop or (
-                    state.epoch == config.epochs and state.batches_done == len(batches)
-                ):
-                    state.finished = True
-                    state.stopped_early = early.should_stop and state.step < total_steps
-                if world.is_main:
-                    bar.clear()
-                    print(
-                        f"step {log.step} (epoch {log.epoch}): loss {log.train_loss:.4f}, val "
-                        f"accuracy {log.val_accuracy:.4f}, val macro-F1 {log.val_macro_f1:.4f} "
-                        f"({log.seconds:.1f}s)"
-                        + (" best" if early.best_step == state.step else "")
-                        + (", stopping early" if state.stopped_early else ""),
-                        flush=True,
-                    )
-                side_seconds += time.perf_counter() - side_start
-                if on_evaluate is not None and world.is_main:
-                    hook_start = time.perf_counter()
-                    on_evaluate(
-                        EvalPoint(
-                            step=log.step,
-                            epoch=log.epoch,
-                            seconds=log.seconds,
-                            val_accuracy=accuracy,
-                            val_macro_f1=macro_f1,
-                            model=model,
-                        )
-                    )
-                    model.train()
-                    excluded += time.perf_counter() - hook_start
-            epoch_done = state.batches_done == len(batches)
-            if epoch_done and not state.finished:
-                state.epoch += 1
-                state.batches_done = 0
-            if checkpoint_dir is not None and (
-                epoch_done or state.finished or (every and state.step % every == 0)
-            ):
-                side_start = time.perf_counter()
-                checkpoint()
-                side_seconds += time.perf_counter() - side_start
-            if epoch_done or state.finished:
-                break
-        bar.close()
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    wall = time.perf_counter() - clock_start - excluded
-    memory, measured = peak_memory(device)
-    best = next(log for log in state.history if log.step == early.best_step)
+def _result(run: _Run) -> TrainResult:
+    """Load the best weights into the model; what training did."""
+    if run.best_state is not None:
+        run.model.load_state_dict(run.best_state)
+    wall = run.clock.seconds()
+    memory, measured = peak_memory(run.device)
+    progress, early, tally = run.progress, run.early, run.tally
+    best = next(log for log in progress.history if log.step == early.best_step)
+    padded = tally.padded_tokens
     return TrainResult(
-        device=str(device),
-        precision=str(dtype).removeprefix("torch.") if dtype else "float32",
-        processes=world.size,
-        threads=threads,
-        epochs_run=state.history[-1].epoch,
-        optimizer_steps=state.step,
-        steps_this_run=state.step - first_step,
-        resumed_from_step=resumed_from,
-        stopped_early=state.stopped_early,
+        device=str(run.device),
+        precision=str(run.dtype).removeprefix("torch.") if run.dtype else "float32",
+        processes=run.world.size,
+        threads=run.threads,
+        epochs_run=progress.history[-1].epoch,
+        optimizer_steps=progress.step,
+        steps_this_run=progress.step - (run.resumed_from or 0),
+        resumed_from_step=run.resumed_from,
+        stopped_early=progress.stopped_early,
         best_epoch=early.best_epoch,
         best_step=early.best_step,
         val_accuracy=best.val_accuracy,
         val_macro_f1=best.val_macro_f1,
-        seconds=state.seconds + wall,
-        samples_per_second=samples / max(wall - side_seconds, 1e-9),
-        padding_fraction=1 - real_tokens / padded_tokens if padded_tokens else 0.0,
-        peak_memory_mb=all_reduce_max(world, memory),
+        seconds=progress.seconds + wall,
+        samples_per_second=tally.samples / max(wall - run.clock.side, 1e-9),
+        padding_fraction=1 - tally.real_tokens / padded if padded else 0.0,
+        peak_memory_mb=all_reduce_max(run.world, memory),
         peak_memory=measured,
-        history=state.history,
+        history=progress.history,
     )

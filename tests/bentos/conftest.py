@@ -79,12 +79,15 @@ def decisive_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from textgate.io import read_json
-    from textgate.model import LABEL_MAP_FILE, TRAINING_FILE, save_classifier, tokenize
+    from textgate.model import LABEL_MAP_FILE, TRAINING_FILE, save_classifier
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     with torch.no_grad():
-        pooled = model.bert(**tokenize(tokenizer, PROBE_TEXTS, 32)).pooler_output  # (texts, hidden)
+        batch = tokenizer(
+            PROBE_TEXTS, truncation=True, max_length=32, padding=True, return_tensors="pt"
+        )
+        pooled = model.bert(**batch).pooler_output  # (texts, hidden)
         mean = pooled.mean(0)
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(model.config.num_labels, pooled.shape[1], generator=generator)

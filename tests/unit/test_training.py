@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 import resource
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tasks.train import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from tests.conftest import make_rows
 from tests.helpers import make_params, tiny_overrides
 from textgate import training
@@ -19,17 +22,16 @@ from textgate.distributed import World
 from textgate.errors import ConfigError
 from textgate.model import build_classifier
 from textgate.training import (
-    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
     EarlyStopping,
     EvalPoint,
+    TrainingCallbacks,
     choose_threads,
     configure_threads,
     encode_texts,
     evaluation_steps,
     length_bucketed_batches,
-    load_checkpoint,
     peak_memory,
-    save_checkpoint,
     train_classifier,
 )
 
@@ -179,13 +181,28 @@ def tiny_data():
     return labels, texts, targets
 
 
-def train_tiny(base_model: Path, config: TrainConfig, **kwargs):
+def train_tiny(
+    base_model: Path,
+    config: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    on_evaluate=None,
+    callbacks: TrainingCallbacks | None = None,
+):
+    """Train on tiny_data; with `checkpoint_dir`, checkpoints are files there (as in the stage)."""
     labels, texts, targets = tiny_data()
     torch.manual_seed(config.seed)
     model, tokenizer = build_classifier(str(base_model), labels)
+    if callbacks is None:
+        callbacks = TrainingCallbacks(on_evaluate=on_evaluate)
+    if checkpoint_dir is not None:
+        callbacks = replace(
+            callbacks,
+            save_checkpoint=partial(save_checkpoint, checkpoint_dir),
+            load_checkpoint=partial(load_checkpoint, checkpoint_dir),
+        )
     result = train_classifier(
         model, tokenizer, texts, targets, texts[::4], targets[::4], config,
-        torch.device("cpu"), progress=False, **kwargs,
+        torch.device("cpu"), callbacks=callbacks,
     )  # fmt: skip
     return model, result
 
@@ -299,13 +316,38 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, tiny_base_mode
 
 def test_checkpoints_are_replaced_atomically(tmp_path):
     assert load_checkpoint(tmp_path / "none") is None
-    assert load_checkpoint(None) is None
     save_checkpoint(tmp_path, {"format": 1, "step": 1})
     save_checkpoint(tmp_path, {"format": 1, "step": 2})
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
     assert load_checkpoint(tmp_path) == {"format": 1, "step": 2}
-    save_checkpoint(tmp_path, {"format": 0})  # an older layout is not resumed
-    assert load_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_of_an_older_layout_is_not_resumed(tmp_path, tiny_base_model, restore_threads):
+    config = tiny_config(tmp_path, tiny_base_model, epochs=1)
+    older = {"format": CHECKPOINT_FORMAT - 1, "progress": {"step": 3}}
+    callbacks = TrainingCallbacks(load_checkpoint=lambda: older)
+    _, result = train_tiny(tiny_base_model, config, callbacks=callbacks)
+    assert result.resumed_from_step is None and result.steps_this_run == result.optimizer_steps
+
+
+def test_training_reports_progress_and_validations_through_its_callbacks(
+    tmp_path, tiny_base_model, restore_threads
+):
+    config = tiny_config(tmp_path, tiny_base_model, epochs=2, evals_per_epoch=2)
+    moments, validations = [], []
+    callbacks = TrainingCallbacks(
+        on_progress=lambda p: moments.append((p.moment, p.epoch, p.batches_done, p.step)),
+        on_validation=lambda report: validations.append((report.log.step, report.best)),
+    )
+    _, result = train_tiny(tiny_base_model, config, callbacks=callbacks)
+    # 36 examples in batches of 8: 5 steps an epoch, validated after the 3rd and the 5th.
+    epoch_1 = [("start", 1, 0, 0), *[("step", 1, n, n) for n in range(1, 6)], ("end", 1, 5, 5)]
+    epoch_2 = [("start", 2, 0, 5), *[("step", 2, n, 5 + n) for n in range(1, 6)]]
+    assert moments == [*epoch_1, *epoch_2, ("end", 2, 5, 10)]
+    assert (
+        [step for step, _ in validations] == [log.step for log in result.history] == [3, 5, 8, 10]
+    )
+    assert [step for step, best in validations if best][-1] == result.best_step
 
 
 def test_peak_memory_on_the_cpu_is_the_peak_rss():
