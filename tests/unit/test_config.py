@@ -25,6 +25,8 @@ def test_repository_params_are_valid():
         ({"gate": {"min_accuracy": 1.5}}, "gate.min_accuracy"),
         ({"validate": {"min_text_chars": 50, "max_text_chars": 10}}, "min_text_chars"),
         ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.45}}, "val_fraction"),
+        ({"serve": {"request_log_backups": 0}}, "serve.request_log_backups"),
+        ({"serve": {"request_log_max_bytes": 1000}}, "serve.request_log_max_bytes"),
     ],
 )
 def test_bad_params_name_the_key_at_fault(overrides, message):
