@@ -277,6 +277,24 @@ def test_the_monitor_reads_every_line_once_across_rotations(tmp_path, rotations)
     writer.close()
 
 
+def test_reading_while_processes_write_and_rotate_reads_every_line_once(tmp_path):
+    log = tmp_path / "requests.jsonl"
+    RequestLogWriter(log, max_bytes=2_000, backups=1_000).write(lines(99_999, 1))
+    read, cursor, _ = read_all(log, None)  # a first read takes the current file only
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_write_batches, args=(str(log), w, 60)) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    while any(worker.is_alive() for worker in workers):
+        numbers_read, cursor, _ = read_all(log, cursor)
+        read += numbers_read
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    read += read_all(log, cursor)[0]
+    assert sorted(read) == sorted([99_999] + [w * 10_000 + n for w in range(2) for n in range(180)])
+
+
 def test_a_line_being_written_at_rotation_is_read_once_whole(tmp_path):
     log = tmp_path / "requests.jsonl"
     append(log, [record(0)])
