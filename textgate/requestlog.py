@@ -102,6 +102,8 @@ def _flocked(path: Path, operation: int, *, create: bool) -> Iterator[None]:
     except FileNotFoundError:
         if create:
             raise
+        fd = None
+    if fd is None:
         yield  # no writer has written this log yet: nothing rotates it
         return
     try:
@@ -133,7 +135,7 @@ class RequestLogWriter:
     a little over). It is safe only within one process, and BentoML runs several workers on
     the one file, so each batch is written under an exclusive `flock` of `lock_path(path)`,
     after reopening the path if another worker rotated (or anyone moved) the file this one
-    has open. Under the lock a batch is one write, so lines of different workers never
+    has open. A batch is written whole under the lock, so lines of different workers never
     interleave, and a rotated file is never written again, so readers can finish it.
     """
 
