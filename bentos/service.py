@@ -30,6 +30,8 @@ Environment:
   `TEXTGATE_TORCH_THREADS`, its former name, is still read when it is not set. Measured with
   bench/serve.py on 2 cores: 2 workers x 1 thread served 146 req/s, 1 x 2 served 117.
 - `TEXTGATE_REQUEST_LOG`: the request log (default `<BENTOML_HOME>/textgate/requests.jsonl`).
+- `TEXTGATE_REQUEST_LOG_MAX_BYTES`, `TEXTGATE_REQUEST_LOG_BACKUPS`: its rotation (default 10 MiB
+  x 5 backups); `textgate serve` sets them from serve.request_log_* in params.yaml.
 
 Metrics, besides BentoML's own on `/metrics`: `textgate_predictions_total{label}` (one per
 classified text; label "unknown" for an abstention) and `textgate_abstentions_total`.
@@ -46,8 +48,10 @@ The request log is the contract with the drift monitor: one JSON object per clas
 - `label`: the answer ("unknown" when abstained); `best_label`: the most probable label;
 - `score`: the probability of `best_label`; `abstained`: true or false.
 
-A batch's lines are written with one `write` on a file opened in append mode, so lines from
-several workers never interleave; a failed write is logged and never fails the request.
+The log and its backups are owner-only (0600). A batch's lines are written at once under a
+lock shared by the workers, which also rotate the file by size under it
+(textgate.requestlog.RequestLogWriter), so lines from several workers never interleave; a
+failed write is logged and never fails the request.
 """
 
 from __future__ import annotations
@@ -56,7 +60,6 @@ import hmac
 import json
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
 from datetime import UTC, datetime
@@ -69,6 +72,7 @@ from bentoml.exceptions import InvalidArgument
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from bentos.pages import LocalIndexMiddleware
+from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter
 from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier
 from textgate.text import clean_text, normalise_text
 
@@ -84,6 +88,10 @@ WORKERS_ENV = "TEXTGATE_WORKERS"
 # Used only when serving from source with neither the bento argument nor the variable set;
 # keep it equal to package.model_name in params.yaml (not read here: a bento has no params).
 DEV_MODEL_TAG = "textgate-classifier:latest"
+# The request log's rotation when `textgate serve` did not pass serve.request_log_max_bytes
+# and serve.request_log_backups; keep them equal to params.yaml's (a bento has no params).
+DEFAULT_REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_REQUEST_LOG_BACKUPS = 5
 
 # Request limits: they bound the tokenizer and model work one request can cause. Texts are
 # truncated to the model's max_length tokens anyway, so longer input carries no signal.
@@ -218,6 +226,14 @@ def request_log_path() -> Path:
     return Path(BentoMLContainer.bentoml_home.get()) / "textgate" / "requests.jsonl"
 
 
+def request_log_rotation() -> tuple[int, int]:
+    """The request log's size limit and backups: as `textgate serve` passed them, else defaults."""
+    return (
+        _positive_env_int(MAX_BYTES_ENV, DEFAULT_REQUEST_LOG_MAX_BYTES),
+        _positive_env_int(BACKUPS_ENV, DEFAULT_REQUEST_LOG_BACKUPS),
+    )
+
+
 def _check_recorded_in_bento(tag: str) -> None:
     """Refuse to serve a model other than the one the bento was built with.
 
@@ -236,23 +252,24 @@ def _check_recorded_in_bento(tag: str) -> None:
 
 
 class RequestLog:
-    """Appends JSON lines to a file; one write per batch, under a lock; never raises."""
+    """Appends JSON lines to the rotating, owner-only request log; never raises."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int = DEFAULT_REQUEST_LOG_MAX_BYTES,
+        backups: int = DEFAULT_REQUEST_LOG_BACKUPS,
+    ) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._writer = RequestLogWriter(path, max_bytes=max_bytes, backups=backups)
         self._failing = False
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:
         """Append one line per record; a failure is logged (once until writes work again)."""
         try:
             data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-            with self._lock:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                # Unbuffered, opened per batch: one write(2) in O_APPEND mode (no interleaving
-                # with other workers), and a rotated or deleted log is simply created again.
-                with self.path.open("ab", buffering=0) as handle:
-                    handle.write(data.encode("utf-8"))
+            self._writer.write(data)
         except (OSError, TypeError, ValueError) as error:
             if not self._failing:
                 logger.error("could not append to the request log %s: %s", self.path, error)
@@ -300,7 +317,8 @@ class TextgateService:
         threads = configured_threads(_positive_env_int(WORKERS_ENV, default_workers()))
         runtime = os.environ.get(RUNTIME_ENV, "auto").strip() or "auto"
         self.classifier = load_classifier(stored.path, runtime=runtime, threads=threads)
-        self.request_log = RequestLog(request_log_path())
+        max_bytes, backups = request_log_rotation()
+        self.request_log = RequestLog(request_log_path(), max_bytes=max_bytes, backups=backups)
         self.predictions, self.abstentions = _counters()
         logger.info(
             "textgate serves %s with runtime %s (requested %s), %d threads; request log %s",

@@ -13,6 +13,7 @@ from typing import Any
 from textgate.config import Params, load_params
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
+from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV
 
 # Where the pipeline writes the latest gate verdict, relative to the registry's directory.
 LAST_VERDICT = Path("verdicts") / "latest.json"
@@ -329,10 +330,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the production bento with `bentoml serve` (replaces this process)."""
-    _, registry = _registry(args.params)
+    params, registry = _registry(args.params)
     production = registry.production()
     if production is None:
         raise TextgateError("no production model to serve: run `textgate run` first")
+    # The service reads its request log's rotation from the environment (a bento has no params).
+    env = {
+        **os.environ,
+        MAX_BYTES_ENV: str(params.serve.request_log_max_bytes),
+        BACKUPS_ENV: str(params.serve.request_log_backups),
+    }
     command = [
         sys.executable,
         "-m",
@@ -345,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.host,
     ]
     print(" ".join(command[1:]), flush=True)
-    os.execv(sys.executable, command)
+    os.execve(sys.executable, command, env)
     return 0  # not reached
 
 

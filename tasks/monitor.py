@@ -222,8 +222,19 @@ def window_profile(window: LogWindow) -> Profile:
 
 def _describe_window(window: LogWindow) -> list[str]:
     notes = []
-    if window.restart and window.restart != "first read":
+    if window.restart == "rotated":
+        notes.append(
+            "the log was rotated past its backups since the last check: read what they hold "
+            "from the top; lines may have been missed (keep more serve.request_log_backups, "
+            "or check more often)"
+        )
+    elif window.restart in ("truncated", "rewritten"):
         notes.append(f"the log was {window.restart} since the last check: read from the top")
+    elif window.restart is None and window.files > 1:
+        notes.append(
+            f"the log was rotated since the last check: read on through its backups "
+            f"({window.files} files)"
+        )
     if window.malformed:
         examples = "; ".join(window.malformed_examples)
         notes.append(f"{window.malformed} malformed line(s) skipped ({examples})")

@@ -159,6 +159,10 @@ class RegistryConfig(_Section):
 
 class ServeConfig(_Section):
     port: int = Field(ge=1, le=65535)
+    # At least 1 MiB: the largest batch the service logs at once (128 texts of up to 2000
+    # characters) is about 0.3 MB, and a file should hold several.
+    request_log_max_bytes: int = Field(ge=1 << 20)
+    request_log_backups: int = Field(ge=1)  # 0 would let the file grow without bound
 
 
 class DeployConfig(_Section):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -25,13 +27,18 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from bentos.service import (
+    DEFAULT_REQUEST_LOG_BACKUPS,
+    DEFAULT_REQUEST_LOG_MAX_BYTES,
     ApiKeyMiddleware,
     JsonBodyMiddleware,
     RequestLog,
     configured_threads,
     request_log_path,
+    request_log_rotation,
 )
 from tests.bentos.conftest import API_KEY, PROBE_TEXTS, Server
+from tests.helpers import REPO_ROOT
+from textgate.config import load_params
 from textgate.model import TextClassifier
 from textgate.text import clean_text
 
@@ -544,6 +551,42 @@ def test_request_log_appends_lines_and_survives_write_failures(
         blocked.append([{"not json": object()}])
     errors = [record for record in caplog.records if record.levelname == "ERROR"]
     assert len(errors) == 1 and "a-directory" in errors[0].getMessage()
+
+
+def test_request_log_is_owner_only_and_rotated_as_configured(tmp_path: Path) -> None:
+    previous = os.umask(0o022)  # files would be 0644, directories 0755
+    try:
+        log = RequestLog(tmp_path / "nested" / "requests.jsonl", max_bytes=300, backups=2)
+        for number in range(20):
+            log.append([{"text": "x" * 40, "n": number}])
+    finally:
+        os.umask(previous)
+    rotated = [log.path.with_name(f"requests.jsonl.{index}") for index in (1, 2)]
+    for path in (log.path, *rotated):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_size <= 300
+    assert stat.S_IMODE(log.path.parent.stat().st_mode) == 0o700
+    assert not log.path.with_name("requests.jsonl.3").exists()
+    assert [line["n"] for line in read_log(rotated[1])][0] > 0  # the oldest were deleted
+
+
+def test_request_log_rotation_comes_from_textgate_serve_else_the_params_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    serve = load_params(REPO_ROOT / "params.yaml").serve
+    # The service cannot read params.yaml (a bento has none): its copy of the defaults.
+    assert (
+        serve.request_log_max_bytes,
+        serve.request_log_backups,
+    ) == (DEFAULT_REQUEST_LOG_MAX_BYTES, DEFAULT_REQUEST_LOG_BACKUPS)
+    monkeypatch.delenv("TEXTGATE_REQUEST_LOG_MAX_BYTES", raising=False)
+    monkeypatch.delenv("TEXTGATE_REQUEST_LOG_BACKUPS", raising=False)
+    assert request_log_rotation() == (DEFAULT_REQUEST_LOG_MAX_BYTES, DEFAULT_REQUEST_LOG_BACKUPS)
+    monkeypatch.setenv("TEXTGATE_REQUEST_LOG_MAX_BYTES", "2000000")
+    monkeypatch.setenv("TEXTGATE_REQUEST_LOG_BACKUPS", "2")
+    assert request_log_rotation() == (2_000_000, 2)
+    monkeypatch.setenv("TEXTGATE_REQUEST_LOG_BACKUPS", "0")
+    with pytest.raises(ValueError, match="TEXTGATE_REQUEST_LOG_BACKUPS must be a positive"):
+        request_log_rotation()
 
 
 def test_request_log_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bentoml_home: Path):

@@ -71,6 +71,24 @@ def test_serve_without_production_is_a_clear_error(params_file, capsys):
     assert "no production model to serve: run `textgate run` first" in capsys.readouterr().err
 
 
+def test_serve_passes_the_port_and_the_request_log_rotation_from_params(params_file, monkeypatch):
+    params = raw_params()
+    params["serve"].update(request_log_max_bytes=2_000_000, request_log_backups=3)
+    params_file.write_text(yaml.safe_dump(params))
+    promote(params_file, "textgate:a", 0.91, 1)
+    started = {}
+
+    def execve(path, argv, env):
+        started.update(argv=argv, env=env)
+
+    monkeypatch.setattr("flows.cli.os.execve", execve)
+    assert main(["serve", "--params", str(params_file)]) == 0
+    assert started["argv"][1:6] == ["-m", "bentoml", "serve", "textgate:a", "--port"]
+    assert started["argv"][6] == str(params["serve"]["port"])
+    assert started["env"]["TEXTGATE_REQUEST_LOG_MAX_BYTES"] == "2000000"
+    assert started["env"]["TEXTGATE_REQUEST_LOG_BACKUPS"] == "3"
+
+
 def test_run_rejects_bad_params_before_starting_prefect(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     params = raw_params()

@@ -31,6 +31,8 @@ def test_repository_params_are_valid():
             "validate.min_examples_per_class=2 lets through classes that prepare cannot split: "
             "use at least 3",
         ),
+        ({"serve": {"request_log_backups": 0}}, "serve.request_log_backups"),
+        ({"serve": {"request_log_max_bytes": 1000}}, "serve.request_log_max_bytes"),
     ],
 )
 def test_bad_params_name_the_key_at_fault(overrides, message):
