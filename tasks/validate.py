@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,10 @@ def _row_checks(params: Params, table: str, labels: list[str], set_name: str) ->
     if is_test:
         # The tokenizer truncates long test texts like any served input: not a data error.
         checks = [check for check in checks if check.name != "text_length"]
-    return [replace(check, name=prefix + check.name) for check in checks]
+    return [
+        _Check(prefix + c.name, c.table, c.expectation, c.kwargs, c.summarise, c.examples)
+        for c in checks
+    ]
 
 
 def _offending_classes(result: Result, frames: Frames) -> Examples:
