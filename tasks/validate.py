@@ -72,20 +72,38 @@ def _counted(table: str, what: str) -> Callable[[Result, Frames], str]:
     return summarise
 
 
-def _row_checks(params: Params, table: str, labels: list[str], set_name: str) -> list[_Check]:
-    """Column, null, blank, length, label-set and header checks of one row frame (train or test)."""
-    data, cfg = params.data, params.validate_
-    is_test = table == TEST_ROWS
-    prefix, rows = ("test_", "test rows") if is_test else ("", "rows")
-    offending = _unexpected_rows(table)
+def _row_count_check(
+    name: str, table: str, expectation: str, kwargs: dict[str, Any], what: str
+) -> _Check:
+    """A row check worded 'N of M <what>; allowed: 0.', with the offending rows as examples."""
+    return _Check(name, table, expectation, kwargs, _counted(table, what), _unexpected_rows(table))
 
-    def required_columns(result: Result, frames: Frames) -> str:
+
+def _required_columns_check(params: Params, table: str, rows: str) -> _Check:
+    """The text and label columns are present."""
+    data = params.data
+
+    def summarise(result: Result, frames: Frames) -> str:
         return (
             f"The text column {data.text_column!r} and the label column {data.label_column!r} "
             f"are present ({len(frames[table])} {rows})."
         )
 
-    def text_length(result: Result, frames: Frames) -> str:
+    return _Check(
+        "required_columns",
+        table,
+        "ExpectTableColumnsToMatchSet",
+        {"column_set": [v.TEXT, v.LABEL], "exact_match": False},
+        summarise,
+        _no_examples,
+    )
+
+
+def _text_length_check(params: Params, table: str) -> _Check:
+    """Each non-blank text is within validate.min_text_chars-max_text_chars once normalised."""
+    cfg = params.validate_
+
+    def summarise(result: Result, frames: Frames) -> str:
         lengths = frames[table][v.TEXT_CHARS].dropna()
         observed = f"observed {lengths.min():.0f}-{lengths.max():.0f}" if len(lengths) else "none"
         return (
@@ -94,7 +112,20 @@ def _row_checks(params: Params, table: str, labels: list[str], set_name: str) ->
             f"({observed}); allowed: 0."
         )
 
-    def labels_in_set(result: Result, frames: Frames) -> str:
+    return _Check(
+        "text_length",
+        table,
+        "ExpectColumnValuesToBeBetween",
+        {"column": v.TEXT_CHARS, "min_value": cfg.min_text_chars, "max_value": cfg.max_text_chars},
+        summarise,
+        _unexpected_rows(table),
+    )
+
+
+def _labels_in_set_check(table: str, rows: str, labels: list[str], set_name: str) -> _Check:
+    """Every label is one of `labels` (declared, or inferred from the train file)."""
+
+    def summarise(result: Result, frames: Frames) -> str:
         found = sorted(set(frames[table][v.LABEL].dropna()) - set(labels))
         more = ", …" if len(found) > EXAMPLES else ""
         seen = f" (found {', '.join(map(repr, found[:EXAMPLES]))}{more})" if found else ""
@@ -104,74 +135,54 @@ def _row_checks(params: Params, table: str, labels: list[str], set_name: str) ->
             f"{set_name} [{', '.join(labels)}]{seen}; allowed: 0."
         )
 
+    return _Check(
+        "labels_in_set",
+        table,
+        "ExpectColumnValuesToBeInSet",
+        {"column": v.LABEL, "value_set": labels},
+        summarise,
+        _unexpected_rows(table),
+    )
+
+
+def _row_checks(params: Params, table: str, labels: list[str], set_name: str) -> list[_Check]:
+    """Column, null, blank, length, label-set and header checks of one row frame (train or test)."""
+    data = params.data
+    is_test = table == TEST_ROWS
+    prefix, rows = ("test_", "test rows") if is_test else ("", "rows")
+    header = f"({data.text_column!r}, {data.label_column!r})"
     checks = [
-        _Check(
-            "required_columns",
-            table,
-            "ExpectTableColumnsToMatchSet",
-            {"column_set": [v.TEXT, v.LABEL], "exact_match": False},
-            required_columns,
-            _no_examples,
-        ),
-        _Check(
+        _required_columns_check(params, table, rows),
+        _row_count_check(
             "text_not_null",
             table,
             "ExpectColumnValuesToNotBeNull",
             {"column": v.TEXT},
-            _counted(table, f"{rows} have a null text"),
-            offending,
+            f"{rows} have a null text",
         ),
-        _Check(
+        _row_count_check(
             "text_not_empty",
             table,
             "ExpectColumnValuesToBeInSet",
             {"column": v.TEXT_BLANK, "value_set": [False]},
-            _counted(
-                table,
-                f"{rows} have a text that is empty after removing whitespace and invisible "
-                "characters",
-            ),
-            offending,
+            f"{rows} have a text that is empty after removing whitespace and invisible characters",
         ),
-        _Check(
-            "text_length",
-            table,
-            "ExpectColumnValuesToBeBetween",
-            {
-                "column": v.TEXT_CHARS,
-                "min_value": cfg.min_text_chars,
-                "max_value": cfg.max_text_chars,
-            },
-            text_length,
-            offending,
-        ),
-        _Check(
+        _text_length_check(params, table),
+        _row_count_check(
             "label_not_null",
             table,
             "ExpectColumnValuesToNotBeNull",
             {"column": v.LABEL},
-            _counted(table, f"{rows} have no label (null or blank)"),
-            offending,
+            f"{rows} have no label (null or blank)",
         ),
-        _Check(
-            "labels_in_set",
-            table,
-            "ExpectColumnValuesToBeInSet",
-            {"column": v.LABEL, "value_set": labels},
-            labels_in_set,
-            offending,
-        ),
-        _Check(
+        _labels_in_set_check(table, rows, labels, set_name),
+        _row_count_check(
             "header_rows",
             table,
             "ExpectColumnValuesToBeInSet",
             {"column": v.IS_HEADER, "value_set": [False]},
-            _counted(
-                table,
-                f"{rows} repeat the header ({data.text_column!r}, {data.label_column!r}) as "
-                "data, as concatenated CSV exports do: delete those rows",
-            ),
-            offending,
+            f"{rows} repeat the header {header} as data, as concatenated CSV exports do: "
+            "delete those rows",
         ),
     ]
     if is_test:
@@ -183,13 +194,18 @@ def _row_checks(params: Params, table: str, labels: list[str], set_name: str) ->
     ]
 
 
-def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
-    """Class-size, duplicate, conflict, majority-class and train/test overlap checks."""
-    cfg = params.validate_
+def _offending_classes(result: Result, frames: Frames) -> Examples:
+    """The train classes Great Expectations lists as unexpected."""
+    index = result.get("partial_unexpected_index_list") or []
+    return v.class_examples(frames[TRAIN_CLASSES], index, EXAMPLES)
 
-    def min_examples(result: Result, frames: Frames) -> str:
+
+def _min_examples_check(params: Params) -> _Check:
+    """Each declared (or inferred) class has validate.min_examples_per_class distinct texts."""
+    need = params.validate_.min_examples_per_class
+
+    def summarise(result: Result, frames: Frames) -> str:
         classes = frames[TRAIN_CLASSES]
-        need = cfg.min_examples_per_class
         if classes.empty:
             return (
                 f"No labelled rows, so there are no classes to count; required: {need} per class."
@@ -209,95 +225,117 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
             )
         return summary
 
-    def offending_classes(result: Result, frames: Frames) -> Examples:
-        index = result.get("partial_unexpected_index_list") or []
-        return v.class_examples(frames[TRAIN_CLASSES], index, EXAMPLES)
+    return _Check(
+        "min_examples_per_class",
+        TRAIN_CLASSES,
+        "ExpectColumnValuesToBeBetween",
+        {"column": v.N_DISTINCT_TEXTS, "min_value": need},
+        summarise,
+        _offending_classes,
+    )
 
-    def duplicate_fraction(result: Result, frames: Frames) -> str:
+
+def _duplicate_rows(result: Result, frames: Frames) -> Examples:
+    """Train rows that repeat an earlier row's text and label."""
+    rows = frames[TRAIN_ROWS]
+    return v.row_examples(rows, rows.index[rows[v.IS_DUPLICATE]], EXAMPLES)
+
+
+def _duplicate_fraction_check(params: Params) -> _Check:
+    """At most validate.max_duplicate_fraction of the train rows repeat an earlier row."""
+    allowed = params.validate_.max_duplicate_fraction
+
+    def summarise(result: Result, frames: Frames) -> str:
         rows = frames[TRAIN_ROWS]
         n_duplicates = int(rows[v.IS_DUPLICATE].sum())
         return (
             f"{n_duplicates} of {len(rows)} rows ({n_duplicates / len(rows):.1%}) repeat an "
-            f"earlier row's text and label; allowed: at most {cfg.max_duplicate_fraction:.1%}."
+            f"earlier row's text and label; allowed: at most {allowed:.1%}."
         )
 
-    def duplicate_rows(result: Result, frames: Frames) -> Examples:
-        rows = frames[TRAIN_ROWS]
-        return v.row_examples(rows, rows.index[rows[v.IS_DUPLICATE]], EXAMPLES)
+    # The mean of a 0/1 column is the fraction itself: exact at the threshold, where
+    # `mostly=1 - fraction` can miss by a rounding error.
+    return _Check(
+        "duplicate_fraction",
+        TRAIN_ROWS,
+        "ExpectColumnMeanToBeBetween",
+        {"column": v.IS_DUPLICATE, "max_value": allowed},
+        summarise,
+        _duplicate_rows,
+    )
 
-    def conflicting(result: Result, frames: Frames) -> str:
+
+def _conflicting_rows(result: Result, frames: Frames) -> Examples:
+    """Train rows whose text appears with more than one label, grouped by text."""
+    rows = frames[TRAIN_ROWS]
+    return v.row_examples(rows, v.conflicting_rows(rows).index, EXAMPLES)
+
+
+def _conflicting_labels_check(params: Params) -> _Check:
+    """At most validate.max_conflicting_texts distinct texts appear with more than one label."""
+    allowed = params.validate_.max_conflicting_texts
+
+    def summarise(result: Result, frames: Frames) -> str:
         texts = frames[TRAIN_TEXTS]
         return (
             f"{int(texts[v.CONFLICTING].sum())} of {len(texts)} distinct texts appear with more "
-            f"than one label; allowed: at most {cfg.max_conflicting_texts}."
+            f"than one label; allowed: at most {allowed}."
         )
 
-    def conflicting_rows(result: Result, frames: Frames) -> Examples:
-        rows = frames[TRAIN_ROWS]
-        return v.row_examples(rows, v.conflicting_rows(rows).index, EXAMPLES)
+    return _Check(
+        "conflicting_labels",
+        TRAIN_TEXTS,
+        "ExpectColumnSumToBeBetween",
+        {"column": v.CONFLICTING, "max_value": allowed},
+        summarise,
+        _conflicting_rows,
+    )
 
-    def label_count(result: Result, frames: Frames) -> str:
-        found = sorted(frames[TRAIN_ROWS][v.LABEL].dropna().unique())
-        if len(found) >= 2:
-            return f"{len(found)} distinct labels; required: at least 2."
-        named = f"only the label {found[0]!r}" if found else "no label at all"
-        return (
-            f"The labelled rows have {named}: a classifier needs at least 2 labels to learn "
-            "anything; check data.label_column and that the export kept every class."
-        )
 
+def _label_count(result: Result, frames: Frames) -> str:
+    """Summary of `two_or_more_labels`: the distinct labels, or the one (or none) found."""
+    found = sorted(frames[TRAIN_ROWS][v.LABEL].dropna().unique())
+    if len(found) >= 2:
+        return f"{len(found)} distinct labels; required: at least 2."
+    named = f"only the label {found[0]!r}" if found else "no label at all"
+    return (
+        f"The labelled rows have {named}: a classifier needs at least 2 labels to learn "
+        "anything; check data.label_column and that the export kept every class."
+    )
+
+
+def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
+    """Class-size, duplicate, conflict, label-count, majority-class and train/test overlap checks.
+
+    Each looks at a whole file (or at train against test) rather than at single rows.
+    """
     checks = [
-        _Check(
-            "min_examples_per_class",
-            TRAIN_CLASSES,
-            "ExpectColumnValuesToBeBetween",
-            {"column": v.N_DISTINCT_TEXTS, "min_value": cfg.min_examples_per_class},
-            min_examples,
-            offending_classes,
-        ),
-        _Check(
-            # The mean of a 0/1 column is the fraction itself: exact at the threshold, where
-            # `mostly=1 - fraction` can miss by a rounding error.
-            "duplicate_fraction",
-            TRAIN_ROWS,
-            "ExpectColumnMeanToBeBetween",
-            {"column": v.IS_DUPLICATE, "max_value": cfg.max_duplicate_fraction},
-            duplicate_fraction,
-            duplicate_rows,
-        ),
-        _Check(
-            "conflicting_labels",
-            TRAIN_TEXTS,
-            "ExpectColumnSumToBeBetween",
-            {"column": v.CONFLICTING, "max_value": cfg.max_conflicting_texts},
-            conflicting,
-            conflicting_rows,
-        ),
-    ]
-    checks.append(
+        _min_examples_check(params),
+        _duplicate_fraction_check(params),
+        _conflicting_labels_check(params),
         _Check(
             "two_or_more_labels",
             TRAIN_ROWS,
             "ExpectColumnUniqueValueCountToBeBetween",
             {"column": v.LABEL, "min_value": 2},
-            label_count,
+            _label_count,
             _no_examples,
-        )
-    )
+        ),
+    ]
     # A floor of 0 is no floor: no class share can meet it "for free".
-    if params.gate.min_accuracy > 0:
+    has_floor = params.gate.min_accuracy > 0
+    if has_floor:
         checks.append(_majority_check(params, TRAIN_CLASSES, ""))
     if has_test:
-        if params.gate.min_accuracy > 0:
+        if has_floor:
             checks.append(_majority_check(params, TEST_CLASSES, "test_"))
         checks.append(
-            _Check(
+            _row_count_check(
                 "train_test_overlap",
                 TRAIN_ROWS,
                 "ExpectColumnValuesToBeInSet",
                 {"column": v.IN_TEST, "value_set": [False]},
-                _counted(TRAIN_ROWS, "train rows have a text that also appears in the test file"),
-                _unexpected_rows(TRAIN_ROWS),
+                "train rows have a text that also appears in the test file",
             )
         )
     return checks

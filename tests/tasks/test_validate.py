@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +423,12 @@ def test_a_test_file_of_mostly_one_class_fails(tmp_path, capsys):
     assert code == EXIT_CHECK_FAILED, err
     assert failed_names(report) == ["test_majority_class_share"]
     assert "'refund' holds 90.0% of 20 labelled rows" in err
+
+
+def test_importing_the_stage_does_not_import_great_expectations():
+    """Great Expectations takes seconds to import: only running the expectations may load it."""
+    probe = "import sys, tasks.validate; print(sorted(m for m in sys.modules if 'great_exp' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
