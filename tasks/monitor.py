@@ -258,8 +258,7 @@ def check_drift(
     from textgate.registry import Registry
 
     log_path = request_log_path(params)
-    minimum = params.monitor.min_requests
-    result = MonitorResult("no_production", "", log_path, minimum)
+    result = MonitorResult("no_production", "", log_path, params.monitor.min_requests)
     production = Registry(params.registry.path).production()
     if production is None:
         result.message = "no production model to monitor: run `textgate run` first"
@@ -268,13 +267,36 @@ def check_drift(
     state, note = load_state(params)
     if note:
         result.notes.append(note)
+    new_cursor = _read_new_requests(params, state, result)
+    if new_cursor is None:
+        return result
+    _judge_window(params, production.model_tag, model_dir_for(production.model_tag), result)
+    state.update(
+        cursor=new_cursor.to_dict(),
+        checked_at=result.checked_at.isoformat(),
+        status=result.status,
+        model_tag=production.model_tag,
+        requests=result.window.n,
+    )
+    _save_state(params, state)
+    return result
+
+
+def _read_new_requests(
+    params: Params, state: dict[str, Any], result: MonitorResult
+) -> LogCursor | None:
+    """Read the log since the saved cursor into `result.window`; None when too little to judge.
+
+    When it returns None, `result` already says why (no log, or not enough requests).
+    """
+    log_path, minimum = result.log_path, result.min_requests
     if not log_path.is_file():
         result.status = "no_log"
         result.message = (
             f"not enough data: no request log at {log_path} yet (0 requests < {minimum}); "
             f"the service writes it where {REQUEST_LOG_ENV} says"
         )
-        return result
+        return None
     cursor = LogCursor.from_dict(state.get("cursor")) if state.get("cursor") else None
     window, new_cursor = read_window(
         log_path, cursor, sample_size=params.monitor.sample_size, seed=params.monitor.seed
@@ -288,24 +310,28 @@ def check_drift(
             f"not enough data: {window.n} requests < {minimum} (monitor.min_requests) since "
             f"the last check{skipped}"
         )
-        return result
+        return None
+    return new_cursor
 
+
+def _judge_window(params: Params, model_tag: str, model_dir: Path, result: MonitorResult) -> None:
+    """Compare `result.window` with the production model's reference; fill in the verdict."""
     from textgate.embeddings import SentenceEncoder
 
-    model_dir = model_dir_for(production.model_tag)
     encoder: SentenceEncoder | None = None
 
     def embed(texts: list[str]) -> np.ndarray:
-        nonlocal encoder
+        nonlocal encoder  # loaded once, and only when something needs embedding
         encoder = encoder or SentenceEncoder(model_dir)
         return encoder.encode(texts)
 
-    cache = _reference_cache(params, production.model_tag)
-    reference = _load_reference(cache, production.model_tag) if cache.is_file() else None
+    cache = _reference_cache(params, model_tag)
+    reference = _load_reference(cache, model_tag) if cache.is_file() else None
     if reference is None:
-        reference = build_reference(params, production.model_tag, model_dir, embed)
+        reference = build_reference(params, model_tag, model_dir, embed)
         _save_reference(cache, reference)
     result.reference = reference
+    window = result.window
     report = assess_drift(
         reference.profile,
         window_profile(window),
@@ -316,15 +342,6 @@ def check_drift(
     result.report = report
     result.status = "drift" if report.drifted else "no_drift"
     result.message = f"{report.summary()} in {window.n} requests"
-    state.update(
-        cursor=new_cursor.to_dict(),
-        checked_at=result.checked_at.isoformat(),
-        status=result.status,
-        model_tag=production.model_tag,
-        requests=window.n,
-    )
-    _save_state(params, state)
-    return result
 
 
 def retrain_cooldown_left(params: Params, now: datetime) -> timedelta | None:
