@@ -149,6 +149,8 @@ class RegistryConfig(_Section):
 
 class ServeConfig(_Section):
     port: int = Field(ge=1, le=65535)
+    max_concurrency: int = Field(ge=1)  # API requests in flight per serving worker
+    retry_after_s: int = Field(ge=1)  # Retry-After of a request refused as overload
 
 
 class DeployConfig(_Section):

@@ -9,6 +9,7 @@ have fast tests of their own, without a server.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -25,9 +26,16 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from bentos.service import (
+    DEV_MAX_CONCURRENCY,
+    DEV_RETRY_AFTER_S,
     ApiKeyMiddleware,
     JsonBodyMiddleware,
+    JsonErrorsMiddleware,
+    OpenApiSecurityMiddleware,
+    OverloadMiddleware,
+    RejectionLogFilter,
     RequestLog,
+    configured_api_key,
     configured_threads,
     request_log_path,
 )
@@ -491,9 +499,29 @@ def test_api_key_middleware(headers: dict[str, str], status: int) -> None:
         assert client.get(path).status_code == 200
 
 
-@pytest.mark.parametrize("key", ["", "   "])
-def test_an_empty_api_key_turns_authentication_off(key: str) -> None:
-    assert _app((ApiKeyMiddleware, {"api_key": key})).post("/classify").status_code == 200
+def test_an_empty_api_key_turns_authentication_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _app((ApiKeyMiddleware, {"api_key": ""})).post("/classify").status_code == 200
+    monkeypatch.setenv("TEXTGATE_API_KEY", "")
+    assert configured_api_key() is None
+    assert _app((ApiKeyMiddleware, {})).post("/classify").status_code == 200
+
+
+@pytest.mark.parametrize("key", [" ", "   ", "\t\n"])
+def test_a_blank_api_key_is_an_error_not_authentication_off(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("TEXTGATE_API_KEY", key)
+    with pytest.raises(ValueError, match="TEXTGATE_API_KEY is set but blank"):
+        configured_api_key()
+    with pytest.raises(ValueError, match="set but blank"):
+        ApiKeyMiddleware(_echo)
+
+
+def test_the_api_key_is_used_without_surrounding_whitespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEXTGATE_API_KEY", " k3y\n")
+    assert configured_api_key() == "k3y"
 
 
 def test_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -581,3 +609,135 @@ def test_default_threads_never_oversubscribe_the_cores(monkeypatch: pytest.Monke
         threads = configured_threads(workers=workers)
         assert threads == expected
         assert threads * workers <= max(cores, workers)
+
+
+def test_unknown_routes_and_wrong_methods_get_json_errors() -> None:
+    app = Starlette(routes=[Route("/classify", _echo, methods=["POST"])])
+    app.add_middleware(JsonErrorsMiddleware)
+    client = TestClient(app)
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "not found: no route /nowhere"}
+    wrong = client.get("/classify")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"].startswith("method not allowed: GET /classify; allowed: POST")
+    assert "POST" in wrong.headers["allow"]
+    assert client.post("/classify", content=b"ab").json() == {"path": "/classify", "bytes": 2}
+
+
+def _overload_app(handler, max_concurrency: int = 2) -> TestClient:  # type: ignore[no-untyped-def]
+    app = Starlette(routes=[Route("/classify", handler, methods=["POST"])])
+    app.add_middleware(
+        OverloadMiddleware, routes=["/classify"], max_concurrency=max_concurrency, retry_after_s=3
+    )
+    return TestClient(app)
+
+
+def _assert_overloaded(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "3"
+    assert response.json()["error"].startswith("overloaded: ")
+    assert "unexpected error" not in response.text
+
+
+def test_requests_beyond_the_concurrency_limit_get_503_with_retry_after() -> None:
+    import threading
+
+    import anyio
+
+    release, two_in = threading.Event(), threading.Barrier(3)
+
+    async def slow(request: Request) -> JSONResponse:
+        if request.query_params.get("hold"):
+            await anyio.to_thread.run_sync(two_in.wait)
+            await anyio.to_thread.run_sync(release.wait)
+        return JSONResponse({"ok": True})
+
+    with _overload_app(slow) as client, ThreadPoolExecutor(max_workers=2) as pool:
+        held = [pool.submit(client.post, "/classify?hold=1") for _ in range(2)]
+        two_in.wait(timeout=10)  # both held requests are inside
+        refused = client.post("/classify")
+        release.set()
+        assert [future.result().status_code for future in held] == [200, 200]
+        assert client.post("/classify").status_code == 200  # the slots are free again
+    _assert_overloaded(refused)
+    assert "2 requests in flight per worker" in refused.json()["error"]
+
+
+def test_the_batch_queues_generic_503_becomes_an_overload_answer() -> None:
+    async def busy(request: Request) -> JSONResponse:
+        generic = {"error": "An unexpected error has occurred, please check the server log."}
+        return JSONResponse(generic, status_code=503)
+
+    _assert_overloaded(_overload_app(busy).post("/classify"))
+
+
+def test_openapi_declares_the_api_key_when_one_is_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = {"paths": {"/classify": {"post": {}}, "/livez": {"get": {}}}}
+
+    async def docs(request: Request) -> JSONResponse:
+        return JSONResponse(spec)
+
+    def served_spec() -> dict:
+        app = Starlette(routes=[Route("/docs.json", docs)])
+        app.add_middleware(OpenApiSecurityMiddleware, routes=["/classify"])
+        return TestClient(app).get("/docs.json").json()
+
+    monkeypatch.setenv("TEXTGATE_API_KEY", "k3y")
+    secured = served_spec()
+    schemes = secured["components"]["securitySchemes"]
+    assert schemes["ApiKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["BearerAuth"] == {"type": "http", "scheme": "bearer"}
+    assert secured["paths"]["/classify"]["post"]["security"] == [
+        {"ApiKeyHeader": []},
+        {"BearerAuth": []},
+    ]
+    assert "security" not in secured["paths"]["/livez"]["get"]
+    monkeypatch.delenv("TEXTGATE_API_KEY")
+    assert served_spec() == spec
+
+
+SECRET = "my card 4111 1111 1111 1111 zebra-secret-7"
+
+
+def test_a_rejected_request_is_logged_as_one_line_without_its_text() -> None:
+    from bentos.service import ClassifyRequest
+
+    try:
+        ClassifyRequest(texts=[SECRET * 100])
+    except ValueError as error:
+        exc_info = (type(error), error, error.__traceback__)
+    record = logging.LogRecord(
+        "bentoml._internal.server.http_app",
+        logging.ERROR,
+        __file__,
+        1,
+        "Exception on %s [%s]",
+        ("/classify", "POST"),
+        exc_info,
+    )
+    assert RejectionLogFilter().filter(record)
+    line = logging.Formatter().format(record)
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert line == "rejected /classify: 400 ValidationError at texts.0 (string_too_long)"
+    assert "zebra" not in line and "4111" not in line
+
+
+def test_other_errors_keep_their_traceback() -> None:
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as error:
+        exc_info = (type(error), error, error.__traceback__)
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "boom", (), exc_info)
+    assert RejectionLogFilter().filter(record)
+    assert record.levelname == "ERROR" and record.exc_info is exc_info
+
+
+def test_the_services_serve_defaults_are_params_yaml_s() -> None:
+    from tests.helpers import REPO_ROOT
+    from textgate.config import load_params
+
+    serve = load_params(REPO_ROOT / "params.yaml").serve
+    assert (serve.max_concurrency, serve.retry_after_s) == (DEV_MAX_CONCURRENCY, DEV_RETRY_AFTER_S)
