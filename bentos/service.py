@@ -63,6 +63,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
@@ -75,8 +76,29 @@ import bentoml
 from bentoml.exceptions import InvalidArgument
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier
-from textgate.text import clean_text, normalise_text
+
+def _forget_a_foreign_textgate() -> None:
+    """Make `import textgate` below load the bento's own copy, next to this file.
+
+    `bentoml serve textgate:<version>` first tries `textgate` as a Python module path (the bento
+    and the package share the name) and only then loads the bento; where a textgate package is
+    installed (an editable install, the project's own environment), that attempt leaves the
+    installed package in `sys.modules`, and the bento would serve its code instead of its own.
+    """
+    loaded = sys.modules.get("textgate")
+    root = Path(__file__).resolve().parents[1]
+    if loaded is None or Path(loaded.__file__ or "").resolve().parents[1] == root:
+        return
+    for name in [name for name in sys.modules if name.split(".")[0] == "textgate"]:
+        del sys.modules[name]
+
+
+_forget_a_foreign_textgate()
+
+# The textgate imports come after that check.
+from textgate.errors import ConfigError  # noqa: E402
+from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier  # noqa: E402
+from textgate.text import clean_text, normalise_text  # noqa: E402
 
 logger = logging.getLogger("bentoml.textgate")
 
@@ -203,12 +225,13 @@ def configured_api_key() -> str | None:
     """`TEXTGATE_API_KEY` without surrounding whitespace; None when unset or empty.
 
     Raises:
-        ValueError: the variable is set to whitespace only, which would silently turn
-            authentication off.
+        ConfigError: the variable is set to whitespace only, which would silently turn
+            authentication off. (Not a ValueError: BentoML reads that, raised while it loads
+            a bento, as "not a bento tag" and shows another error instead.)
     """
     raw = os.environ.get(API_KEY_ENV, "")
     if raw and not raw.strip():
-        raise ValueError(
+        raise ConfigError(
             f"{API_KEY_ENV} is set but blank (whitespace only): set a real key, or unset it "
             "(or set it empty) to serve without authentication"
         )
@@ -367,6 +390,10 @@ def _counters() -> tuple[Any, Any]:
     )
     abstentions = Counter("textgate_abstentions", "Texts the model abstained on.")
     return predictions, abstentions
+
+
+# Refuse a blank key when `bentoml serve` loads the service, before any worker starts.
+configured_api_key()
 
 
 @bentoml.service(

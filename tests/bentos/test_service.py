@@ -40,6 +40,7 @@ from bentos.service import (
     request_log_path,
 )
 from tests.bentos.conftest import API_KEY, PROBE_TEXTS, Server
+from textgate.errors import ConfigError
 from textgate.model import TextClassifier
 from textgate.text import clean_text
 
@@ -457,6 +458,146 @@ def test_an_uncertain_text_is_unknown(guarded_server: Server, server: Server) ->
     assert plain["label"] in server.labels and plain["abstained"] is False
 
 
+# --- one answer, overload, logs, API surface --------------------------------------------------
+
+# Many texts, on and off the topics of the tiny models, short and long.
+AGREEMENT_TEXTS = [
+    *TEXTS,
+    "hello",
+    "what is the meaning of life",
+    OFF_TOPIC,
+    "refund",
+    "my card got swallowed by the cash machine and now I cannot pay for anything",
+    "HELLO THERE!!!",
+    "reset password " * 20,
+]
+
+
+@slow
+def test_explain_answers_exactly_what_classify_answers(
+    server: Server, guarded_server: Server
+) -> None:
+    auth = {"X-API-Key": API_KEY}
+    # The ONNX server runs one text per forward pass: one request with every text.
+    classified = classify(guarded_server.url, {"texts": AGREEMENT_TEXTS}, headers=auth).json()
+    for target, headers, answers in (
+        (guarded_server, auth, classified),
+        (server, None, [None] * len(AGREEMENT_TEXTS)),
+    ):
+        for text, answer in zip(AGREEMENT_TEXTS, answers, strict=True):
+            if answer is None:  # torch pads a batch: one text per request, as /explain
+                [answer] = classify(target.url, {"texts": [text]}).json()
+            explained = explain(target.url, {"text": text}, headers=headers)
+            assert explained.status_code == 200, explained.text
+            headline = {key: explained.json()[key] for key in ("label", "score", "abstained")}
+            assert headline == answer, (target.url, text)
+
+
+@slow
+def test_a_rejected_request_leaves_no_text_and_no_traceback_in_the_log(server: Server) -> None:
+    secret = "my card 4111 1111 1111 1111 zebra-secret-7"
+    logged_before = server.serve_log.stat().st_size
+    for payload in ({"texts": [secret * 100]}, {"texts": [secret, 7]}, {"texts": secret}):
+        response = classify(server.url, payload)
+        assert response.status_code == 400, response.text
+    response = explain(server.url, {"text": secret * 20})
+    assert response.status_code == 400, response.text
+    assert classify(server.url, {"texts": ["hi"]}).status_code == 200  # the log is flushed
+    new = server.serve_log.read_bytes()[logged_before:].decode("utf-8", errors="replace")
+    assert "zebra" not in new and "4111" not in new
+    assert "Traceback" not in new and "ERROR" not in new
+    assert "rejected /classify: 400 ValidationError at texts.0 (string_too_long)" in new
+    assert "rejected /explain: 400 ValidationError at text (string_too_long)" in new
+
+
+@slow
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/nowhere", 404), ("GET", "/classify", 405), ("DELETE", "/explain", 405)],
+)
+def test_unknown_routes_and_wrong_methods_are_json_errors(
+    server: Server, method: str, path: str, status: int
+) -> None:
+    response = httpx.request(method, f"{server.url}{path}", timeout=10)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert path in response.json()["error"]
+
+
+@slow
+def test_errors_name_the_public_models_not_internal_classes(server: Server) -> None:
+    for response in (
+        classify(server.url, {"texts": 1}),
+        explain(server.url, {"text": 1}),
+        classify(server.url, {"texts": ["hi"], "extra": 1}),
+    ):
+        assert response.status_code == 400, response.text
+        assert "IODescriptor" not in response.text
+        assert "validation error for ClassifyRequest" in response.text or (
+            "validation error for ExplainRequest" in response.text
+        )
+
+
+@slow
+def test_the_log_and_the_openapi_document_tell_whether_a_key_is_needed(
+    server: Server, guarded_server: Server
+) -> None:
+    assert "authentication is off: TEXTGATE_API_KEY is not set" in server.serve_log.read_text()
+    guarded_log = guarded_server.serve_log.read_text()
+    assert "authentication is on" in guarded_log and API_KEY not in guarded_log
+    spec = httpx.get(f"{guarded_server.url}/docs.json", timeout=10).json()
+    assert spec["components"]["securitySchemes"]["ApiKeyHeader"]["name"] == "X-API-Key"
+    for route in ("/classify", "/explain"):
+        assert {"ApiKeyHeader": []} in spec["paths"][route]["post"]["security"]
+    assert "securitySchemes" not in json.dumps(httpx.get(f"{server.url}/docs.json").json())
+
+
+@slow
+def test_a_blank_api_key_stops_the_server_at_start(guarded_server: Server, tmp_path: Path) -> None:
+    from tasks.served import ServedCheckError, serve_bento
+
+    env = {"BENTOML_HOME": str(guarded_server.home), "TEXTGATE_API_KEY": "   "}
+    serving = serve_bento(guarded_server.bento_tag, workdir=tmp_path, env=env, ready_timeout_s=60)
+    with pytest.raises(ServedCheckError) as failed, serving:
+        pass
+    assert "TEXTGATE_API_KEY is set but blank" in str(failed.value)
+
+
+def _burst(url: str, clients: int) -> list[httpx.Response]:
+    """`clients` requests at once: half /classify, 64 texts of 2000 characters; half /explain."""
+    big = {"texts": ["card " * 400] * 64}
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(max_workers=clients) as pool:
+        futures = [
+            pool.submit(client.post, f"{url}/classify", json=big)
+            if i % 2 == 0
+            else pool.submit(client.post, f"{url}/explain", json={"text": "lost card " * 40})
+            for i in range(clients)
+        ]
+        return [future.result() for future in futures]
+
+
+@slow
+def test_overload_is_a_503_with_retry_after_and_where_it_starts(server: Server) -> None:
+    from tests.helpers import REPO_ROOT
+    from textgate.config import load_params
+
+    serve = load_params(REPO_ROOT / "params.yaml").serve
+    refused_at = {}
+    for clients in (serve.max_concurrency, 64):
+        responses = _burst(server.url, clients)
+        refused = [r for r in responses if r.status_code != 200]
+        for response in refused:
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == str(serve.retry_after_s)
+            assert response.json()["error"].startswith("overloaded: ")
+        assert not any("unexpected error" in r.text for r in responses)
+        refused_at[clients] = len(refused)
+    print(f"refused requests by concurrent clients: {refused_at}")
+    # Within one worker's limit nothing is refused; far beyond it, some are.
+    assert refused_at[serve.max_concurrency] == 0
+    assert refused_at[64] > 0
+
+
 # --- fast tests: middleware, request log, settings ------------------------------------------
 
 
@@ -511,9 +652,9 @@ def test_a_blank_api_key_is_an_error_not_authentication_off(
     monkeypatch: pytest.MonkeyPatch, key: str
 ) -> None:
     monkeypatch.setenv("TEXTGATE_API_KEY", key)
-    with pytest.raises(ValueError, match="TEXTGATE_API_KEY is set but blank"):
+    with pytest.raises(ConfigError, match="TEXTGATE_API_KEY is set but blank"):
         configured_api_key()
-    with pytest.raises(ValueError, match="set but blank"):
+    with pytest.raises(ConfigError, match="set but blank"):
         ApiKeyMiddleware(_echo)
 
 
