@@ -114,7 +114,7 @@ WORKERS_ENV = "TEXTGATE_WORKERS"
 DEV_MODEL_TAG = "textgate-classifier:latest"
 # Likewise serve.max_concurrency and serve.retry_after_s, which tasks.package records in the
 # bento as arguments; these serve from source (tests/bentos checks they equal params.yaml).
-DEV_MAX_CONCURRENCY = 4
+DEV_MAX_CONCURRENCY = 8
 DEV_RETRY_AFTER_S = 1
 
 # Request limits: they bound the tokenizer and model work one request can cause. Texts are
