@@ -49,7 +49,7 @@ def test_two_packages_give_distinct_exact_tags(packaged_twice, params: Params) -
         assert version and version != "latest"
 
 
-def test_each_bento_is_pinned_to_its_own_model(packaged_twice) -> None:
+def test_each_bento_is_pinned_to_its_own_model(packaged_twice, params: Params) -> None:
     import bentoml
 
     first, second = packaged_twice
@@ -61,7 +61,11 @@ def test_each_bento_is_pinned_to_its_own_model(packaged_twice) -> None:
         bento = bentoml.get(result.bento_tag)
         assert [str(model.tag) for model in bento.info.all_models] == [result.model_tag]
         # The bento argument the service reads when the bento is served.
-        assert bento.info.args == {"model_tag": result.model_tag}
+        assert bento.info.args == {
+            "model_tag": result.model_tag,
+            "max_concurrency": params.serve.max_concurrency,
+            "retry_after_s": params.serve.retry_after_s,
+        }
         assert bento.info.labels["model"] == result.model_tag
         assert bento.info.labels["project"] == "textgate"
 
