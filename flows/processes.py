@@ -2,14 +2,15 @@
 
 SIGTERM, SIGINT and SIGHUP (`stop_on_signals`): the command unwinds with exit status
 128 + signum, as if the signal had killed it, but first Prefect records the flow run as
-crashed and `finally` blocks run; then every process below it (the temporary Prefect server,
-`dvc repro` and its stage, `bentoml serve`) is stopped. SIGKILL cannot be caught: on Linux
+crashed and `finally` blocks run; at exit every process below it (the temporary Prefect
+server, `dvc repro` and its stage, `bentoml serve`) is stopped. SIGKILL cannot be caught: on Linux
 the processes textgate starts itself (the temporary server, `dvc repro`) are sent SIGTERM by
 the kernel when it dies (`die_with_parent`); their own children are theirs to stop.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import os
@@ -69,11 +70,13 @@ def _stop_after_unwind_timeout(signum: int) -> None:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM, SIGINT and SIGHUP raise SystemExit(128 + signum); on the
-    way out every process below this one is stopped.
+    """Within the block, SIGTERM, SIGINT and SIGHUP raise SystemExit(128 + signum); once one
+    has, every process below this one is stopped at exit.
 
-    A second signal, or an unwind longer than UNWIND_TIMEOUT_S, stops them and exits at
-    once. Outside the main thread (where handlers cannot be set) the block runs as it is.
+    At exit, not on leaving the block: Prefect first sends its last logs to the temporary
+    server, which is stopped after that (flows/server.py). A second signal, or an unwind
+    longer than UNWIND_TIMEOUT_S, stops them and exits at once. Outside the main thread
+    (where handlers cannot be set) the block runs as it is.
     """
     received: list[int] = []
 
@@ -84,18 +87,24 @@ def stop_on_signals() -> Iterator[None]:
         threading.Thread(target=_stop_after_unwind_timeout, args=(signum,), daemon=True).start()
         raise SystemExit(128 + signum)
 
+    def stop_if_signalled() -> None:
+        if received:
+            stop_descendants()
+
     try:
         previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
     except ValueError:  # not the main thread
         yield
         return
+    # Registered before the temporary server's and Prefect's exit handlers: runs after them.
+    atexit.register(stop_if_signalled)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if received:
-            stop_descendants()
+        if not received:  # signalled, the handlers stay: a second signal stops at once
+            atexit.unregister(stop_if_signalled)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _load_prctl() -> Callable[..., int] | None:
