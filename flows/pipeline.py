@@ -33,7 +33,9 @@ from pydantic import BaseModel, Field
 
 from flows.lock import workspace_lock
 from flows.notify import send_alert
+from flows.processes import die_with_parent
 from flows.server import check_approval_possible
+from tasks.params import PARAMS_FILE, apply_params
 from textgate.config import Params, load_params, resolve_paths
 from textgate.errors import TextgateError
 from textgate.gate import (
@@ -122,6 +124,7 @@ def run_stage(stage: str, root: Path) -> StageRun:
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        preexec_fn=die_with_parent(),
     )
     lines: list[str] = []
     assert process.stdout is not None
@@ -409,23 +412,38 @@ def alert(params: Params, subject: str, body: str) -> None:
 def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str, Any]:
     """Validate, prepare, train and evaluate through DVC; gate; package, check and promote.
 
+    Args:
+        params_path: the run's params file, relative to `repo_dir` or absolute. Another file
+            than the repository's params.yaml is written into it (tasks/params.py).
+        repo_dir: the workspace: the git + DVC repository the stages run in.
+
     One run at a time per workspace: a second run waits for the first (flows/lock.py).
     """
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
-    # Absolute paths, so in-process steps do not depend on the current directory.
-    declared = load_params(root / params_path)
-    params = resolve_paths(declared, root)
-    check_approval_possible(params)
+    source = root / params_path  # `params_path` may also be absolute, outside the repository
+    # Absolute paths, so in-process steps do not depend on the current directory. A bad
+    # file stops the run here, before anything is written.
+    requested = resolve_paths(load_params(source), root)
+    check_approval_possible(requested)
     flow_run = getattr(get_run_context(), "flow_run", None)
     with workspace_lock(
         root,
-        limit=params.deploy.concurrency_limit,
-        timeout_s=params.deploy.lock_timeout_s,
+        limit=requested.deploy.concurrency_limit,
+        timeout_s=requested.deploy.lock_timeout_s,
         flow_run=flow_run.name if flow_run else None,
         log=logger,
     ):
-        return _run_pipeline(root, declared, params)
+        # DVC stages read params.yaml only: it must hold this run's parameters.
+        if apply_params(source, root):
+            logger.info(
+                "%s now holds this run's parameters, from %s (`git diff %s` shows them)",
+                PARAMS_FILE,
+                source,
+                PARAMS_FILE,
+            )
+        declared = load_params(root / PARAMS_FILE)
+        return _run_pipeline(root, declared, resolve_paths(declared, root))
 
 
 def _run_pipeline(root: Path, declared: Params, params: Params) -> Any:
