@@ -28,16 +28,27 @@ from textgate.config import Params
 def test_training_is_seeded(params):
     prepare.run(params)
     weights = params.train.output_dir / "model" / "model.safetensors"
+    # What dvc.lock hashes: a rerun must give the same bytes, or a fresh clone's first run
+    # rewrites dvc.lock (timings and memory go to run.json, which DVC does not track).
+    hashed = [params.train.output_dir / "metrics.json", params.train.output_dir / "model"]
     torch.manual_seed(1)  # whatever the global state before a run, the result is the same
     first = train.run(params)
     first_weights = load_file(weights)
+    first_bytes = _file_bytes(hashed)
     torch.manual_seed(2)
     second = train.run(params)
     second_weights = load_file(weights)
+    assert _file_bytes(hashed) == first_bytes
+    assert (params.train.output_dir / train.RUN_FILE).is_file()
     assert first["val_macro_f1"] == second["val_macro_f1"]
     assert first_weights.keys() == second_weights.keys()
     for name, tensor in first_weights.items():
         assert torch.equal(tensor, second_weights[name]), name
+
+
+def _file_bytes(paths: list[Path]) -> dict[str, bytes]:
+    files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
+    return {str(f): f.read_bytes() for f in files if f.is_file()}
 
 
 def test_stage_reports_missing_prepared_data_clearly(params, capsys):
@@ -110,7 +121,7 @@ def test_two_processes_train_like_one(tmp_path, no_dropout_model):
     single = train.run(one)
 
     out = two.train.output_dir
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model", "run.json"]
     assert sorted(p.name for p in (out / "model").iterdir()) == sorted(
         p.name for p in (one.train.output_dir / "model").iterdir()
     )
@@ -123,7 +134,8 @@ def test_two_processes_train_like_one(tmp_path, no_dropout_model):
     reference = json.loads((one.train.output_dir / "model" / "training.json").read_text())
     reference = reference["result"]
     assert result["processes"] == 2 and reference["processes"] == 1
-    assert result["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
+    run = json.loads((out / train.RUN_FILE).read_text())
+    assert run["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert result["optimizer_steps"] == reference["optimizer_steps"] == 2 * 3
     assert [log["step"] for log in result["history"]] == [3, 6]
     assert [log["step"] for log in reference["history"]] == [3, 6]
@@ -133,7 +145,7 @@ def test_two_processes_train_like_one(tmp_path, no_dropout_model):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["val_accuracy"] <= 1 and metrics["optimizer_steps"] == 6
     assert metrics["val_macro_f1"] == pytest.approx(single["val_macro_f1"], abs=1e-6)
-    assert result["peak_memory_mb"] > 0
+    assert run["peak_memory_mb"] > 0
 
     two_weights = load_file(out / "model" / "model.safetensors")
     one_weights = load_file(one.train.output_dir / "model" / "model.safetensors")
@@ -196,14 +208,14 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_base_mo
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    result = json.loads((params.train.output_dir / "model" / "training.json").read_text())
-    result = result["result"]
+    result = json.loads((params.train.output_dir / train.RUN_FILE).read_text())
     resumed_from = result["resumed_from_step"]
     assert f"resuming from step {resumed_from} " in second.stdout
     assert 0 < resumed_from < total_steps
     assert resumed_from % 5 == 0 or resumed_from % steps_per_epoch == 0  # a checkpoint's step
     assert result["steps_this_run"] == total_steps - resumed_from < total_steps
-    assert result["optimizer_steps"] == total_steps
+    training = json.loads((params.train.output_dir / "model" / "training.json").read_text())
+    assert training["result"]["optimizer_steps"] == total_steps
     assert not list(params.train.checkpoint_dir.glob("*/*")), "checkpoints left behind"
 
     # The same run without interruption, in this process, ends with the same weights.
