@@ -40,7 +40,7 @@ import psutil
 
 from bench.common import json_line, log, machine_info, positive_int
 from tasks.served import ServedCheckError, parse_answers, serve_bento
-from textgate.config import load_params, resolve_paths
+from textgate.config import PARAMS_FILE, load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
 from textgate.process import ProcessStartError, free_port, start_process, wait_ready
 from textgate.registry import Registry
@@ -702,7 +702,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     parser.add_argument("--bento", help="bento tag (default: production, from the registry)")
     parser.add_argument("--requests", type=positive_int, default=2000, help="timed requests")
     parser.add_argument(

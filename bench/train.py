@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import json_line, json_ready, log, machine_info, positive_int
+from textgate.config import PARAMS_FILE
 
 TARGET_SPEEDUP = 3.0  # baseline training time / textgate's time to reach the same accuracy
 TARGET_ACCURACY = 0.95
@@ -523,7 +524,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--data", type=Path, required=True, help="folder of train/val/test.csv")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     parser.add_argument(
         "--max-train", type=positive_int, help="a stratified subset of the training split"
     )

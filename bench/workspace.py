@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from textgate.config import PARAMS_FILE
+
 if TYPE_CHECKING:
     from transformers import BertConfig
 
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What a workspace needs of the project to run the pipeline (`textgate run`, `dvc repro`).
 PROJECT_FILES = (
     "dvc.yaml",
-    "params.yaml",
+    PARAMS_FILE,
     ".dvcignore",
     ".gitignore",
     ".dvc/config",

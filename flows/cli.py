@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from textgate.config import Params, load_params
+from textgate.config import PARAMS_FILE, Params, load_params
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV
@@ -358,7 +358,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    common.add_argument("--params", default=PARAMS_FILE, help="path to params.yaml")
     parser = argparse.ArgumentParser(prog="textgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help=cmd_run.__doc__, parents=[common])

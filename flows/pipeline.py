@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from flows.lock import workspace_lock
 from flows.notify import send_alert
 from flows.server import check_approval_possible
-from textgate.config import Params, load_params, resolve_paths
+from textgate.config import PARAMS_FILE, Params, load_params, resolve_paths
 from textgate.errors import TextgateError
 from textgate.gate import (
     Check,
@@ -406,7 +406,7 @@ def alert(params: Params, subject: str, body: str) -> None:
 
 
 @flow(name="textgate-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str, Any]:
+def pipeline(params_path: str = PARAMS_FILE, repo_dir: str = ".") -> dict[str, Any]:
     """Validate, prepare, train and evaluate through DVC; gate; package, check and promote.
 
     One run at a time per workspace: a second run waits for the first (flows/lock.py).

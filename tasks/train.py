@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from tasks.common import stage_main
 from textgate.abstain import AbstentionPolicy, choose_threshold
-from textgate.config import Params, TrainConfig
+from textgate.config import PARAMS_FILE, Params, TrainConfig
 from textgate.distributed import (
     World,
     destroy_process_group,
@@ -110,7 +110,7 @@ def calibrate(logits: np.ndarray, labels: list[int]) -> dict[str, float]:
 def launch(params: Params, processes: int) -> dict[str, float]:
     """Run this stage in `processes` processes under torchrun; return rank 0's metrics."""
     with tempfile.TemporaryDirectory(prefix="textgate-train-") as tmp:
-        params_file = Path(tmp) / "params.yaml"
+        params_file = Path(tmp) / PARAMS_FILE
         params_file.write_text(
             yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False),
             encoding="utf-8",

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from textgate.errors import ConfigError
 
+# Where every command looks for the params when not told otherwise (relative: the workspace's).
+PARAMS_FILE = "params.yaml"
+
 # YAML gives strings for paths; everything else must have the right type as written.
 FilePath = Annotated[Path, Field(strict=False)]
 
@@ -263,7 +266,7 @@ def _format_errors(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: object, source: str = "params.yaml") -> Params:
+def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
     """Validate an already-parsed params mapping; raise ConfigError naming every bad key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -291,7 +294,7 @@ _ParamsLoader.add_implicit_resolver(
 )
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ConfigError with the file and key at fault."""
     path = Path(path)
     if not path.is_file():
