@@ -62,7 +62,8 @@ def test_no_signature_repeats_a_batch_size_default() -> None:
 def _defaults(args: ast.arguments) -> list[tuple[ast.arg, ast.expr | None]]:
     positional = [*args.posonlyargs, *args.args]
     padded = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
-    return [*zip(positional, padded, strict=True), *zip(args.kwonlyargs, args.kw_defaults)]
+    keyword = zip(args.kwonlyargs, args.kw_defaults, strict=True)
+    return [*zip(positional, padded, strict=True), *keyword]
 
 
 def test_the_tree_scanned_is_the_project() -> None:
