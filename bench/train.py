@@ -213,13 +213,14 @@ def run_baseline(options: Options) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from textgate.model import build_classifier, select_device
-    from textgate.training import seed_everything, usable_cpus
+    from textgate.runtime import share_cpus
+    from textgate.training import seed_everything
 
     config = _train_config(options)
     labels, splits = load_data(options, config.seed)
     label_ids = {label: index for index, label in enumerate(labels)}
     device = select_device(config.device)
-    torch.set_num_threads(usable_cpus())  # the same threads as textgate's
+    torch.set_num_threads(share_cpus(1))  # the same threads as textgate's
     seed_everything(config.seed)
     model, tokenizer = build_classifier(config.base_model, labels)
 

@@ -334,7 +334,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     production = registry.production()
     if production is None:
         raise TextgateError("no production model to serve: run `textgate run` first")
-    # The service reads its request log's rotation from the environment (a bento has no params).
+    # The bento records serve.request_log_* as packaged; the current params.yaml's win.
     env = {
         **os.environ,
         MAX_BYTES_ENV: str(params.serve.request_log_max_bytes),

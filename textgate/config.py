@@ -196,6 +196,7 @@ class MonitorConfig(_Section):
     state_dir: FilePath
     min_requests: int = Field(ge=1)
     sample_size: int = Field(ge=10)
+    batch_size: int = Field(ge=1)
     max_label_psi: float = Field(gt=0)
     mmd_p_value: float = Field(gt=0, lt=1)
     mmd_permutations: int = Field(ge=20)
@@ -248,6 +249,34 @@ class Params(_Section):
                 "per class in each of train, val" + (")" if needed == 2 else " and test)")
             )
         return self
+
+
+class ServiceSettings(_Section):
+    """The params bentos/service.py serves with: tasks.package records them in each bento as
+    bento arguments (a bento carries no params.yaml); served from source, it reads params.yaml.
+    """
+
+    model_name: str = Field(min_length=1)  # package.model_name: `<it>:latest` without a tag
+    max_text_chars: int = Field(ge=1)  # validate.max_text_chars: the longest text accepted
+    batch_size: int = Field(ge=1)  # evaluate.batch_size: texts per forward pass, as evaluated
+    request_log_max_bytes: int = Field(ge=1 << 20)  # serve.*: as ServeConfig
+    request_log_backups: int = Field(ge=1)
+    max_concurrency: int = Field(ge=1)
+    retry_after_s: int = Field(ge=1)
+
+    @classmethod
+    def from_params(cls, params: Params) -> ServiceSettings:
+        """The service's settings, taken from their sections of `params`."""
+        serve = params.serve
+        return cls(
+            model_name=params.package.model_name,
+            max_text_chars=params.validate_.max_text_chars,
+            batch_size=params.evaluate.batch_size,
+            request_log_max_bytes=serve.request_log_max_bytes,
+            request_log_backups=serve.request_log_backups,
+            max_concurrency=serve.max_concurrency,
+            retry_after_s=serve.retry_after_s,
+        )
 
 
 def _format_errors(error: ValidationError) -> str:
