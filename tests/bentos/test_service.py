@@ -914,3 +914,31 @@ def test_a_bento_without_its_settings_or_params_yaml_is_refused(
     monkeypatch.setattr(service.bentoml, "use_arguments", lambda: SimpleNamespace(**arguments))
     with pytest.raises(ConfigError, match="retry_after_s.*build the bento with tasks.package"):
         service_settings()
+
+
+@slow
+def test_a_bento_serves_with_the_params_it_was_packaged_with(
+    bentoml_home: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tasks.package import package_model
+    from tests.bentos.conftest import private_home
+    from tests.helpers import merge, raw_params
+    from tests.serving import bentoml_serve
+    from textgate.config import parse_params
+
+    params = parse_params(merge(raw_params(), {"validate": {"max_text_chars": 20}}))
+    packaged = package_model(tiny_model_dir, params=params, metrics={}, lineage={"test": "20"})
+    env = {
+        "BENTOML_HOME": str(private_home(bentoml_home, packaged.bento_tag, tmp_path / "home")),
+        "TEXTGATE_API_KEY": "",
+        "TEXTGATE_WORKERS": "1",
+        "TEXTGATE_THREADS": "1",
+        "TEXTGATE_REQUEST_LOG": str(tmp_path / "requests.jsonl"),
+    }
+    workdir = tmp_path / "elsewhere"  # no params.yaml here, nor in the bento
+    workdir.mkdir()
+    with bentoml_serve(packaged.bento_tag, workdir, env) as url:
+        assert classify(url, {"texts": ["x" * 20]}).status_code == 200
+        response = classify(url, {"texts": ["x" * 21]})
+    assert response.status_code == 400
+    assert "string_too_long" in response.text
