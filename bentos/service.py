@@ -4,9 +4,9 @@ Endpoints (JSON in, JSON out; anything else is a 4xx naming the problem, never a
 
 - `POST /classify {"texts": [...]}` -> `[{"label", "score", "abstained"}, ...]`, one result per
   text, in order. 1 to 64 texts of 1 to `validate.max_text_chars` (2000) characters, none
-  blank; no other fields. A text
-  the model is not confident about gets the label "unknown" and `abstained: true` (when the
-  model was trained with an abstention threshold). Requests are batched adaptively.
+  blank; no other fields. A text the model is not confident about gets the label "unknown"
+  and `abstained: true` (when the model was trained with an abstention threshold). Requests
+  are batched adaptively.
 - `POST /explain {"text": "..."}` -> `{"label", "score", "abstained", "tokens",
   "attributions"}`: one attribution per model token. 1 to 500 characters, not blank.
 - `GET /livez`, `/readyz`, `/healthz` (probes), `GET /metrics` (Prometheus) and the API docs
@@ -37,8 +37,8 @@ Environment:
 - `TEXTGATE_THREADS`: compute threads per worker (default: the CPUs shared out between the
   workers, 1 to 4 each, so workers x threads never exceeds the cores: see
   `textgate.runtime.default_threads`); `TEXTGATE_TORCH_THREADS`, its former name, is still
-  read when it is not set. Measured with
-  bench/serve.py on 2 cores: 2 workers x 1 thread served 146 req/s, 1 x 2 served 117.
+  read when it is not set. Measured with bench/serve.py on 2 cores: 2 workers x 1 thread
+  served 146 req/s, 1 x 2 served 117.
 - `TEXTGATE_REQUEST_LOG`: the request log (default `<BENTOML_HOME>/textgate/requests.jsonl`).
 - `TEXTGATE_REQUEST_LOG_MAX_BYTES`, `TEXTGATE_REQUEST_LOG_BACKUPS`: its rotation (default: the
   bento's serve.request_log_*); `textgate serve` sets them from the current params.yaml.
@@ -111,11 +111,7 @@ _forget_a_foreign_textgate()
 # The textgate imports come after that check.
 from textgate.config import PARAMS_FILE, ServiceSettings, load_params  # noqa: E402
 from textgate.errors import ConfigError  # noqa: E402
-from textgate.requestlog import (  # noqa: E402
-    BACKUPS_ENV,
-    MAX_BYTES_ENV,
-    RequestLogWriter,
-)
+from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter  # noqa: E402
 from textgate.requestlog import request_log_path as configured_request_log  # noqa: E402
 from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier  # noqa: E402
 from textgate.text import clean_text, normalise_text  # noqa: E402
