@@ -40,6 +40,7 @@ import yaml
 
 from bench.common import log, machine_info
 from bench.workspace import LENIENT_GATE, build_tiny_bert, copy_project, merge
+from textgate.config import PARAMS_FILE
 from textgate.process import ProcessStartError, free_port, start_process, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def build_workspace(root: Path) -> Path:
     """A git + DVC copy of the project on a small data subset and a tiny model (not yet run)."""
     workspace = root / "workspace"
     copy_project(workspace)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params = yaml.safe_load((ROOT / PARAMS_FILE).read_text(encoding="utf-8"))
     data = params["data"]
     sample = pd.read_csv(ROOT / data["raw_dir"] / data["train_file"], dtype=str)
     subset = sample.groupby(data["label_column"], group_keys=False).head(ROWS_PER_LABEL)
@@ -83,7 +84,7 @@ def build_workspace(root: Path) -> Path:
         "evaluate": {"golden_requests": 10, "behaviour_examples": 50},
         "gate": LENIENT_GATE,
     }
-    (workspace / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides)))
+    (workspace / PARAMS_FILE).write_text(yaml.safe_dump(merge(params, overrides)))
     _git(workspace, "init", "-q")
     _git(workspace, "add", "-A")
     _git(workspace, "commit", "-qm", "bench workspace")
@@ -119,7 +120,7 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, st
 
 
 def flow_command(workspace: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", "--params", str(workspace / "params.yaml")]
+    return [sys.executable, "-m", "flows.cli", "run", "--params", str(workspace / PARAMS_FILE)]
 
 
 def dvc_command() -> list[str]:

@@ -40,10 +40,11 @@ import psutil
 
 from bench.common import json_line, log, machine_info, positive_int
 from tasks.served import ServedCheckError, parse_answers, serve_bento
-from textgate.config import load_params, resolve_paths
+from textgate.config import PARAMS_FILE, load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
 from textgate.process import ProcessStartError, free_port, start_process, wait_ready
 from textgate.registry import Registry
+from textgate.runtime import LEGACY_THREADS_ENV, THREADS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_APP = "bench.baseline_app:app"
@@ -53,7 +54,7 @@ BASELINE_MODEL_DIR_ENV = "TEXTGATE_BASELINE_MODEL_DIR"
 BASELINE_THREADS_ENV = "TEXTGATE_BASELINE_THREADS"
 # Bentos built before the rename read TEXTGATE_TORCH_THREADS, later ones TEXTGATE_THREADS
 # (falling back to the old name): both are set, to the same value.
-BENTO_THREADS_ENVS = ("TEXTGATE_THREADS", "TEXTGATE_TORCH_THREADS")
+BENTO_THREADS_ENVS = (THREADS_ENV, LEGACY_THREADS_ENV)
 
 MIN_THROUGHPUT_RATIO = 3.0  # bento throughput / baseline throughput
 MAX_P99_RATIO = 1.0  # bento p99 / baseline p99: no worse
@@ -702,7 +703,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     parser.add_argument("--bento", help="bento tag (default: production, from the registry)")
     parser.add_argument("--requests", type=positive_int, default=2000, help="timed requests")
     parser.add_argument(

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import json_line, json_ready, log, machine_info, positive_int
+from textgate.config import PARAMS_FILE
 
 TARGET_SPEEDUP = 3.0  # baseline training time / textgate's time to reach the same accuracy
 TARGET_ACCURACY = 0.95
@@ -212,13 +213,14 @@ def run_baseline(options: Options) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from textgate.model import build_classifier, select_device
-    from textgate.training import seed_everything, usable_cpus
+    from textgate.runtime import share_cpus
+    from textgate.training import seed_everything
 
     config = _train_config(options)
     labels, splits = load_data(options, config.seed)
     label_ids = {label: index for index, label in enumerate(labels)}
     device = select_device(config.device)
-    torch.set_num_threads(usable_cpus())  # the same threads as textgate's
+    torch.set_num_threads(share_cpus(1))  # the same threads as textgate's
     seed_everything(config.seed)
     model, tokenizer = build_classifier(config.base_model, labels)
 
@@ -523,7 +525,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench.train", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--data", type=Path, required=True, help="folder of train/val/test.csv")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     parser.add_argument(
         "--max-train", type=positive_int, help="a stratified subset of the training split"
     )

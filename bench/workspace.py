@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from textgate.config import PARAMS_FILE, BehaviourConfig
+
 if TYPE_CHECKING:
     from transformers import BertConfig
 
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What a workspace needs of the project to run the pipeline (`textgate run`, `dvc repro`).
 PROJECT_FILES = (
     "dvc.yaml",
-    "params.yaml",
+    PARAMS_FILE,
     ".dvcignore",
     ".gitignore",
     ".dvc/config",
@@ -39,7 +41,7 @@ LENIENT_GATE: dict[str, Any] = {
     "min_class_recall": 0.0,
     "max_ece": 1.0,
     "max_quantization_drop": 1.0,
-    "behaviour": {"casing": 0.0, "punctuation": 0.0, "typos": 0.0, "filler": 0.0, "must_pass": 0.0},
+    "behaviour": dict.fromkeys(BehaviourConfig.model_fields, 0.0),
     "max_p95_latency_ms": 10000,
 }
 # The tokenizer the tiny BERT borrows (bundled with the project's dependencies: no download).

@@ -3,9 +3,10 @@
 Endpoints (JSON in, JSON out; anything else is a 4xx naming the problem, never a 5xx):
 
 - `POST /classify {"texts": [...]}` -> `[{"label", "score", "abstained"}, ...]`, one result per
-  text, in order. 1 to 64 texts of 1 to 2000 characters, none blank; no other fields. A text
-  the model is not confident about gets the label "unknown" and `abstained: true` (when the
-  model was trained with an abstention threshold). Requests are batched adaptively.
+  text, in order. 1 to 64 texts of 1 to `validate.max_text_chars` (2000) characters, none
+  blank; no other fields. A text the model is not confident about gets the label "unknown"
+  and `abstained: true` (when the model was trained with an abstention threshold). Requests
+  are batched adaptively.
 - `POST /explain {"text": "..."}` -> `{"label", "score", "abstained", "tokens",
   "attributions"}`: one attribution per model token. 1 to 500 characters, not blank.
 - `GET /livez`, `/readyz`, `/healthz` (probes), `GET /metrics` (Prometheus) and the API docs
@@ -21,7 +22,7 @@ Which model: the bento argument `model_tag`, which `tasks.package` sets to the e
 has just saved, so it is recorded in the bento and restored whenever that bento is served
 (a newer model saved later does not change what an existing bento serves). Without the
 argument (serving from source while developing) the tag comes from `TEXTGATE_MODEL_TAG`, and
-else is `textgate-classifier:latest`. It is loaded with `textgate.runtime.load_classifier`, so
+else is `<package.model_name>:latest`. It is loaded with `textgate.runtime.load_classifier`, so
 pre- and post-processing are the same cleaning, tokenisation and label mapping as evaluation.
 
 Environment:
@@ -34,12 +35,18 @@ Environment:
 - `TEXTGATE_RUNTIME`: `auto` (default), `torch` or `onnx`.
 - `TEXTGATE_WORKERS`: worker processes (default min(2, CPUs)).
 - `TEXTGATE_THREADS`: compute threads per worker (default: the CPUs shared out between the
-  workers, 1 to 4 each, so workers x threads never exceeds the cores);
-  `TEXTGATE_TORCH_THREADS`, its former name, is still read when it is not set. Measured with
-  bench/serve.py on 2 cores: 2 workers x 1 thread served 146 req/s, 1 x 2 served 117.
+  workers, 1 to 4 each, so workers x threads never exceeds the cores: see
+  `textgate.runtime.default_threads`); `TEXTGATE_TORCH_THREADS`, its former name, is still
+  read when it is not set. Measured with bench/serve.py on 2 cores: 2 workers x 1 thread
+  served 146 req/s, 1 x 2 served 117.
 - `TEXTGATE_REQUEST_LOG`: the request log (default `<BENTOML_HOME>/textgate/requests.jsonl`).
-- `TEXTGATE_REQUEST_LOG_MAX_BYTES`, `TEXTGATE_REQUEST_LOG_BACKUPS`: its rotation (default 10 MiB
-  x 5 backups); `textgate serve` sets them from serve.request_log_* in params.yaml.
+- `TEXTGATE_REQUEST_LOG_MAX_BYTES`, `TEXTGATE_REQUEST_LOG_BACKUPS`: its rotation (default: the
+  bento's serve.request_log_*); `textgate serve` sets them from the current params.yaml.
+
+Settings from params.yaml (package.model_name, validate.max_text_chars, evaluate.batch_size and
+serve.request_log_*, max_concurrency, retry_after_s: `textgate.config.ServiceSettings`) are
+bento arguments that `tasks.package` records in the bento; served from source without them,
+they are read from the repository's params.yaml.
 
 Metrics, besides BentoML's own on `/metrics`: `textgate_predictions_total{label}` (one per
 classified text; label "unknown" for an abstention) and `textgate_abstentions_total`.
@@ -102,8 +109,10 @@ def _forget_a_foreign_textgate() -> None:
 _forget_a_foreign_textgate()
 
 # The textgate imports come after that check.
+from textgate.config import PARAMS_FILE, ServiceSettings, load_params  # noqa: E402
 from textgate.errors import ConfigError  # noqa: E402
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter  # noqa: E402
+from textgate.requestlog import request_log_path as configured_request_log  # noqa: E402
 from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier  # noqa: E402
 from textgate.text import clean_text, normalise_text  # noqa: E402
 
@@ -111,27 +120,41 @@ logger = logging.getLogger("bentoml.textgate")
 
 MODEL_TAG_ENV = "TEXTGATE_MODEL_TAG"
 RUNTIME_ENV = "TEXTGATE_RUNTIME"
-THREADS_ENV = "TEXTGATE_THREADS"
-LEGACY_THREADS_ENV = "TEXTGATE_TORCH_THREADS"  # read only when THREADS_ENV is not set
 API_KEY_ENV = "TEXTGATE_API_KEY"
-REQUEST_LOG_ENV = "TEXTGATE_REQUEST_LOG"
 WORKERS_ENV = "TEXTGATE_WORKERS"
-# Used only when serving from source with neither the bento argument nor the variable set;
-# keep it equal to package.model_name in params.yaml (not read here: a bento has no params).
-DEV_MODEL_TAG = "textgate-classifier:latest"
-# The request log's rotation when `textgate serve` did not pass serve.request_log_max_bytes
-# and serve.request_log_backups; keep them equal to params.yaml's (a bento has no params).
-DEFAULT_REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
-DEFAULT_REQUEST_LOG_BACKUPS = 5
-# Likewise serve.max_concurrency and serve.retry_after_s, which tasks.package records in the
-# bento as arguments; these serve from source (tests/bentos checks they equal params.yaml).
-DEV_MAX_CONCURRENCY = 8
-DEV_RETRY_AFTER_S = 1
+# Serving from source, the settings that a bento records come from here.
+SOURCE_PARAMS = Path(__file__).resolve().parents[1] / PARAMS_FILE
+
+
+def service_settings() -> ServiceSettings:
+    """The bento's recorded settings (bento arguments), each missing one from params.yaml.
+
+    Raises:
+        ConfigError: an argument is invalid, or one is missing and there is no params.yaml
+            beside the source (a bento built by hand, not by tasks.package).
+    """
+    arguments = vars(bentoml.use_arguments())
+    given = {name: arguments[name] for name in ServiceSettings.model_fields if arguments.get(name)}
+    missing = [name for name in ServiceSettings.model_fields if name not in given]
+    if missing:
+        if not SOURCE_PARAMS.is_file():
+            raise ConfigError(
+                f"the bento arguments {missing} are not set and there is no {SOURCE_PARAMS} to "
+                "take them from: build the bento with tasks.package, which records them"
+            )
+        given = {**ServiceSettings.from_params(load_params(SOURCE_PARAMS)).model_dump(), **given}
+    try:
+        return ServiceSettings.model_validate(given, strict=False)
+    except ValueError as error:
+        raise ConfigError(f"invalid bento arguments: {error}") from None
+
+
+# Read once, when BentoML imports the service (also when it builds the bento).
+SETTINGS = service_settings()
 
 # Request limits: they bound the tokenizer and model work one request can cause. Texts are
 # truncated to the model's max_length tokens anyway, so longer input carries no signal.
 MAX_TEXTS_PER_REQUEST = 64
-MAX_TEXT_CHARS = 2000
 # Far above the largest valid body (64 texts of 2000 characters, each escaped as \uXXXX).
 MAX_BODY_BYTES = 1 << 20
 
@@ -147,7 +170,9 @@ def _visible(text: str) -> str:
     return text
 
 
-Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_visible)]
+Text = Annotated[
+    str, Field(min_length=1, max_length=SETTINGS.max_text_chars), AfterValidator(_visible)
+]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS_PER_REQUEST)]
 ExplainText = Annotated[
     str, Field(min_length=1, max_length=MAX_EXPLAIN_CHARS), AfterValidator(_visible)
@@ -218,18 +243,11 @@ class Explanation(Classification):
 def configured_model_tag() -> str:
     """The model this service serves: bento argument, then environment, then latest (dev)."""
     arguments = bentoml.use_arguments()
-    return getattr(arguments, "model_tag", None) or os.environ.get(MODEL_TAG_ENV) or DEV_MODEL_TAG
-
-
-def serve_setting(name: str, dev_default: int) -> int:
-    """A positive integer bento argument (`serve.<name>` in params.yaml), else `dev_default`."""
-    raw = getattr(bentoml.use_arguments(), name, None)
-    if raw is None:
-        return dev_default
-    value = int(raw)
-    if value < 1:
-        raise ValueError(f"the bento argument {name} must be a positive integer, got {raw!r}")
-    return value
+    return (
+        getattr(arguments, "model_tag", None)
+        or os.environ.get(MODEL_TAG_ENV)
+        or f"{SETTINGS.model_name}:latest"
+    )
 
 
 def configured_api_key() -> str | None:
@@ -254,22 +272,6 @@ def default_workers() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-def configured_threads(workers: int = 1) -> int | None:
-    """Compute threads per worker; None: `TEXTGATE_THREADS` is set (the runtime reads it).
-
-    Else the former variable, else the cores shared out between `workers` (1 to 4 each).
-    """
-    if os.environ.get(THREADS_ENV, "").strip():
-        return None
-    legacy = os.environ.get(LEGACY_THREADS_ENV, "").strip()
-    if not legacy:
-        return max(1, min(4, (os.cpu_count() or 1) // workers))
-    try:
-        return int(legacy)
-    except ValueError:
-        raise ValueError(f"{LEGACY_THREADS_ENV} must be an integer, got {legacy!r}") from None
-
-
 def _positive_env_int(name: str, default: int) -> int:
     """A positive integer from the environment variable `name`, else `default`."""
     raw = os.environ.get(name, "").strip()
@@ -282,19 +284,17 @@ def _positive_env_int(name: str, default: int) -> int:
 
 def request_log_path() -> Path:
     """Where the request log goes: `TEXTGATE_REQUEST_LOG`, else under BentoML's home."""
-    configured = os.environ.get(REQUEST_LOG_ENV, "").strip()
-    if configured:
-        return Path(configured).expanduser()
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    return Path(BentoMLContainer.bentoml_home.get()) / "textgate" / "requests.jsonl"
+    return configured_request_log(Path(BentoMLContainer.bentoml_home.get()))
 
 
 def request_log_rotation() -> tuple[int, int]:
-    """The request log's size limit and backups: as `textgate serve` passed them, else defaults."""
+    """The request log's size limit and backups: as `textgate serve` passed them, else the
+    bento's (serve.request_log_max_bytes and serve.request_log_backups)."""
     return (
-        _positive_env_int(MAX_BYTES_ENV, DEFAULT_REQUEST_LOG_MAX_BYTES),
-        _positive_env_int(BACKUPS_ENV, DEFAULT_REQUEST_LOG_BACKUPS),
+        _positive_env_int(MAX_BYTES_ENV, SETTINGS.request_log_max_bytes),
+        _positive_env_int(BACKUPS_ENV, SETTINGS.request_log_backups),
     )
 
 
@@ -318,13 +318,7 @@ def _check_recorded_in_bento(tag: str) -> None:
 class RequestLog:
     """Appends JSON lines to the rotating, owner-only request log; never raises."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        max_bytes: int = DEFAULT_REQUEST_LOG_MAX_BYTES,
-        backups: int = DEFAULT_REQUEST_LOG_BACKUPS,
-    ) -> None:
+    def __init__(self, path: Path, *, max_bytes: int, backups: int) -> None:
         self.path = path
         self._writer = RequestLogWriter(path, max_bytes=max_bytes, backups=backups)
         self._failing = False
@@ -436,7 +430,7 @@ class TextgateService:
         stored = self.model_ref  # resolved from the model store: a bentoml Model
         self.model_tag = str(stored.tag)
         _check_recorded_in_bento(self.model_tag)
-        threads = configured_threads(_positive_env_int(WORKERS_ENV, default_workers()))
+        threads = default_threads(_positive_env_int(WORKERS_ENV, default_workers()))
         runtime = os.environ.get(RUNTIME_ENV, "auto").strip() or "auto"
         self.classifier = load_classifier(stored.path, runtime=runtime, threads=threads)
         max_bytes, backups = request_log_rotation()
@@ -452,7 +446,7 @@ class TextgateService:
             self.model_tag,
             self.classifier.runtime,
             runtime,
-            threads if threads is not None else default_threads(),
+            threads,
             self.request_log.path,
         )
 
@@ -467,7 +461,9 @@ class TextgateService:
     )
     def classify(self, texts: Texts) -> list[Classification]:
         """Classify each text; one result per text, in the order given."""
-        predictions = self.classifier.predict([str(text) for text in texts])
+        predictions = self.classifier.predict(
+            [str(text) for text in texts], batch_size=SETTINGS.batch_size
+        )
         ts = datetime.now(UTC).isoformat(timespec="milliseconds")
         records = []
         for text, prediction in zip(texts, predictions, strict=True):
@@ -796,8 +792,8 @@ TextgateService.add_asgi_middleware(ApiKeyMiddleware)
 TextgateService.add_asgi_middleware(
     OverloadMiddleware,
     routes=API_ROUTES,
-    max_concurrency=serve_setting("max_concurrency", DEV_MAX_CONCURRENCY),
-    retry_after_s=serve_setting("retry_after_s", DEV_RETRY_AFTER_S),
+    max_concurrency=SETTINGS.max_concurrency,
+    retry_after_s=SETTINGS.retry_after_s,
 )
 TextgateService.add_asgi_middleware(LocalIndexMiddleware)
 TextgateService.add_asgi_middleware(JsonBodyMiddleware, routes=API_ROUTES)

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.processes import stop_on_signals
-from tasks.params import PARAMS_FILE
-from textgate.config import Params, load_params
+from textgate.config import PARAMS_FILE, Params, load_params
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV
@@ -357,7 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     production = registry.production()
     if production is None:
         raise TextgateError("no production model to serve: run `textgate run` first")
-    # The service reads its request log's rotation from the environment (a bento has no params).
+    # The bento records serve.request_log_* as packaged; the current params.yaml's win.
     env = {
         **os.environ,
         MAX_BYTES_ENV: str(params.serve.request_log_max_bytes),
@@ -381,7 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    common.add_argument("--params", default=PARAMS_FILE, help="path to params.yaml")
     parser = argparse.ArgumentParser(prog="textgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help=cmd_run.__doc__, parents=[common])

@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.schedules import Cron, Interval
 
-from textgate.config import Params
+from textgate.config import PARAMS_FILE, Params
 
 DEPLOYMENT_NAME = "default"
 PIPELINE_FLOW = "textgate-pipeline"
@@ -79,7 +79,7 @@ def _load(root: Path, entrypoint: str) -> Flow:
     return Flow.from_source(source=str(root), entrypoint=entrypoint)
 
 
-def deploy_all(root: Path, params: Params, params_path: str = "params.yaml") -> list[Deployed]:
+def deploy_all(root: Path, params: Params, params_path: str = PARAMS_FILE) -> list[Deployed]:
     """Create or update both deployments of the workspace at `root` (and the work pool).
 
     Args:

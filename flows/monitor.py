@@ -30,7 +30,7 @@ from flows.deploy import PIPELINE_DEPLOYMENT
 from flows.notify import send_alert
 from flows.server import configured_api_url
 from tasks.monitor import MonitorResult, check_drift, record_retrain, retrain_cooldown_left
-from textgate.config import Params, load_params, resolve_paths
+from textgate.config import PARAMS_FILE, Params, load_params, resolve_paths
 
 STATE_NAMES = {
     "no_production": "No production model",
@@ -133,7 +133,7 @@ def _alert_body(result: MonitorResult, retrain: str) -> str:
 
 
 @flow(name="textgate-drift-monitor", log_prints=True)
-def drift_monitor(params_path: str = "params.yaml", repo_dir: str = ".") -> Any:
+def drift_monitor(params_path: str = PARAMS_FILE, repo_dir: str = ".") -> Any:
     """Compare the requests logged since the last check with production's training data."""
     logger = get_run_logger()
     root = Path(repo_dir).resolve()

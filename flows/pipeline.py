@@ -35,8 +35,8 @@ from flows.lock import workspace_lock
 from flows.notify import send_alert
 from flows.processes import die_with_parent
 from flows.server import check_approval_possible
-from tasks.params import PARAMS_FILE, apply_params
-from textgate.config import Params, load_params, resolve_paths
+from tasks.params import apply_params
+from textgate.config import PARAMS_FILE, Params, load_params, resolve_paths
 from textgate.errors import TextgateError
 from textgate.gate import (
     Check,
@@ -409,7 +409,7 @@ def alert(params: Params, subject: str, body: str) -> None:
 
 
 @flow(name="textgate-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str, Any]:
+def pipeline(params_path: str = PARAMS_FILE, repo_dir: str = ".") -> dict[str, Any]:
     """Validate, prepare, train and evaluate through DVC; gate; package, check and promote.
 
     Args:

@@ -25,7 +25,7 @@ class ChampionScores:
     seen: set[str] | None  # None: a model saved before textgate recorded them
 
 
-def score_production(model_tag: str, texts: Sequence[str], batch_size: int = 64) -> ChampionScores:
+def score_production(model_tag: str, texts: Sequence[str], batch_size: int) -> ChampionScores:
     """The production model's predicted label for each text (raw texts, cleaned as in training).
 
     Raises:

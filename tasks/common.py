@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from textgate.config import Params, load_params
+from textgate.config import PARAMS_FILE, Params, load_params
 from textgate.errors import TextgateError
 
 # Exit codes: 1 = the stage ran and its check failed; 2 = bad input or configuration.
@@ -21,7 +21,7 @@ class StageFailed(TextgateError):
 def stage_main(stage: str, run: Callable[[Params], object], argv: list[str] | None = None) -> int:
     """Parse `--params`, run the stage, turn textgate errors into a clear message and exit code."""
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=run.__doc__)
-    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    parser.add_argument("--params", default=PARAMS_FILE, help="path to params.yaml")
     args = parser.parse_args(argv)
     try:
         run(load_params(args.params))

@@ -13,6 +13,7 @@ import pandas as pd
 from tasks.common import stage_main
 from textgate.abstain import selective_scores
 from textgate.behaviour import (
+    MUST_PASS,
     InvarianceResult,
     MustPassCase,
     MustPassResult,
@@ -68,7 +69,7 @@ def golden_cases(
     chosen = sorted(rng.choice(len(texts), size=min(count, len(texts)), replace=False).tolist())
     golden = []
     for text in [texts[i] for i in chosen] + extra:
-        (prediction,) = classifier.predict([text])
+        (prediction,) = classifier.predict([text], batch_size=1)
         golden.append({"text": text, "label": prediction.label, "score": prediction.score})
     return golden
 
@@ -157,7 +158,7 @@ def run_behaviour(
         must_pass_cases,
     )
     rates: dict[str, float | None] = {kind: result.rate for kind, result in invariance.items()}
-    rates["must_pass"] = must.rate
+    rates[MUST_PASS] = must.rate
     return Behaviour(invariance, must, rates)
 
 
@@ -187,7 +188,7 @@ def write_scores(out: Path, classifier: Classifier, scores: Scores, behaviour: B
             "invariance": {
                 kind: result.model_dump() for kind, result in behaviour.invariance.items()
             },
-            "must_pass": behaviour.must_pass.model_dump(),
+            MUST_PASS: behaviour.must_pass.model_dump(),
         },
     )
 

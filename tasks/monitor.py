@@ -29,10 +29,10 @@ from textgate.drift import DriftReport, Profile, assess_drift
 from textgate.errors import DataError, TextgateError
 from textgate.io import read_json, write_json
 from textgate.model import TRAINING_FILE, read_seen
-from textgate.requestlog import LogCursor, LogWindow, read_window
+from textgate.requestlog import REQUEST_LOG_ENV, LogCursor, LogWindow, read_window
+from textgate.requestlog import request_log_path as service_request_log
 from textgate.text import text_fingerprint
 
-REQUEST_LOG_ENV = "TEXTGATE_REQUEST_LOG"  # as in bentos/service.py
 STATE_FILE = "state.json"
 REFERENCE_DIR = "reference"
 # Fewer training texts of the production model than this in the prepared split: no reference.
@@ -76,11 +76,8 @@ def request_log_path(params: Params) -> Path:
     `$BENTOML_HOME/textgate/requests.jsonl` (BentoML's home defaults to ~/bentoml)."""
     if params.monitor.request_log is not None:
         return params.monitor.request_log
-    configured = os.environ.get(REQUEST_LOG_ENV, "").strip()
-    if configured:
-        return Path(configured).expanduser()
     home = os.environ.get("BENTOML_HOME", "").strip() or "~/bentoml"
-    return Path(home).expanduser() / "textgate" / "requests.jsonl"
+    return service_request_log(Path(home).expanduser())
 
 
 def load_state(params: Params) -> tuple[dict[str, Any], str | None]:
@@ -323,7 +320,7 @@ def _judge_window(params: Params, model_tag: str, model_dir: Path, result: Monit
     def embed(texts: list[str]) -> np.ndarray:
         nonlocal encoder  # loaded once, and only when something needs embedding
         encoder = encoder or SentenceEncoder(model_dir)
-        return encoder.encode(texts)
+        return encoder.encode(texts, params.monitor.batch_size)
 
     cache = _reference_cache(params, model_tag)
     reference = _load_reference(cache, model_tag) if cache.is_file() else None

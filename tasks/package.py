@@ -1,8 +1,9 @@
 """Package: save a trained model directory into the BentoML model store and build its bento.
 
 The bento is pinned to the exact model saved here (the bento argument `model_tag`), so it
-keeps serving that model after newer ones are saved. The stores are BentoML's own, under
-`BENTOML_HOME` (default `~/bentoml`).
+keeps serving that model after newer ones are saved; the service's settings from params
+(`textgate.config.ServiceSettings`) are recorded in it as bento arguments too. The stores
+are BentoML's own, under `BENTOML_HOME` (default `~/bentoml`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import BentoMLException
 
-from textgate.config import Params
+from textgate.config import Params, ServiceSettings
 from textgate.errors import TextgateError
 from textgate.io import read_json
 from textgate.model import LABEL_MAP_FILE, TRAINING_FILE
@@ -77,11 +78,8 @@ def package_model(
             str(bentofile),
             build_ctx=str(build_ctx),
             labels={"project": PROJECT, "model": model_tag},
-            args={
-                "model_tag": model_tag,
-                "max_concurrency": params.serve.max_concurrency,
-                "retry_after_s": params.serve.retry_after_s,
-            },
+            # The service's settings from params (a bento carries no params.yaml).
+            args={"model_tag": model_tag, **ServiceSettings.from_params(params).model_dump()},
             # The service module reads the model tag when imported: re-import it so a second
             # package in the same process does not reuse the previous model's tag.
             reload=True,

@@ -11,11 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from textgate.config import load_params
+from textgate.config import PARAMS_FILE, load_params
 from textgate.io import atomic_path
-
-# The params file of a workspace: the one dvc.yaml's `params:` entries read.
-PARAMS_FILE = "params.yaml"
 
 
 def apply_params(source: Path, root: Path) -> bool:

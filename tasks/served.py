@@ -236,7 +236,7 @@ def replay(
     url: str,
     golden: Sequence[GoldenCase],
     *,
-    score_tolerance: float = 1e-3,
+    score_tolerance: float,
     timeout_s: float = 30,
     warmup: int = 3,
     bento_tag: str = "",
@@ -368,7 +368,7 @@ def check_served_bento(
     golden: Sequence[GoldenCase],
     *,
     workdir: Path,
-    score_tolerance: float = 1e-3,
+    score_tolerance: float,
     ready_timeout_s: float = 120,
 ) -> ServedReport:
     """Serve `bento_tag` (see `serve_bento`), replay `golden` against it, then stop it.

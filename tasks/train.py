@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from tasks.common import stage_main
 from textgate.abstain import AbstentionPolicy, choose_threshold
-from textgate.config import Params, TrainConfig
+from textgate.config import PARAMS_FILE, Params, TrainConfig
 from textgate.distributed import (
     World,
     destroy_process_group,
@@ -43,19 +43,17 @@ from textgate.distributed import (
 from textgate.errors import TextgateError
 from textgate.io import read_json, write_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
+from textgate.runtime import share_cpus
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.training import (
     TrainingCallbacks,
     TrainingProgress,
     TrainResult,
     ValidationReport,
-    choose_threads,
     seed_everything,
     train_classifier,
-    usable_cpus,
 )
 
-CALIBRATION_BINS = 15
 CHECKPOINT_FILE = "last.pt"
 # Settings that do not change the course of training: a checkpoint survives changing them.
 NOT_IN_FINGERPRINT = {
@@ -94,15 +92,13 @@ def export_int8(model_dir: Path) -> None:
     print(f"export: {info['runtime']} {info['size_mb']} MB in {info['export_seconds']} s")
 
 
-def calibrate(logits: np.ndarray, labels: list[int]) -> dict[str, float]:
-    """Fit the temperature on validation logits; ECE before and after (temperature scaling)."""
+def calibrate(logits: np.ndarray, labels: list[int], bins: int) -> dict[str, float]:
+    """Fit the temperature on validation logits; ECE (over `bins` bins) before and after."""
     temperature = fit_temperature(logits, labels)
     return {
         "temperature": temperature,
-        "val_ece_before": expected_calibration_error(softmax(logits), labels, CALIBRATION_BINS),
-        "val_ece_after": expected_calibration_error(
-            softmax(logits, temperature), labels, CALIBRATION_BINS
-        ),
+        "val_ece_before": expected_calibration_error(softmax(logits), labels, bins),
+        "val_ece_after": expected_calibration_error(softmax(logits, temperature), labels, bins),
         "n_val": len(labels),
     }
 
@@ -110,7 +106,7 @@ def calibrate(logits: np.ndarray, labels: list[int]) -> dict[str, float]:
 def launch(params: Params, processes: int) -> dict[str, float]:
     """Run this stage in `processes` processes under torchrun; return rank 0's metrics."""
     with tempfile.TemporaryDirectory(prefix="textgate-train-") as tmp:
-        params_file = Path(tmp) / "params.yaml"
+        params_file = Path(tmp) / PARAMS_FILE
         params_file.write_text(
             yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False),
             encoding="utf-8",
@@ -118,7 +114,7 @@ def launch(params: Params, processes: int) -> dict[str, float]:
         command = torchrun_command(processes, "tasks.train", ["--params", str(params_file)])
         print(f"train: {processes} processes: {' '.join(command)}", flush=True)
         # torchrun would set 1 thread per process; each sets its own share of the CPUs anyway.
-        threads = choose_threads(usable_cpus(), processes)
+        threads = share_cpus(processes)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
         code = subprocess.run(command, check=False, env=env).returncode
     if code != 0:
@@ -169,8 +165,14 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
     )
     if not world.is_main:
         return {}
-    val_logits = predict_logits(model, tokenizer, splits.val["text"].tolist(), config.max_length)
-    calibration, abstention = calibrate_and_abstain(val_logits, splits.targets(splits.val), config)
+    val_logits = predict_logits(
+        model,
+        tokenizer,
+        splits.val["text"].tolist(),
+        config.max_length,
+        params.evaluate.batch_size,
+    )
+    calibration, abstention = calibrate_and_abstain(val_logits, splits.targets(splits.val), params)
     metadata = model_metadata(params, splits, result, calibration, abstention)
     save_classifier(
         model.cpu(),
@@ -221,10 +223,14 @@ def read_splits(prepared: Path) -> Splits:
 
 
 def calibrate_and_abstain(
-    val_logits: np.ndarray, val_labels: list[int], config: TrainConfig
+    val_logits: np.ndarray, val_labels: list[int], params: Params
 ) -> tuple[dict[str, float], AbstentionPolicy]:
-    """Fit the temperature and choose the abstention threshold on validation; print both."""
-    calibration = calibrate(val_logits, val_labels)
+    """Fit the temperature and choose the abstention threshold on validation; print both.
+
+    The ECE uses evaluate.calibration_bins, as the evaluate stage's does.
+    """
+    config = params.train
+    calibration = calibrate(val_logits, val_labels, params.evaluate.calibration_bins)
     print(
         f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"

@@ -12,10 +12,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from textgate.config import BehaviourConfig
 from textgate.errors import DataError
 from textgate.io import read_labelled
 
-PERTURBATIONS = ("casing", "punctuation", "typos", "filler")
+# The behavioural tests are gate.behaviour's keys (their pass-rate floors): the must-pass
+# examples, and one invariance test per perturbation (implemented in _PERTURBERS below).
+MUST_PASS = "must_pass"
+PERTURBATIONS = tuple(name for name in BehaviourConfig.model_fields if name != MUST_PASS)
 
 MAX_INVARIANCE_FAILURES = 5
 MAX_MUST_PASS_FAILURES = 20
@@ -53,16 +57,7 @@ def perturb(text: str, kind: str, rng: random.Random) -> str | None:
         raise ValueError(f"unknown perturbation {kind!r}; choose from {list(PERTURBATIONS)}")
     if not text.strip():
         return None
-    if kind == "casing":
-        candidates = _casings(text)
-    elif kind == "punctuation":
-        candidates = _punctuations(text)
-    elif kind == "typos":
-        return _typo(text, rng)
-    else:
-        return _filler(text, rng)
-    candidates = [c for c in dict.fromkeys(candidates) if c != text]
-    return rng.choice(candidates) if candidates else None
+    return _PERTURBERS[kind](text, rng)
 
 
 class InvarianceResult(BaseModel):
@@ -85,8 +80,8 @@ def invariance(
     texts: Sequence[str],
     *,
     kinds: Sequence[str] = PERTURBATIONS,
-    max_examples: int = 500,
-    seed: int = 0,
+    max_examples: int,
+    seed: int,
 ) -> dict[str, InvarianceResult]:
     """Measure, per perturbation kind, how often the predicted class stays the same.
 
@@ -293,3 +288,22 @@ def _typo(text: str, rng: random.Random) -> str | None:
         i = rng.randrange(len(word))
         typo = word[: i + 1] + word[i:]
     return text[: match.start()] + typo + text[match.end() :]
+
+
+def _one_of(candidates: list[str], text: str, rng: random.Random) -> str | None:
+    candidates = [c for c in dict.fromkeys(candidates) if c != text]
+    return rng.choice(candidates) if candidates else None
+
+
+# Each perturbation's implementation: text, rng -> a perturbed copy, or None.
+_PERTURBERS: dict[str, Callable[[str, random.Random], str | None]] = {
+    "casing": lambda text, rng: _one_of(_casings(text), text, rng),
+    "punctuation": lambda text, rng: _one_of(_punctuations(text), text, rng),
+    "typos": _typo,
+    "filler": _filler,
+}
+if set(_PERTURBERS) != set(PERTURBATIONS):  # a new floor in gate.behaviour needs its test
+    raise ImportError(
+        f"gate.behaviour's perturbations {list(PERTURBATIONS)} and the implemented ones "
+        f"{list(_PERTURBERS)} differ"
+    )

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from textgate.errors import ConfigError
 
+# Where every command looks for the params when not told otherwise (relative: the workspace's).
+PARAMS_FILE = "params.yaml"
+
 # YAML gives strings for paths; everything else must have the right type as written.
 FilePath = Annotated[Path, Field(strict=False)]
 
@@ -193,6 +196,7 @@ class MonitorConfig(_Section):
     state_dir: FilePath
     min_requests: int = Field(ge=1)
     sample_size: int = Field(ge=10)
+    batch_size: int = Field(ge=1)
     max_label_psi: float = Field(gt=0)
     mmd_p_value: float = Field(gt=0, lt=1)
     mmd_permutations: int = Field(ge=20)
@@ -247,6 +251,34 @@ class Params(_Section):
         return self
 
 
+class ServiceSettings(_Section):
+    """The params bentos/service.py serves with: tasks.package records them in each bento as
+    bento arguments (a bento carries no params.yaml); served from source, it reads params.yaml.
+    """
+
+    model_name: str = Field(min_length=1)  # package.model_name: `<it>:latest` without a tag
+    max_text_chars: int = Field(ge=1)  # validate.max_text_chars: the longest text accepted
+    batch_size: int = Field(ge=1)  # evaluate.batch_size: texts per forward pass, as evaluated
+    request_log_max_bytes: int = Field(ge=1 << 20)  # serve.*: as ServeConfig
+    request_log_backups: int = Field(ge=1)
+    max_concurrency: int = Field(ge=1)
+    retry_after_s: int = Field(ge=1)
+
+    @classmethod
+    def from_params(cls, params: Params) -> ServiceSettings:
+        """The service's settings, taken from their sections of `params`."""
+        serve = params.serve
+        return cls(
+            model_name=params.package.model_name,
+            max_text_chars=params.validate_.max_text_chars,
+            batch_size=params.evaluate.batch_size,
+            request_log_max_bytes=serve.request_log_max_bytes,
+            request_log_backups=serve.request_log_backups,
+            max_concurrency=serve.max_concurrency,
+            retry_after_s=serve.retry_after_s,
+        )
+
+
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -263,7 +295,7 @@ def _format_errors(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: object, source: str = "params.yaml") -> Params:
+def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
     """Validate an already-parsed params mapping; raise ConfigError naming every bad key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -291,7 +323,7 @@ _ParamsLoader.add_implicit_resolver(
 )
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ConfigError with the file and key at fault."""
     path = Path(path)
     if not path.is_file():

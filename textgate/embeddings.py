@@ -41,7 +41,7 @@ class SentenceEncoder:
         self.encoder.to(self.device).eval()
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         """(len(texts), hidden) float32 embeddings, in the order of `texts`."""
         hidden = self.encoder.config.hidden_size
         out = np.zeros((len(texts), hidden), dtype=np.float32)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from textgate.config import GateConfig
+from textgate.config import BehaviourConfig, GateConfig
 from textgate.stats import BootstrapResult, mcnemar_p_value, paired_bootstrap
 from textgate.text import text_fingerprint
 
@@ -50,7 +50,6 @@ FLOORS = (
     ("macro_f1_floor", "macro_f1", "min_macro_f1"),
 )
 COMPARED = ("accuracy", "macro_f1")
-BEHAVIOURS = ("casing", "punctuation", "typos", "filler", "must_pass")
 
 
 class Check(BaseModel):
@@ -484,7 +483,7 @@ def behaviour_checks(rates: Mapping[str, object] | None, config: GateConfig) -> 
     """
     rates = rates or {}
     checks = []
-    for kind in BEHAVIOURS:
+    for kind in BehaviourConfig.model_fields:
         floor = getattr(config.behaviour, kind)
         name = f"behaviour[{kind}]"
         if kind in rates and rates[kind] is None:

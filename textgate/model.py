@@ -241,7 +241,7 @@ def predict_logits(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     max_length: int,
-    batch_size: int = 64,
+    batch_size: int,
 ) -> np.ndarray:
     """Raw class scores, shape (len(texts), num_labels), for already-cleaned texts."""
     model.eval()
@@ -380,7 +380,7 @@ class Classifier:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
         raise NotImplementedError
 
-    def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def predict_logits(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         """Raw class scores for raw texts, after the same cleaning as training.
 
         Batches hold at most `batch_size` (and `max_batch_size`) texts; see `batched_logits`.
@@ -397,11 +397,11 @@ class Classifier:
             len(self.labels),
         )
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         """Calibrated probabilities (softmax of logits / temperature) for raw texts."""
         return softmax(self.predict_logits(texts, batch_size), self.temperature).astype(np.float32)
 
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[Prediction]:
+    def predict(self, texts: Sequence[str], batch_size: int) -> list[Prediction]:
         """The most probable label and its probability for each raw text, in order.
 
         Below the abstention threshold the label is UNKNOWN_LABEL (`abstained=True`).
@@ -413,7 +413,7 @@ class Classifier:
     def explain(self, text: str) -> Explanation:
         """The prediction for one raw text (exactly `predict`'s) and each token's share in it."""
         check_explainable(text)
-        (prediction,) = self.predict([text])
+        (prediction,) = self.predict([text], batch_size=1)
         return explain_by_occlusion(
             text,
             prediction=prediction,

@@ -48,6 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 # The first bytes of the file identify it across checks (a digest, not the text itself).
 HEAD_BYTES = 256
 MALFORMED_EXAMPLES = 5
+# Where the service writes the log, when set; else `request_log_path` puts it under BentoML's home.
+REQUEST_LOG_ENV = "TEXTGATE_REQUEST_LOG"
 # How `textgate serve` passes serve.request_log_max_bytes and serve.request_log_backups
 # (params.yaml) to the service's workers, as it passes serve.port on the command line.
 MAX_BYTES_ENV = "TEXTGATE_REQUEST_LOG_MAX_BYTES"
@@ -55,6 +57,14 @@ BACKUPS_ENV = "TEXTGATE_REQUEST_LOG_BACKUPS"
 # Request texts are personal data: only the service's user may read them.
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+def request_log_path(bentoml_home: Path) -> Path:
+    """Where the service writes the log: `TEXTGATE_REQUEST_LOG`, else in `bentoml_home`."""
+    configured = os.environ.get(REQUEST_LOG_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    return bentoml_home / "textgate" / "requests.jsonl"
 
 
 def backup_path(path: Path, index: int) -> Path:

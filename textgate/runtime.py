@@ -32,6 +32,7 @@ __all__ = [
     "ONNX_DIR",
     "ONNX_FP32",
     "ONNX_INT8",
+    "LEGACY_THREADS_ENV",
     "THREADS_ENV",
     "Classifier",
     "Explanation",
@@ -41,32 +42,61 @@ __all__ = [
     "default_threads",
     "load_classifier",
     "onnx_file",
+    "share_cpus",
+    "usable_cpus",
 ]
 
 ONNX_DIR = "onnx"
 ONNX_FP32 = "onnx/model.onnx"
 ONNX_INT8 = "onnx/model.int8.onnx"
 THREADS_ENV = "TEXTGATE_THREADS"
+LEGACY_THREADS_ENV = "TEXTGATE_TORCH_THREADS"  # its former name, read when it is not set
+# Inference threads per process by default: beyond a few, one short text gains little.
+MAX_DEFAULT_THREADS = 4
 Runtime = Literal["auto", "torch", "onnx"]
 
 
-def default_threads() -> int:
-    """Intra-op threads per worker: `TEXTGATE_THREADS` (when set, non-empty), else min(2, CPUs).
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), not all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
-    Two by default so that several serving workers on a small CPU do not oversubscribe it.
+
+def share_cpus(processes: int, cpus: int | None = None) -> int:
+    """Threads per process when `processes` processes on this machine share `cpus` CPUs.
+
+    At least one each; `cpus` defaults to `usable_cpus()`. Training, evaluation and serving
+    all size their threads with it, so processes x threads never exceeds the cores.
+    """
+    cpus = usable_cpus() if cpus is None else cpus
+    return max(1, cpus // max(1, processes))
+
+
+def default_threads(processes: int = 1) -> int:
+    """Intra-op threads for each of `processes` inference processes on this machine.
+
+    `TEXTGATE_THREADS` when set (non-empty), else `TEXTGATE_TORCH_THREADS`, else the usable
+    CPUs shared out between the processes (`share_cpus`), at most MAX_DEFAULT_THREADS each.
 
     Raises:
-        ValueError: `TEXTGATE_THREADS` is set but not a positive integer.
+        ValueError: the variable read is set but not a positive integer.
     """
-    raw = os.environ.get(THREADS_ENV)
-    if raw is None or not raw.strip():
-        return min(2, os.cpu_count() or 1)
+    for name in (THREADS_ENV, LEGACY_THREADS_ENV):
+        raw = os.environ.get(name, "")
+        if raw.strip():
+            return _positive_threads(name, raw)
+    return min(MAX_DEFAULT_THREADS, share_cpus(processes))
+
+
+def _positive_threads(name: str, raw: str) -> int:
     try:
         threads = int(raw.strip())
     except ValueError:
         threads = 0
     if threads < 1:
-        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {raw!r}")
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
     return threads
 
 

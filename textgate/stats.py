@@ -32,9 +32,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def expected_calibration_error(
-    probabilities: np.ndarray, y_true: Labels, n_bins: int = 15
-) -> float:
+def expected_calibration_error(probabilities: np.ndarray, y_true: Labels, n_bins: int) -> float:
     """Top-label expected calibration error over equal-width confidence bins.
 
     Each example falls in the bin (lo, hi] of (0, 1] that holds its top probability; the ECE is

@@ -22,7 +22,6 @@ and writes no file.
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import sys
@@ -40,6 +39,7 @@ from textgate.config import TrainConfig
 from textgate.distributed import World, all_gather_objects, all_reduce_max, all_reduce_sum
 from textgate.metrics import compute_metrics
 from textgate.model import autocast_dtype
+from textgate.runtime import share_cpus
 
 # A chunk of this many batches is sorted by length before it is cut into batches: large
 # enough that batches pad little, small enough that each epoch's batches still differ.
@@ -113,22 +113,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask), not all of the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def choose_threads(cpus: int, local_processes: int) -> int:
-    """Torch threads per process: the usable CPUs shared out between this machine's processes."""
-    return max(1, cpus // max(1, local_processes))
-
-
 def configure_threads(world: World) -> int:
-    """Set torch's intra-op thread count for this process (see choose_threads); return it."""
-    threads = choose_threads(usable_cpus(), world.local_size)
+    """Set torch's intra-op threads: the usable CPUs shared out between this machine's processes."""
+    threads = share_cpus(world.local_size)
     torch.set_num_threads(threads)
     return threads
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -27,11 +28,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from bentos import service
 from bentos.service import (
-    DEFAULT_REQUEST_LOG_BACKUPS,
-    DEFAULT_REQUEST_LOG_MAX_BYTES,
-    DEV_MAX_CONCURRENCY,
-    DEV_RETRY_AFTER_S,
+    SETTINGS,
     ApiKeyMiddleware,
     JsonBodyMiddleware,
     JsonErrorsMiddleware,
@@ -40,13 +39,13 @@ from bentos.service import (
     RejectionLogFilter,
     RequestLog,
     configured_api_key,
-    configured_threads,
     request_log_path,
     request_log_rotation,
+    service_settings,
 )
 from tests.bentos.conftest import API_KEY, PROBE_TEXTS, Server
 from tests.helpers import REPO_ROOT
-from textgate.config import load_params
+from textgate.config import PARAMS_FILE, ServiceSettings, load_params
 from textgate.errors import ConfigError
 from textgate.model import TextClassifier
 from textgate.text import clean_text
@@ -90,7 +89,7 @@ def assert_matches_offline(
     has no abstention threshold, so nothing is abstained.
     """
     assert isinstance(results, list) and len(results) == len(texts)
-    probabilities = classifier.predict_proba(texts)  # (texts, labels)
+    probabilities = classifier.predict_proba(texts, batch_size=64)  # (texts, labels)
     for text, result, row in zip(texts, results, probabilities, strict=True):
         assert set(result) == {"label", "score", "abstained"}, text
         assert result["abstained"] is False, text
@@ -121,7 +120,7 @@ def metric_value(metrics: str, name: str, labels: str = "") -> float:
 def test_the_probe_texts_get_distinct_answers(server: Server) -> None:
     # Guards the other tests: were the answers alike, a reordering would go unnoticed. The
     # model is random, so allow one pair of look-alike answers out of the 28.
-    predictions = server.served.predict(TEXTS)
+    predictions = server.served.predict(TEXTS, batch_size=64)
     assert len({p.label for p in predictions}) >= 2
     alike = [
         (a, b)
@@ -148,7 +147,7 @@ def test_serves_the_model_it_was_built_with(server: Server) -> None:
     assert response.status_code == 200, response.text
     assert_matches_offline(response.json(), TEXTS, server.served)
     newer = TextClassifier(_model_path(server.newer_model_tag))
-    newer_scores = [p.score for p in newer.predict(TEXTS)]
+    newer_scores = [p.score for p in newer.predict(TEXTS, batch_size=64)]
     served_scores = [r["score"] for r in response.json()]
     assert served_scores != pytest.approx(newer_scores, abs=1e-4)
 
@@ -703,7 +702,8 @@ def test_json_body_middleware() -> None:
 def test_request_log_appends_lines_and_survives_write_failures(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    log = RequestLog(tmp_path / "nested" / "requests.jsonl")
+    rotation = {"max_bytes": SETTINGS.request_log_max_bytes, "backups": 1}
+    log = RequestLog(tmp_path / "nested" / "requests.jsonl", **rotation)
     log.append([{"text": "é", "n": 1}, {"text": "b", "n": 2}])
     log.append([{"text": "c", "n": 3}])
     assert read_log(log.path) == [
@@ -712,7 +712,7 @@ def test_request_log_appends_lines_and_survives_write_failures(
         {"text": "c", "n": 3},
     ]
 
-    blocked = RequestLog(tmp_path / "a-directory")
+    blocked = RequestLog(tmp_path / "a-directory", **rotation)
     blocked.path.mkdir()
     with caplog.at_level("ERROR", logger="bentoml.textgate"):
         blocked.append([{"text": "lost"}])
@@ -741,15 +741,11 @@ def test_request_log_is_owner_only_and_rotated_as_configured(tmp_path: Path) -> 
 def test_request_log_rotation_comes_from_textgate_serve_else_the_params_defaults(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    serve = load_params(REPO_ROOT / "params.yaml").serve
-    # The service cannot read params.yaml (a bento has none): its copy of the defaults.
-    assert (
-        serve.request_log_max_bytes,
-        serve.request_log_backups,
-    ) == (DEFAULT_REQUEST_LOG_MAX_BYTES, DEFAULT_REQUEST_LOG_BACKUPS)
+    # Served from source, the service's settings are params.yaml's (a bento records its own).
+    serve = load_params(REPO_ROOT / PARAMS_FILE).serve
     monkeypatch.delenv("TEXTGATE_REQUEST_LOG_MAX_BYTES", raising=False)
     monkeypatch.delenv("TEXTGATE_REQUEST_LOG_BACKUPS", raising=False)
-    assert request_log_rotation() == (DEFAULT_REQUEST_LOG_MAX_BYTES, DEFAULT_REQUEST_LOG_BACKUPS)
+    assert request_log_rotation() == (serve.request_log_max_bytes, serve.request_log_backups)
     monkeypatch.setenv("TEXTGATE_REQUEST_LOG_MAX_BYTES", "2000000")
     monkeypatch.setenv("TEXTGATE_REQUEST_LOG_BACKUPS", "2")
     assert request_log_rotation() == (2_000_000, 2)
@@ -763,36 +759,6 @@ def test_request_log_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bento
     assert request_log_path() == tmp_path / "r.jsonl"
     monkeypatch.delenv("TEXTGATE_REQUEST_LOG")
     assert request_log_path() == bentoml_home / "textgate" / "requests.jsonl"
-
-
-@pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        ({}, 2),  # 4 cores (patched below) shared by 2 workers
-        ({"TEXTGATE_THREADS": "3"}, None),  # the runtime reads it
-        ({"TEXTGATE_TORCH_THREADS": "3"}, 3),
-        ({"TEXTGATE_THREADS": "2", "TEXTGATE_TORCH_THREADS": "3"}, None),
-    ],
-)
-def test_configured_threads(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: int | None
-) -> None:
-    for name in ("TEXTGATE_THREADS", "TEXTGATE_TORCH_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
-    assert configured_threads(workers=2) == expected
-
-
-def test_default_threads_never_oversubscribe_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TEXTGATE_THREADS", "TEXTGATE_TORCH_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    for cores, workers, expected in [(1, 1, 1), (2, 2, 1), (2, 1, 2), (16, 2, 4), (3, 2, 1)]:
-        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
-        threads = configured_threads(workers=workers)
-        assert threads == expected
-        assert threads * workers <= max(cores, workers)
 
 
 def test_unknown_routes_and_wrong_methods_get_json_errors() -> None:
@@ -919,9 +885,60 @@ def test_other_errors_keep_their_traceback() -> None:
     assert record.levelname == "ERROR" and record.exc_info is exc_info
 
 
-def test_the_services_serve_defaults_are_params_yaml_s() -> None:
-    from tests.helpers import REPO_ROOT
-    from textgate.config import load_params
+def test_served_from_source_the_service_takes_its_settings_from_params_yaml() -> None:
+    params = load_params(REPO_ROOT / PARAMS_FILE)
+    assert ServiceSettings.from_params(params) == SETTINGS
+    assert SETTINGS.max_concurrency == params.serve.max_concurrency
+    assert SETTINGS.max_text_chars == params.validate_.max_text_chars
 
-    serve = load_params(REPO_ROOT / "params.yaml").serve
-    assert (serve.max_concurrency, serve.retry_after_s) == (DEV_MAX_CONCURRENCY, DEV_RETRY_AFTER_S)
+
+def test_bento_arguments_override_params_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As `bentoml serve --arg ...` gives them: strings.
+    arguments = {"max_concurrency": "3", "max_text_chars": "50", "model_name": "other"}
+    monkeypatch.setattr(service.bentoml, "use_arguments", lambda: SimpleNamespace(**arguments))
+    settings = service_settings()
+    assert (settings.max_concurrency, settings.max_text_chars) == (3, 50)
+    assert settings.model_name == "other"
+    assert settings.retry_after_s == SETTINGS.retry_after_s  # not given: params.yaml's
+
+    arguments["max_concurrency"] = "0"
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        service_settings()
+
+
+def test_a_bento_without_its_settings_or_params_yaml_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(service, "SOURCE_PARAMS", tmp_path / PARAMS_FILE)
+    arguments = {"model_tag": "m:1", "max_concurrency": "3"}
+    monkeypatch.setattr(service.bentoml, "use_arguments", lambda: SimpleNamespace(**arguments))
+    with pytest.raises(ConfigError, match="retry_after_s.*build the bento with tasks.package"):
+        service_settings()
+
+
+@slow
+def test_a_bento_serves_with_the_params_it_was_packaged_with(
+    bentoml_home: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tasks.package import package_model
+    from tests.bentos.conftest import private_home
+    from tests.helpers import merge, raw_params
+    from tests.serving import bentoml_serve
+    from textgate.config import parse_params
+
+    params = parse_params(merge(raw_params(), {"validate": {"max_text_chars": 20}}))
+    packaged = package_model(tiny_model_dir, params=params, metrics={}, lineage={"test": "20"})
+    env = {
+        "BENTOML_HOME": str(private_home(bentoml_home, packaged.bento_tag, tmp_path / "home")),
+        "TEXTGATE_API_KEY": "",
+        "TEXTGATE_WORKERS": "1",
+        "TEXTGATE_THREADS": "1",
+        "TEXTGATE_REQUEST_LOG": str(tmp_path / "requests.jsonl"),
+    }
+    workdir = tmp_path / "elsewhere"  # no params.yaml here, nor in the bento
+    workdir.mkdir()
+    with bentoml_serve(packaged.bento_tag, workdir, env) as url:
+        assert classify(url, {"texts": ["x" * 20]}).status_code == 200
+        response = classify(url, {"texts": ["x" * 21]})
+    assert response.status_code == 400
+    assert "string_too_long" in response.text

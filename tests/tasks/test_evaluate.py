@@ -38,7 +38,8 @@ def test_train_and_evaluate_write_a_complete_model_and_metrics(params):
     confusion = pd.read_csv(out / "confusion.csv")
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == result.n
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    predictions = TextClassifier(model_dir).predict(["my card was stolen", "refund please"])
+    texts = ["my card was stolen", "refund please"]
+    predictions = TextClassifier(model_dir).predict(texts, batch_size=2)
     assert [p.best_label in {"lost_card", "login", "refund"} for p in predictions] == [True, True]
     assert (model_dir / "onnx" / "model.int8.onnx").is_file()  # train.quantize: int8
     assert meta["abstention"]["target_precision"] == params.train.abstain_target_precision

@@ -41,9 +41,14 @@ def test_each_bento_is_pinned_to_its_own_model(packaged_twice, params: Params) -
     for result in (first, second):
         bento = bentoml.get(result.bento_tag)
         assert [str(model.tag) for model in bento.info.all_models] == [result.model_tag]
-        # The bento argument the service reads when the bento is served.
+        # The bento arguments the service reads when the bento is served: params' values.
         assert bento.info.args == {
             "model_tag": result.model_tag,
+            "model_name": params.package.model_name,
+            "max_text_chars": params.validate_.max_text_chars,
+            "batch_size": params.evaluate.batch_size,
+            "request_log_max_bytes": params.serve.request_log_max_bytes,
+            "request_log_backups": params.serve.request_log_backups,
             "max_concurrency": params.serve.max_concurrency,
             "retry_after_s": params.serve.retry_after_s,
         }

@@ -28,7 +28,7 @@ from tasks.served import (
 )
 from tests.conftest import INTENT_WORDS, make_rows
 from tests.serving import local_http_server
-from textgate.config import load_params
+from textgate.config import PARAMS_FILE, load_params
 from textgate.errors import DataError
 from textgate.model import TextClassifier
 from textgate.process import free_port
@@ -36,7 +36,7 @@ from textgate.process import free_port
 pytestmark = pytest.mark.slow  # builds and serves real bentos
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TOLERANCE = 1e-3
+TOLERANCE = load_params(REPO_ROOT / PARAMS_FILE).gate.served_score_tolerance
 # About 50 distinct texts, as a promotion check would replay.
 TEXTS = [text for text, _ in make_rows(per_class=16)]
 
@@ -75,7 +75,7 @@ def bento_tags(bentoml_home: Path, tiny_model_dir: Path, other_model_dir: Path) 
 
 @pytest.fixture(scope="module")
 def golden(tiny_model_dir: Path) -> list[GoldenCase]:
-    predictions = TextClassifier(tiny_model_dir).predict(TEXTS)
+    predictions = TextClassifier(tiny_model_dir).predict(TEXTS, batch_size=64)
     return [GoldenCase(t, p.label, p.score) for t, p in zip(TEXTS, predictions, strict=True)]
 
 
@@ -92,7 +92,9 @@ def bentoml_processes(marker: str) -> list[psutil.Process]:
 def test_the_bento_of_the_same_model_repeats_the_offline_answers(
     bento_tags: dict[str, str], golden: list[GoldenCase], tmp_path: Path
 ) -> None:
-    report = check_served_bento(bento_tags["same"], golden, workdir=tmp_path)
+    report = check_served_bento(
+        bento_tags["same"], golden, workdir=tmp_path, score_tolerance=TOLERANCE
+    )
 
     assert report.errors == []
     assert report.mismatches == []
@@ -110,13 +112,15 @@ def test_the_bento_of_the_same_model_repeats_the_offline_answers(
 def test_a_bento_whose_served_answers_differ_from_offline_ones(
     bento_tags: dict[str, str], golden: list[GoldenCase], other_model_dir: Path, tmp_path: Path
 ) -> None:
-    report = check_served_bento(bento_tags["other"], golden, workdir=tmp_path)
+    report = check_served_bento(
+        bento_tags["other"], golden, workdir=tmp_path, score_tolerance=TOLERANCE
+    )
 
     assert report.errors == []
     assert report.matched == 0 and not report.passed
     assert len(report.mismatches) == report.n == len(golden)
     assert len(report.latencies_ms) == report.n  # answered, just differently
-    served_offline = TextClassifier(other_model_dir).predict(TEXTS)
+    served_offline = TextClassifier(other_model_dir).predict(TEXTS, batch_size=64)
     for case, expected, mismatch in zip(golden, served_offline, report.mismatches, strict=True):
         assert mismatch == {
             "text": case.text,
@@ -134,7 +138,7 @@ def test_a_bento_that_does_not_exist_fails_fast_and_leaves_nothing_running(
     tag = f"textgate:missing{time.time_ns()}"
     start = time.monotonic()
     with pytest.raises(ServedCheckError, match="exited with code") as caught:
-        check_served_bento(tag, golden, workdir=tmp_path)
+        check_served_bento(tag, golden, workdir=tmp_path, score_tolerance=TOLERANCE)
     assert time.monotonic() - start < 60  # bentoml exits at once; no waiting for the timeout
     message = str(caught.value)
     assert tag in message
@@ -147,7 +151,9 @@ def test_a_bento_not_ready_in_time_is_stopped(
 ) -> None:
     tag = bento_tags["same"]
     with pytest.raises(ServedCheckError, match="not ready after"):
-        check_served_bento(tag, golden, workdir=tmp_path, ready_timeout_s=0.5)
+        check_served_bento(
+            tag, golden, workdir=tmp_path, score_tolerance=TOLERANCE, ready_timeout_s=0.5
+        )
     assert bentoml_processes(tag) == []
 
 
@@ -193,7 +199,7 @@ def test_replay_counts_errors_and_mismatches_as_not_matched(fake_url: str) -> No
         GoldenCase("boom", "refund", 0.5),
         GoldenCase("two", "refund", 0.5),
     ]
-    report = replay(fake_url, golden, warmup=0)
+    report = replay(fake_url, golden, score_tolerance=TOLERANCE, warmup=0)
 
     assert (report.n, report.matched) == (5, 1)
     assert [m["text"] for m in report.mismatches] == ["b", "c"]
@@ -213,7 +219,9 @@ def test_replay_counts_errors_and_mismatches_as_not_matched(fake_url: str) -> No
 
 def test_replay_against_nothing_reports_transport_errors() -> None:
     golden = [GoldenCase("a", "refund", 0.5), GoldenCase("b", "login", 0.5)]
-    report = replay(f"http://127.0.0.1:{free_port()}", golden, timeout_s=2)
+    report = replay(
+        f"http://127.0.0.1:{free_port()}", golden, score_tolerance=TOLERANCE, timeout_s=2
+    )
 
     assert report.matched == 0 and not report.passed
     assert len(report.errors) == 2 and all("ConnectError" in e for e in report.errors)

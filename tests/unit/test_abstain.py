@@ -156,11 +156,12 @@ def test_classifier_reads_the_threshold_from_its_metadata(
     # The untrained tiny model scores about 1/3 for every text.
     texts = ["my card was stolen", "refund please"]
     assert TextClassifier(tiny_model_dir).abstain_threshold is None
-    assert not any(p.abstained for p in TextClassifier(tiny_model_dir).predict(texts))
+    predictions = TextClassifier(tiny_model_dir).predict(texts, batch_size=64)
+    assert not any(p.abstained for p in predictions)
     model_dir = _with_abstention(tiny_model_dir, tmp_path / "model", {"threshold": 0.99})
     classifier = TextClassifier(model_dir)
     assert classifier.abstain_threshold == 0.99
-    for prediction in classifier.predict(texts):
+    for prediction in classifier.predict(texts, batch_size=64):
         assert (prediction.label, prediction.abstained) == (UNKNOWN_LABEL, True)
         assert prediction.best_label in classifier.labels
         assert 0.3 < prediction.score < 0.99

@@ -19,6 +19,8 @@ from textgate.errors import DataError
 LABELS = ["refund", "delivery", "account"]
 KEYWORDS = {"refund": 0, "money back": 0, "parcel": 1, "delivery": 1, "password": 2}
 PLACEHOLDER = re.compile(r"\[[A-Z]+\]")
+# As evaluate.behaviour_examples and evaluate.seed give them.
+SAMPLE = {"max_examples": 500, "seed": 0}
 
 TEXTS = [
     "I want a refund for order 1234, please.",
@@ -157,7 +159,7 @@ def test_perturb_rejects_an_unknown_kind():
 
 
 def test_case_insensitive_model_is_invariant_to_casing_punctuation_and_filler():
-    results = invariance(keyword_model, TEXTS)
+    results = invariance(keyword_model, TEXTS, **SAMPLE)
     assert list(results) == list(PERTURBATIONS)
     for kind in ("casing", "punctuation", "filler"):
         assert results[kind].rate == 1.0
@@ -167,7 +169,7 @@ def test_case_insensitive_model_is_invariant_to_casing_punctuation_and_filler():
 
 def test_case_sensitive_model_fails_casing_invariance_and_lists_failures():
     texts = many_texts(30)
-    results = invariance(case_sensitive_model, texts)
+    results = invariance(case_sensitive_model, texts, **SAMPLE)
     casing = results["casing"]
     assert casing.n == 30
     assert casing.rate is not None and casing.rate < 1.0
@@ -180,13 +182,13 @@ def test_case_sensitive_model_fails_casing_invariance_and_lists_failures():
 
 
 def test_invariance_compares_with_the_models_own_prediction_not_the_gold_label():
-    results = invariance(lambda texts: [7] * len(texts), TEXTS)  # constant, always wrong
+    results = invariance(lambda texts: [7] * len(texts), TEXTS, **SAMPLE)  # constant, always wrong
     assert all(result.rate == 1.0 for result in results.values())
 
 
 def test_invariance_predicts_originals_once_and_each_kind_once():
     model = CountingModel(keyword_model)
-    invariance(model, TEXTS)
+    invariance(model, TEXTS, **SAMPLE)
     assert len(model.calls) == 1 + len(PERTURBATIONS)
     assert model.calls[0] == TEXTS
 
@@ -205,21 +207,21 @@ def test_invariance_samples_at_most_max_examples_with_the_seed():
 
 def test_invariance_rate_is_none_when_nothing_can_be_perturbed():
     model = CountingModel(keyword_model)
-    results = invariance(model, ["hi", "ok [EMAIL]"], kinds=("typos",))
+    results = invariance(model, ["hi", "ok [EMAIL]"], kinds=("typos",), **SAMPLE)
     assert results["typos"].model_dump() == {"kind": "typos", "rate": None, "n": 0, "failures": []}
     assert len(model.calls) == 1  # no predict call for an empty batch
-    assert invariance(model, [], kinds=("casing",))["casing"].rate is None
+    assert invariance(model, [], kinds=("casing",), **SAMPLE)["casing"].rate is None
 
 
 def test_invariance_rejects_unknown_kinds_and_wrong_prediction_counts():
     with pytest.raises(ValueError, match=r"unknown perturbation\(s\) \['emoji'\]"):
-        invariance(keyword_model, TEXTS, kinds=("casing", "emoji"))
+        invariance(keyword_model, TEXTS, kinds=("casing", "emoji"), **SAMPLE)
     with pytest.raises(ValueError, match="predict returned 1 predictions for 6 texts"):
-        invariance(lambda texts: [0], TEXTS)
+        invariance(lambda texts: [0], TEXTS, **SAMPLE)
 
 
 def test_invariance_result_is_frozen():
-    result = invariance(keyword_model, TEXTS, kinds=("casing",))["casing"]
+    result = invariance(keyword_model, TEXTS, kinds=("casing",), **SAMPLE)["casing"]
     with pytest.raises(ValidationError):
         result.rate = 0.0
 

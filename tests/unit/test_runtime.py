@@ -21,6 +21,7 @@ from textgate.model import (
     explain_by_occlusion,
 )
 from textgate.runtime import (
+    LEGACY_THREADS_ENV,
     ONNX_DIR,
     ONNX_FP32,
     ONNX_INT8,
@@ -131,7 +132,7 @@ def test_fp32_onnx_matches_torch(fp32_dir: Path, torch_reference: TextClassifier
     assert classifier.labels == torch_reference.labels
     logits = classifier.predict_logits(TEXTS, batch_size=3)
     assert logits.dtype == np.float32
-    expected = torch_reference.predict_logits(TEXTS)
+    expected = torch_reference.predict_logits(TEXTS, batch_size=64)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -139,8 +140,8 @@ def test_int8_onnx_is_close_to_torch(int8_export: dict, torch_reference: TextCla
     classifier = OnnxClassifier(int8_export["model_dir"])
     assert classifier.runtime == "onnx-int8"
     assert classifier.labels == torch_reference.labels
-    expected = torch_reference.predict_proba(TEXTS)
-    probabilities = classifier.predict_proba(TEXTS)
+    expected = torch_reference.predict_proba(TEXTS, batch_size=64)
+    probabilities = classifier.predict_proba(TEXTS, batch_size=64)
     assert len(set(expected.argmax(axis=1))) > 1  # the varied head tells texts apart
     # The large random weights quantize far worse than trained ones (the sample's fine-tuned
     # MiniLM loses no test accuracy at all): int8 noise of up to 0.25 in a probability here.
@@ -160,7 +161,7 @@ def test_cpu_runs_one_text_per_pass_so_answers_do_not_depend_on_the_batch(
 ) -> None:
     classifier = OnnxClassifier(int8_export["model_dir"])
     assert classifier.max_batch_size == 1
-    alone = classifier.predict_logits([TEXTS[0]])
+    alone = classifier.predict_logits([TEXTS[0]], batch_size=1)
     with_others = classifier.predict_logits([TEXTS[2], TEXTS[0], *TEXTS[3:]], batch_size=64)
     np.testing.assert_array_equal(with_others[1], alone[0])  # bit for bit
 
@@ -168,13 +169,13 @@ def test_cpu_runs_one_text_per_pass_so_answers_do_not_depend_on_the_batch(
 def test_batches_come_back_in_input_order(fp32_dir: Path) -> None:
     classifier = OnnxClassifier(fp32_dir)
     classifier.max_batch_size = None  # batches of several texts, padded to their longest
-    one_by_one = np.concatenate([classifier.predict_logits([text]) for text in TEXTS])
+    one_by_one = np.concatenate([classifier.predict_logits([text], batch_size=1) for text in TEXTS])
     np.testing.assert_allclose(
         classifier.predict_logits(TEXTS, batch_size=3), one_by_one, atol=1e-5
     )
     reversed_order = classifier.predict_logits(TEXTS[::-1], batch_size=2)
     np.testing.assert_allclose(reversed_order[::-1], one_by_one, atol=1e-5)
-    assert classifier.predict_logits([]).shape == (0, len(classifier.labels))
+    assert classifier.predict_logits([], batch_size=64).shape == (0, len(classifier.labels))
 
 
 def test_export_is_deterministic_and_a_new_export_replaces_the_old(
@@ -217,18 +218,45 @@ def test_unknown_runtime_is_refused(varied_model_dir: Path) -> None:
         load_classifier(varied_model_dir, "tensorrt")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("name", [THREADS_ENV, LEGACY_THREADS_ENV])
 @pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
-def test_bad_threads_variable_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
-    monkeypatch.setenv(THREADS_ENV, value)
-    with pytest.raises(ValueError, match=f"{THREADS_ENV} must be a positive integer"):
+def test_bad_threads_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
         default_threads()
 
 
-def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(THREADS_ENV, raising=False)
-    assert 1 <= default_threads() <= 2
-    monkeypatch.setenv(THREADS_ENV, " 3 ")
-    assert default_threads() == 3
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, 2),  # 4 cores (patched below) shared by 2 workers
+        ({THREADS_ENV: " 3 "}, 3),
+        ({LEGACY_THREADS_ENV: "3"}, 3),
+        ({THREADS_ENV: "2", LEGACY_THREADS_ENV: "3"}, 2),  # the current name wins
+    ],
+)
+def test_default_threads(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: int
+) -> None:
+    for name in (THREADS_ENV, LEGACY_THREADS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("textgate.runtime.usable_cpus", lambda: 4)
+    assert default_threads(processes=2) == expected
+
+
+def test_default_threads_never_oversubscribe_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (THREADS_ENV, LEGACY_THREADS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for cores, workers, expected in [(1, 1, 1), (2, 2, 1), (2, 1, 2), (16, 2, 4), (3, 2, 1)]:
+        monkeypatch.setattr("textgate.runtime.usable_cpus", lambda cores=cores: cores)
+        threads = default_threads(processes=workers)
+        assert threads == expected
+        assert threads * workers <= max(cores, workers)
 
 
 def test_session_uses_the_requested_threads(
@@ -264,7 +292,7 @@ def test_both_runtimes_abstain_below_the_threshold(
     model_dir = _copy(int8_export["model_dir"], tmp_path / "model", abstention={"threshold": 0.6})
     classifier = load_classifier(model_dir, runtime)  # type: ignore[arg-type]
     assert classifier.abstain_threshold == 0.6
-    predictions = classifier.predict(TEXTS)
+    predictions = classifier.predict(TEXTS, batch_size=64)
     assert any(p.abstained for p in predictions) and not all(p.abstained for p in predictions)
     for prediction in predictions:
         assert prediction.abstained == (prediction.score < 0.6)
@@ -300,7 +328,7 @@ def test_explanation_agrees_with_prediction_and_occlusion_matters(explainers: li
     classifier = explainers[1]
     text = "my wallet was stolen with all my cards in it"
     explanation = classifier.explain(text)
-    (prediction,) = classifier.predict([text])
+    (prediction,) = classifier.predict([text], batch_size=1)
     assert (explanation.label, explanation.best_label) == (prediction.label, prediction.best_label)
     assert explanation.score == pytest.approx(prediction.score, abs=1e-5)
     assert max(abs(value) for value in explanation.attributions) > 1e-4
@@ -356,7 +384,8 @@ def test_an_explanation_answers_exactly_what_prediction_answers(
     classifier = load_classifier(model_dir, runtime)  # type: ignore[arg-type]
     texts = [*TEXTS[:2], *TEXTS[3:], "hello", "what is the meaning of life", "refund me now"]
     for text in texts:
-        (prediction,) = classifier.predict([text])  # as /classify answers a one-text request
+        # As /classify answers a one-text request.
+        (prediction,) = classifier.predict([text], batch_size=1)
         explanation = classifier.explain(text)
         explained = (explanation.label, explanation.score, explanation.abstained)
         assert explained == (prediction.label, prediction.score, prediction.abstained), text

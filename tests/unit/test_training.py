@@ -16,17 +16,17 @@ import torch
 from tasks.train import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from tests.conftest import make_rows
 from tests.helpers import make_params, tiny_overrides
-from textgate import training
+from textgate import runtime, training
 from textgate.config import TrainConfig
 from textgate.distributed import World
 from textgate.errors import ConfigError
 from textgate.model import build_classifier
+from textgate.runtime import share_cpus
 from textgate.training import (
     CHECKPOINT_FORMAT,
     EarlyStopping,
     EvalPoint,
     TrainingCallbacks,
-    choose_threads,
     configure_threads,
     encode_texts,
     evaluation_steps,
@@ -120,14 +120,14 @@ def test_encoded_batches_pad_to_their_longest_text(tiny_base_model):
     ("cpus", "processes", "threads"), [(2, 1, 2), (2, 2, 1), (16, 4, 4), (1, 4, 1), (3, 2, 1)]
 )
 def test_threads_share_the_usable_cpus_between_local_processes(cpus, processes, threads):
-    assert choose_threads(cpus, processes) == threads
+    assert share_cpus(processes, cpus) == threads
 
 
 def test_threads_follow_the_affinity_mask(monkeypatch, restore_threads):
-    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     assert configure_threads(World(rank=1, size=2, local_rank=1, local_size=2)) == 3
     assert torch.get_num_threads() == 3
-    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0})
     assert configure_threads(World()) == 1
 
 
