@@ -109,7 +109,7 @@ def _forget_a_foreign_textgate() -> None:
 _forget_a_foreign_textgate()
 
 # The textgate imports come after that check.
-from textgate.config import PARAMS_FILE, ServiceSettings, load_params  # noqa: E402
+from textgate.config import API_KEY_ENV, PARAMS_FILE, ServiceSettings, api_key_from_env, load_params  # noqa: E402  # noqa: E402
 from textgate.errors import ConfigError  # noqa: E402
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter  # noqa: E402
 from textgate.requestlog import request_log_path as configured_request_log  # noqa: E402
@@ -120,7 +120,6 @@ logger = logging.getLogger("bentoml.textgate")
 
 MODEL_TAG_ENV = "TEXTGATE_MODEL_TAG"
 RUNTIME_ENV = "TEXTGATE_RUNTIME"
-API_KEY_ENV = "TEXTGATE_API_KEY"
 WORKERS_ENV = "TEXTGATE_WORKERS"
 # Serving from source, the settings that a bento records come from here.
 SOURCE_PARAMS = Path(__file__).resolve().parents[1] / PARAMS_FILE
@@ -254,17 +253,11 @@ def configured_api_key() -> str | None:
     """`TEXTGATE_API_KEY` without surrounding whitespace; None when unset or empty.
 
     Raises:
-        ConfigError: the variable is set to whitespace only, which would silently turn
-            authentication off. (Not a ValueError: BentoML reads that, raised while it loads
-            a bento, as "not a bento tag" and shows another error instead.)
+        ConfigError: the variable is set to whitespace only (textgate.config.api_key_from_env).
+            Not a ValueError: BentoML reads that, raised while it loads a bento, as "not a
+            bento tag" and shows another error instead.
     """
-    raw = os.environ.get(API_KEY_ENV, "")
-    if raw and not raw.strip():
-        raise ConfigError(
-            f"{API_KEY_ENV} is set but blank (whitespace only): set a real key, or unset it "
-            "(or set it empty) to serve without authentication"
-        )
-    return raw.strip() or None
+    return api_key_from_env(os.environ)
 
 
 def default_workers() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.processes import stop_on_signals
-from textgate.config import PARAMS_FILE, Params, load_params
+from textgate.config import PARAMS_FILE, Params, api_key_from_env, load_params
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV
@@ -356,6 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     production = registry.production()
     if production is None:
         raise TextgateError("no production model to serve: run `textgate run` first")
+    api_key_from_env(os.environ)  # a blank key is an error here, before BentoML's tracebacks
     # The bento records serve.request_log_* as packaged; the current params.yaml's win.
     env = {
         **os.environ,

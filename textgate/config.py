@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -11,6 +12,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from textgate.errors import ConfigError
+
+API_KEY_ENV = "TEXTGATE_API_KEY"  # the served API's key; unset or empty: no authentication
+
+
+def api_key_from_env(environ: Mapping[str, str]) -> str | None:
+    """The API key in `environ` without surrounding whitespace; None when unset or empty.
+
+    Raises:
+        ConfigError: set to whitespace only, which would silently turn authentication off.
+    """
+    raw = environ.get(API_KEY_ENV, "")
+    if raw and not raw.strip():
+        raise ConfigError(
+            f"{API_KEY_ENV} is set but blank (whitespace only): set a real key, or unset it "
+            "(or set it empty) to serve without authentication"
+        )
+    return raw.strip() or None
+
 
 # Where every command looks for the params when not told otherwise (relative: the workspace's).
 PARAMS_FILE = "params.yaml"

@@ -89,6 +89,16 @@ def test_serve_passes_the_port_and_the_request_log_rotation_from_params(params_f
     assert started["env"]["TEXTGATE_REQUEST_LOG_BACKUPS"] == "3"
 
 
+def test_serve_with_a_blank_api_key_is_a_clear_error_before_bentoml(
+    params_file, monkeypatch, capsys
+):
+    promote(params_file, "textgate:a", 0.91, 1)
+    monkeypatch.setenv("TEXTGATE_API_KEY", "   ")
+    monkeypatch.setattr("flows.cli.os.execve", lambda *a: pytest.fail("bentoml was started"))
+    assert main(["serve", "--params", str(params_file)]) == 2
+    assert "TEXTGATE_API_KEY is set but blank" in capsys.readouterr().err
+
+
 def test_run_rejects_bad_params_before_starting_prefect(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     params = raw_params()
