@@ -90,6 +90,17 @@ def package_model(
     return PackageResult(model_tag=model_tag, bento_tag=str(bento.tag))
 
 
+def package_candidate(root: Path, params: Params, lineage: dict[str, Any]) -> PackageResult:
+    """Package the pipeline's trained model with its evaluation metrics and lineage."""
+    return package_model(
+        params.train.output_dir / "model",
+        params=params,
+        metrics=read_json(params.evaluate.output_dir / "metrics.json"),
+        lineage=lineage,
+        build_ctx=root,
+    )
+
+
 def metadata_for_bentoml(metadata: dict[str, Any]) -> dict[str, Any]:
     """The JSON view of `metadata` in the types BentoML accepts: it has no null.
 
