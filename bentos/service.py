@@ -72,6 +72,7 @@ from bentoml.exceptions import InvalidArgument
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from bentos.pages import LocalIndexMiddleware
+from textgate.artifacts import default_request_log, request_record
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter
 from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier
 from textgate.text import clean_text, normalise_text
@@ -223,7 +224,7 @@ def request_log_path() -> Path:
         return Path(configured).expanduser()
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    return Path(BentoMLContainer.bentoml_home.get()) / "textgate" / "requests.jsonl"
+    return default_request_log(Path(BentoMLContainer.bentoml_home.get()))
 
 
 def request_log_rotation() -> tuple[int, int]:
@@ -348,16 +349,16 @@ class TextgateService:
             if prediction.abstained:
                 self.abstentions.inc()
             records.append(
-                {
-                    "ts": ts,
-                    "request_id": getattr(text, "request_id", None),
-                    "model_tag": self.model_tag,
-                    "text": clean_text(str(text), redact=self.classifier.redact_pii),
-                    "label": prediction.label,
-                    "best_label": prediction.best_label,
-                    "score": prediction.score,
-                    "abstained": prediction.abstained,
-                }
+                request_record(
+                    ts=ts,
+                    request_id=getattr(text, "request_id", None),
+                    model_tag=self.model_tag,
+                    text=clean_text(str(text), redact=self.classifier.redact_pii),
+                    label=prediction.label,
+                    best_label=prediction.best_label,
+                    score=prediction.score,
+                    abstained=prediction.abstained,
+                )
             )
         self.request_log.append(records)
         return [

@@ -22,7 +22,6 @@ from textgate.gate import (
     unseen_mask,
     worst_confusions,
 )
-from textgate.io import read_json
 from textgate.model import read_seen
 from textgate.registry import Registry, Release
 
@@ -45,8 +44,8 @@ class ChampionScores:
 class GateInputs:
     """What the evaluate stage wrote that the gate reads, one entry per test example."""
 
-    metrics: dict[str, Any]
-    per_class: dict[str, dict[str, float]]
+    metrics: artifacts.EvaluateMetrics
+    per_class: artifacts.PerClass
     texts: list[str]
     labels: list[str]  # the true labels
     predicted: list[str]  # the candidate's best guess, abstained or not
@@ -65,11 +64,11 @@ class ChampionComparison:
 
 def read_gate_inputs(params: Params) -> GateInputs:
     """Evaluate's metrics, per-class scores and predictions."""
-    out = params.evaluate.output_dir
-    predictions = pd.read_parquet(out / "predictions.parquet")
+    out = artifacts.evaluate_outputs(params)
+    predictions = pd.read_parquet(out.predictions)
     return GateInputs(
-        metrics=read_json(out / "metrics.json"),
-        per_class=read_json(out / "per_class.json"),
+        metrics=artifacts.read_artifact(artifacts.EvaluateMetrics, out.metrics),
+        per_class=artifacts.read_artifact(artifacts.PerClass, out.per_class),
         texts=predictions["text"].tolist(),
         labels=predictions["label"].tolist(),
         predicted=predictions["predicted"].tolist(),
@@ -167,8 +166,8 @@ def decide(params: Params, inputs: GateInputs, model_md5: str | None, log: Log) 
         seed=params.evaluate.seed,
     )
     return evaluate_gate(
-        inputs.metrics,
-        inputs.per_class,
+        inputs.metrics.model_dump(),
+        inputs.per_class.model_dump(),
         params.gate,
         champion=checks,
         champion_tag=champion_tag,

@@ -24,11 +24,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from textgate.artifacts import TRAINING_FILE, default_request_log, prepare_outputs
 from textgate.config import Params
 from textgate.drift import DriftReport, Profile, assess_drift
 from textgate.errors import DataError, TextgateError
 from textgate.io import read_json, write_json
-from textgate.model import TRAINING_FILE, read_seen
+from textgate.model import read_seen
 from textgate.requestlog import LogCursor, LogWindow, read_window
 from textgate.text import text_fingerprint
 
@@ -80,7 +81,7 @@ def request_log_path(params: Params) -> Path:
     if configured:
         return Path(configured).expanduser()
     home = os.environ.get("BENTOML_HOME", "").strip() or "~/bentoml"
-    return Path(home).expanduser() / "textgate" / "requests.jsonl"
+    return default_request_log(Path(home).expanduser())
 
 
 def load_state(params: Params) -> tuple[dict[str, Any], str | None]:
@@ -178,7 +179,7 @@ def build_reference(
     Raises:
         MonitorError: no prepared split, or too few of its texts trained the production model.
     """
-    split = params.prepare.output_dir / "train.parquet"
+    split = prepare_outputs(params).split("train")
     if not split.is_file():
         raise MonitorError(f"no reference: the prepared train split {split} is missing (dvc pull?)")
     frame = pd.read_parquet(split, columns=["text", "label"])

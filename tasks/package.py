@@ -17,10 +17,10 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import BentoMLException
 
+from textgate.artifacts import LABEL_MAP_FILE, TRAINING_FILE, evaluate_outputs, train_outputs
 from textgate.config import Params
 from textgate.errors import TextgateError
 from textgate.io import read_json
-from textgate.model import LABEL_MAP_FILE, TRAINING_FILE
 
 # The build context: the service's import path and the bentofile's `include` patterns are
 # relative to it, and a relative `package.bentofile` is resolved against it.
@@ -93,9 +93,9 @@ def package_model(
 def package_candidate(root: Path, params: Params, lineage: dict[str, Any]) -> PackageResult:
     """Package the pipeline's trained model with its evaluation metrics and lineage."""
     return package_model(
-        params.train.output_dir / "model",
+        train_outputs(params).model_dir,
         params=params,
-        metrics=read_json(params.evaluate.output_dir / "metrics.json"),
+        metrics=read_json(evaluate_outputs(params).metrics),
         lineage=lineage,
         build_ctx=root,
     )

@@ -12,6 +12,7 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 from tasks.package import PROJECT, PackageResult
+from textgate.artifacts import evaluate_outputs
 from textgate.config import Params
 from textgate.errors import TextgateError
 from textgate.gate import Verdict
@@ -73,7 +74,7 @@ def promote_passed(
     return promote(
         params,
         result,
-        metrics=read_json(params.evaluate.output_dir / "metrics.json"),
+        metrics=read_json(evaluate_outputs(params).metrics),
         lineage=lineage,
         reason="passed the gate" + (f"; {approval.reason}" if approval else ""),
         verdict=verdict.model_dump(mode="json"),

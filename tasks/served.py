@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import psutil
 
+from textgate.artifacts import evaluate_outputs
 from textgate.config import Params
 from textgate.errors import DataError, TextgateError
 from textgate.gate import Check, served_checks
@@ -387,7 +388,7 @@ def check_served_bento(
 
 def served_gate_checks(params: Params, bento_tag: str, log: Callable[[str], None]) -> list[Check]:
     """Serve the bento for real, replay the golden requests, compare with offline answers."""
-    golden = load_golden(params.evaluate.output_dir / "golden.json")
+    golden = load_golden(evaluate_outputs(params).golden)
     with tempfile.TemporaryDirectory(prefix="textgate-served-") as workdir:
         try:
             report = check_served_bento(

@@ -30,6 +30,15 @@ from tqdm.auto import tqdm
 
 from tasks.common import stage_main
 from textgate.abstain import AbstentionPolicy, choose_threshold
+from textgate.artifacts import (
+    LabelMap,
+    PrepareOutputs,
+    TrainMetrics,
+    prepare_outputs,
+    read_artifact,
+    train_outputs,
+    write_artifact,
+)
 from textgate.config import Params, TrainConfig
 from textgate.distributed import (
     World,
@@ -41,7 +50,7 @@ from textgate.distributed import (
     under_torchrun,
 )
 from textgate.errors import TextgateError
-from textgate.io import read_json, write_json
+from textgate.io import read_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.training import (
@@ -123,7 +132,7 @@ def launch(params: Params, processes: int) -> dict[str, float]:
         code = subprocess.run(command, check=False, env=env).returncode
     if code != 0:
         raise LaunchFailed(f"torchrun exited with code {code} (the processes' output is above)")
-    return read_json(params.train.output_dir / "metrics.json")
+    return read_json(train_outputs(params).metrics)
 
 
 def run(params: Params) -> dict[str, float]:
@@ -145,7 +154,7 @@ def run(params: Params) -> dict[str, float]:
 def train_and_save(params: Params, world: World, device: torch.device) -> dict[str, float]:
     """Train in this process (one of `world`); rank 0 then calibrates and writes the files."""
     config = params.train
-    splits = read_splits(params.prepare.output_dir)
+    splits = read_splits(prepare_outputs(params))
     if world.is_main:
         print(
             f"train: {len(splits.train)} examples, {len(splits.labels)} labels, "
@@ -177,14 +186,14 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
         tokenizer,
         splits.labels,
         metadata,
-        config.output_dir / "model",
+        train_outputs(params).model_dir,
         seen_texts=[*splits.train["text"], *splits.val["text"]],
         # Inside the staging directory: the model appears with its ONNX export or not at all.
         finalize=export_int8 if config.quantize == "int8" else None,
     )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: nothing to resume
     metrics = stage_metrics(result, calibration)
-    write_json(config.output_dir / "metrics.json", metrics)
+    write_artifact(TrainMetrics, train_outputs(params).metrics, metrics)
     return metrics
 
 
@@ -203,13 +212,13 @@ class Splits:
         return split["label"].map(ids).tolist()
 
 
-def read_splits(prepared: Path) -> Splits:
+def read_splits(prepared: PrepareOutputs) -> Splits:
     """The prepare stage's train and val splits and its label map."""
-    files = [prepared / name for name in ("train.parquet", "val.parquet", "label_map.json")]
+    files = [prepared.split("train"), prepared.split("val"), prepared.label_map]
     return Splits(
-        labels=read_json(prepared / "label_map.json")["labels"],
-        train=pd.read_parquet(prepared / "train.parquet"),
-        val=pd.read_parquet(prepared / "val.parquet"),
+        labels=read_artifact(LabelMap, prepared.label_map).labels,
+        train=pd.read_parquet(prepared.split("train")),
+        val=pd.read_parquet(prepared.split("val")),
         files=files,
     )
 
