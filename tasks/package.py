@@ -17,7 +17,16 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import BentoMLException
 
-from textgate.artifacts import LABEL_MAP_FILE, TRAINING_FILE, evaluate_outputs, train_outputs
+from textgate.artifacts import (
+    LABEL_MAP_FILE,
+    TRAINING_FILE,
+    EvaluateMetrics,
+    LabelMap,
+    evaluate_outputs,
+    read_artifact,
+    read_payload,
+    train_outputs,
+)
 from textgate.config import Params
 from textgate.errors import TextgateError
 from textgate.io import read_json
@@ -95,7 +104,7 @@ def package_candidate(root: Path, params: Params, lineage: dict[str, Any]) -> Pa
     return package_model(
         train_outputs(params).model_dir,
         params=params,
-        metrics=read_json(evaluate_outputs(params).metrics),
+        metrics=read_payload(EvaluateMetrics, evaluate_outputs(params).metrics),
         lineage=lineage,
         build_ctx=root,
     )
@@ -132,7 +141,7 @@ def _save_model(
 ) -> str:
     """Copy the model directory into a new version of `model_name`; return its exact tag."""
     sections = {
-        "labels": read_json(model_dir / LABEL_MAP_FILE)["labels"],
+        "labels": read_artifact(LabelMap, model_dir / LABEL_MAP_FILE).labels,
         "training": read_json(model_dir / TRAINING_FILE),
         "metrics": metrics,
         "lineage": lineage,

@@ -12,11 +12,10 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 from tasks.package import PROJECT, PackageResult
-from textgate.artifacts import evaluate_outputs
+from textgate.artifacts import EvaluateMetrics, evaluate_outputs, read_payload
 from textgate.config import Params
 from textgate.errors import TextgateError
 from textgate.gate import Verdict
-from textgate.io import read_json
 from textgate.registry import Action, Registry, Release
 
 
@@ -74,7 +73,7 @@ def promote_passed(
     return promote(
         params,
         result,
-        metrics=read_json(evaluate_outputs(params).metrics),
+        metrics=read_payload(EvaluateMetrics, evaluate_outputs(params).metrics),
         lineage=lineage,
         reason="passed the gate" + (f"; {approval.reason}" if approval else ""),
         verdict=verdict.model_dump(mode="json"),

@@ -36,6 +36,7 @@ from textgate.artifacts import (
     TrainMetrics,
     prepare_outputs,
     read_artifact,
+    read_payload,
     train_outputs,
     write_artifact,
 )
@@ -50,7 +51,6 @@ from textgate.distributed import (
     under_torchrun,
 )
 from textgate.errors import TextgateError
-from textgate.io import read_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.training import (
@@ -132,7 +132,7 @@ def launch(params: Params, processes: int) -> dict[str, float]:
         code = subprocess.run(command, check=False, env=env).returncode
     if code != 0:
         raise LaunchFailed(f"torchrun exited with code {code} (the processes' output is above)")
-    return read_json(train_outputs(params).metrics)
+    return read_payload(TrainMetrics, train_outputs(params).metrics)
 
 
 def run(params: Params) -> dict[str, float]:

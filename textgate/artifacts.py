@@ -257,6 +257,13 @@ def read_artifact(model: type[Model], path: Path) -> Model:
     return _checked(model, read_json(path), Path(path))
 
 
+def read_payload(model: type[BaseModel], path: Path) -> Any:
+    """Read `path`, check it against `model`, and return the JSON as written (e.g. to store it)."""
+    payload = read_json(path)
+    _checked(model, payload, Path(path))
+    return payload
+
+
 def write_artifact(model: type[BaseModel], path: Path, payload: Any) -> None:
     """Check `payload` against `model`, then write it unchanged (atomically)."""
     _checked(model, payload, Path(path))
