@@ -10,7 +10,7 @@ from textgate.artifacts import (
     SPLITS,
     LabelMap,
     PrepareStats,
-    ValidationReport,
+    ValidatedLabels,
     prepare_outputs,
     read_artifact,
     validate_outputs,
@@ -25,7 +25,7 @@ from textgate.prepare import clean_frame, stratified_split
 def run(params: Params) -> dict[str, int]:
     """Write train/val/test Parquet files, the label map and cleaning statistics."""
     data, prepare = params.data, params.prepare
-    labels = read_artifact(ValidationReport, validate_outputs(params).report).labels
+    labels = read_artifact(ValidatedLabels, validate_outputs(params).report).labels
     frame, stats = clean_frame(
         read_labelled(data.train_path, data.text_column, data.label_column), prepare.redact_pii
     )

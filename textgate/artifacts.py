@@ -46,6 +46,12 @@ class ValidationReport(_Artifact):
     checks: list[ReportCheck]
 
 
+class ValidatedLabels(_Artifact):
+    """The part of validate's report.json that prepare reads: the label set."""
+
+    labels: list[str]
+
+
 class LabelMap(_Artifact):
     """prepare's label_map.json (and the model directory's)."""
 
