@@ -4,8 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch goes in first: a bare `torch` requirement would pull a multi-GB
-# CUDA build. On a GPU machine: make TORCH_SPEC=torch==2.13.0 TORCH_INDEX= (PyPI's CUDA build).
+# torch goes in first, from TORCH_INDEX when set (pip's --index-url, as PyTorch documents).
+# Left empty, pip's own configuration decides: from plain PyPI that is the multi-GB CUDA build
+# on Linux (the CPU wheel comes only where pip is configured to find it, e.g. a local wheel
+# directory). For the CPU build on any machine:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PORT ?= 3000

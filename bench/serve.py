@@ -9,7 +9,7 @@ ratios and the targets (>= 3x throughput, p99 no worse, no errors); with `--soak
 is then driven alone for S seconds and the RSS of its process tree at the start and end is
 reported (growth under 10%). The last line printed on stdout is one JSON object with every figure.
 
-    python -m bench.serve [--bento TAG] [--requests 2000] [--concurrency 32] [--soak 60]
+    python -m bench.serve [--bento TAG] [--requests 2000] [--concurrency 16] [--soak 60]
 
 The baseline is `bench.baseline_app` under uvicorn: the same fine-tuned weights (the bento's
 model from the BentoML store), fp32, one request at a time. Both get the same torch thread
@@ -706,7 +706,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--bento", help="bento tag (default: production, from the registry)")
     parser.add_argument("--requests", type=positive_int, default=2000, help="timed requests")
-    parser.add_argument("--concurrency", type=positive_int, default=32, help="clients")
+    parser.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=16,
+        help="clients (16: the bento's 2 workers x serve.max_concurrency 8; more get 503s)",
+    )
     parser.add_argument("--texts-per-request", type=positive_int, default=1)
     parser.add_argument(
         "--warmup",

@@ -9,8 +9,13 @@ Endpoints (JSON in, JSON out; anything else is a 4xx naming the problem, never a
 - `POST /explain {"text": "..."}` -> `{"label", "score", "abstained", "tokens",
   "attributions"}`: one attribution per model token. 1 to 500 characters, not blank.
 - `GET /livez`, `/readyz`, `/healthz` (probes), `GET /metrics` (Prometheus) and the API docs
-  (`/`, `/docs.json`) are always open. `/` is bentos/pages.py's Swagger UI page: local assets
-  only, no third-party script (BentoML's own embeds Google Tag Manager).
+  (Swagger UI at `/`, OpenAPI at `/docs.json`) are always open. `/` is bentos/pages.py's page:
+  local assets only, no third-party script (BentoML's own embeds Google Tag Manager).
+- Every error is JSON `{"error": ...}`, 404 and 405 included; a rejected request is logged as
+  one WARNING line with its route, status and the failing fields, never the text.
+- Overload: at most `max_concurrency` API requests in flight per worker (the bento argument,
+  from `serve.max_concurrency` in params.yaml); more get 503 with `Retry-After` and
+  `{"error": "overloaded: ..."}`, as does a request the batch queue cannot serve in time.
 
 Which model: the bento argument `model_tag`, which `tasks.package` sets to the exact tag it
 has just saved, so it is recorded in the bento and restored whenever that bento is served
@@ -23,6 +28,9 @@ Environment:
 
 - `TEXTGATE_API_KEY`: when set and not empty, every API route needs `Authorization: Bearer
   <key>` or `X-API-Key: <key>`; otherwise 401 `{"error": ...}` with `WWW-Authenticate: Bearer`.
+  A key of only whitespace is a startup error (it would otherwise turn authentication off);
+  the server logs at start whether authentication is on, and the OpenAPI document declares
+  both headers as security schemes when it is.
 - `TEXTGATE_RUNTIME`: `auto` (default), `torch` or `onnx`.
 - `TEXTGATE_WORKERS`: worker processes (default min(2, CPUs)).
 - `TEXTGATE_THREADS`: compute threads per worker (default: the CPUs shared out between the
@@ -60,6 +68,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
 from datetime import UTC, datetime
@@ -72,10 +81,32 @@ from bentoml.exceptions import InvalidArgument
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from bentos.pages import LocalIndexMiddleware
-from textgate.artifacts import default_request_log, request_record
-from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter
-from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier
-from textgate.text import clean_text, normalise_text
+
+
+def _forget_a_foreign_textgate() -> None:
+    """Make `import textgate` below load the bento's own copy, next to this file.
+
+    `bentoml serve textgate:<version>` first tries `textgate` as a Python module path (the bento
+    and the package share the name) and only then loads the bento; where a textgate package is
+    installed (an editable install, the project's own environment), that attempt leaves the
+    installed package in `sys.modules`, and the bento would serve its code instead of its own.
+    """
+    loaded = sys.modules.get("textgate")
+    root = Path(__file__).resolve().parents[1]
+    if loaded is None or Path(loaded.__file__ or "").resolve().parents[1] == root:
+        return
+    for name in [name for name in sys.modules if name.split(".")[0] == "textgate"]:
+        del sys.modules[name]
+
+
+_forget_a_foreign_textgate()
+
+# The textgate imports come after that check.
+from textgate.artifacts import default_request_log, request_record  # noqa: E402
+from textgate.errors import ConfigError  # noqa: E402
+from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter  # noqa: E402
+from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier  # noqa: E402
+from textgate.text import clean_text, normalise_text  # noqa: E402
 
 logger = logging.getLogger("bentoml.textgate")
 
@@ -93,6 +124,10 @@ DEV_MODEL_TAG = "textgate-classifier:latest"
 # and serve.request_log_backups; keep them equal to params.yaml's (a bento has no params).
 DEFAULT_REQUEST_LOG_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_REQUEST_LOG_BACKUPS = 5
+# Likewise serve.max_concurrency and serve.retry_after_s, which tasks.package records in the
+# bento as arguments; these serve from source (tests/bentos checks they equal params.yaml).
+DEV_MAX_CONCURRENCY = 8
+DEV_RETRY_AFTER_S = 1
 
 # Request limits: they bound the tokenizer and model work one request can cause. Texts are
 # truncated to the model's max_length tokens anyway, so longer input carries no signal.
@@ -146,7 +181,8 @@ def current_request_id() -> str:
 class ClassifyRequest(BaseModel):
     """The body of `POST /classify`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The title names the model in validation errors (BentoML wraps it in an internal class).
+    model_config = ConfigDict(extra="forbid", title="ClassifyRequest")
 
     texts: Texts
 
@@ -160,7 +196,7 @@ class ClassifyRequest(BaseModel):
 class ExplainRequest(BaseModel):
     """The body of `POST /explain`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="ExplainRequest")
 
     text: ExplainText
 
@@ -184,6 +220,34 @@ def configured_model_tag() -> str:
     """The model this service serves: bento argument, then environment, then latest (dev)."""
     arguments = bentoml.use_arguments()
     return getattr(arguments, "model_tag", None) or os.environ.get(MODEL_TAG_ENV) or DEV_MODEL_TAG
+
+
+def serve_setting(name: str, dev_default: int) -> int:
+    """A positive integer bento argument (`serve.<name>` in params.yaml), else `dev_default`."""
+    raw = getattr(bentoml.use_arguments(), name, None)
+    if raw is None:
+        return dev_default
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"the bento argument {name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def configured_api_key() -> str | None:
+    """`TEXTGATE_API_KEY` without surrounding whitespace; None when unset or empty.
+
+    Raises:
+        ConfigError: the variable is set to whitespace only, which would silently turn
+            authentication off. (Not a ValueError: BentoML reads that, raised while it loads
+            a bento, as "not a bento tag" and shows another error instead.)
+    """
+    raw = os.environ.get(API_KEY_ENV, "")
+    if raw and not raw.strip():
+        raise ConfigError(
+            f"{API_KEY_ENV} is set but blank (whitespace only): set a real key, or unset it "
+            "(or set it empty) to serve without authentication"
+        )
+    return raw.strip() or None
 
 
 def default_workers() -> int:
@@ -281,6 +345,58 @@ class RequestLog:
             self._failing = False
 
 
+class RejectionLogFilter(logging.Filter):
+    """Turn BentoML's ERROR traceback for a rejected request into one WARNING line.
+
+    A request rejected as invalid (a pydantic ValidationError, or a BentoML error with a 4xx
+    status) is the client's error, and its traceback would quote the start of the text. The
+    line keeps the route, the status, the error type and the failing fields' locations.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        status = _client_error_status(error)
+        if status is None:
+            return True
+        route = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "rejected %s: %d %s%s"
+        record.args = (route, status, type(error).__name__, _error_locations(error))
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _client_error_status(error: BaseException | None) -> int | None:
+    """400 for a validation error, the status of a 4xx BentoML error, else None."""
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return 400
+    if isinstance(error, BentoMLException) and 400 <= error.error_code.value < 500:
+        return error.error_code.value
+    return None
+
+
+def _error_locations(error: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return ""
+    problems = {
+        f"{'.'.join(str(part) for part in problem['loc']) or 'body'} ({problem['type']})"
+        for problem in error.errors(include_input=False, include_url=False)
+    }
+    return " at " + ", ".join(sorted(problems))
+
+
+def _install_rejection_log_filter() -> None:
+    # The logger BentoML's API wrapper logs request errors on (`log_exception`).
+    http_logger = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, RejectionLogFilter) for f in http_logger.filters):
+        http_logger.addFilter(RejectionLogFilter())
+
+
 @cache
 def _counters() -> tuple[Any, Any]:
     """The service's Prometheus counters, created once per worker.
@@ -297,11 +413,17 @@ def _counters() -> tuple[Any, Any]:
     return predictions, abstentions
 
 
+# Refuse a blank key when `bentoml serve` loads the service, before any worker starts.
+configured_api_key()
+
+
 @bentoml.service(
     name="textgate",
     # Worker processes (each with its own model and TEXTGATE_THREADS compute threads): read
     # when the bento is served, so one bento fits any machine.
     workers=_positive_env_int(WORKERS_ENV, default_workers()),
+    # BentoML's own traffic.max_concurrency answers 429 without Retry-After from outside our
+    # middleware, so the limit is OverloadMiddleware's (below); the timeout is BentoML's (504).
     traffic={"timeout": 30},
     # textgate writes its own request log (below); a second line per request costs CPU.
     logging={"access": {"enabled": False}},
@@ -321,6 +443,11 @@ class TextgateService:
         max_bytes, backups = request_log_rotation()
         self.request_log = RequestLog(request_log_path(), max_bytes=max_bytes, backups=backups)
         self.predictions, self.abstentions = _counters()
+        _install_rejection_log_filter()
+        if configured_api_key() is None:
+            logger.warning("authentication is off: %s is not set", API_KEY_ENV)
+        else:
+            logger.info("authentication is on: API routes need the key in %s", API_KEY_ENV)
         logger.info(
             "textgate serves %s with runtime %s (requested %s), %d threads; request log %s",
             self.model_tag,
@@ -409,6 +536,139 @@ async def _send_json_error(
     await send({"type": "http.response.body", "body": body})
 
 
+class JsonErrorsMiddleware:
+    """Answer 404 and 405 with `{"error": ...}` like every other error, not Starlette's text."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def json_errors(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                content_type = _header({"headers": message.get("headers", ())}, b"content-type")
+                if content_type is None or not content_type.startswith(b"application/json"):
+                    replaced = True
+                    await _send_route_error(send, scope, message)
+                    return
+            if not replaced:
+                await send(message)
+
+        await self.app(scope, receive, json_errors)
+
+
+async def _send_route_error(send: Send, scope: Scope, start: Message) -> None:
+    """The JSON 404 or 405 for the request `scope`, whose plain-text answer began with `start`."""
+    method, path = scope.get("method", "?"), scope.get("path", "?")
+    if start["status"] == 404:
+        await _send_json_error(send, 404, f"not found: no route {path}")
+        return
+    allow = _header({"headers": start.get("headers", ())}, b"allow") or b""
+    message = f"method not allowed: {method} {path}; allowed: {allow.decode('latin-1')}"
+    await _send_json_error(send, 405, message, [(b"allow", allow)] if allow else [])
+
+
+class OverloadMiddleware:
+    """At most `max_concurrency` requests in flight on the API routes, per worker.
+
+    Beyond it, or when BentoML's batch queue refuses a request it cannot serve within the
+    API's max_latency_ms (a 503 with a generic body), the answer is 503 with `Retry-After`
+    and `{"error": "overloaded: ..."}`: the client should retry, nothing is wrong with it.
+    """
+
+    def __init__(
+        self, app: ASGIApp, routes: Collection[str], max_concurrency: int, retry_after_s: int
+    ) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+        self.max_concurrency = max_concurrency
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0  # one event loop per worker: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.routes:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_concurrency:
+            await self._refuse(send, f"{self.max_concurrency} requests in flight per worker")
+            return
+        refused = False
+
+        async def overload_aware(message: Message) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                refused = True
+                await self._refuse(send, "the batch queue cannot serve it in time")
+                return
+            if not refused:
+                await send(message)
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, overload_aware)
+        finally:
+            self.in_flight -= 1
+
+    async def _refuse(self, send: Send, why: str) -> None:
+        message = f"overloaded: {why}; retry after {self.retry_after_s} s"
+        retry_after = str(self.retry_after_s).encode("ascii")
+        await _send_json_error(send, 503, message, [(b"retry-after", retry_after)])
+
+
+class OpenApiSecurityMiddleware:
+    """Declare the API key in `/docs.json` when one is required, so Swagger UI can send it.
+
+    BentoML's OpenAPI model has no security schemes, so they are added to its JSON.
+    """
+
+    SCHEMES = {
+        "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "BearerAuth": {"type": "http", "scheme": "bearer"},
+    }
+
+    def __init__(self, app: ASGIApp, routes: Collection[str]) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+        self.enabled = configured_api_key() is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.enabled or scope["type"] != "http" or scope.get("path") != "/docs.json":
+            await self.app(scope, receive, send)
+            return
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def collect(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            body = json.dumps(self.secured(json.loads(body))).encode("utf-8")
+        headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode("ascii")))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def secured(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`spec` with the schemes, required (either one) on every API route's operations."""
+        spec.setdefault("components", {})["securitySchemes"] = self.SCHEMES
+        for path, operations in spec.get("paths", {}).items():
+            if path in self.routes:
+                for operation in operations.values():
+                    operation["security"] = [{name: []} for name in self.SCHEMES]
+        return spec
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -424,8 +684,8 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str | None = None) -> None:
         self.app = app
-        key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
-        self.key = key.strip().encode("utf-8") or None
+        key = configured_api_key() if api_key is None else api_key.strip()
+        self.key = key.encode("utf-8") if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -529,8 +789,16 @@ class JsonBodyMiddleware:
         await self.app(scope, replay, send)
 
 
+API_ROUTES = [api.route for api in TextgateService.apis.values()]
+# The first added is the outermost.
+TextgateService.add_asgi_middleware(JsonErrorsMiddleware)
+TextgateService.add_asgi_middleware(OpenApiSecurityMiddleware, routes=API_ROUTES)
 TextgateService.add_asgi_middleware(ApiKeyMiddleware)
 TextgateService.add_asgi_middleware(
-    JsonBodyMiddleware, routes=[api.route for api in TextgateService.apis.values()]
+    OverloadMiddleware,
+    routes=API_ROUTES,
+    max_concurrency=serve_setting("max_concurrency", DEV_MAX_CONCURRENCY),
+    retry_after_s=serve_setting("retry_after_s", DEV_RETRY_AFTER_S),
 )
 TextgateService.add_asgi_middleware(LocalIndexMiddleware)
+TextgateService.add_asgi_middleware(JsonBodyMiddleware, routes=API_ROUTES)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.processes import stop_on_signals
+from tasks.params import PARAMS_FILE
 from textgate.artifacts import verdict_outputs
 from textgate.config import Params, load_params
 from textgate.errors import TextgateError
@@ -91,6 +93,7 @@ def _print_verdict(verdict: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline flow; exit 1 if validation, a stage or the gate fails."""
     params = load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
+    source = Path(args.params).resolve()
     from flows.server import early_server, use_server
 
     # Without a configured server, a temporary one boots while Prefect and the pipeline are
@@ -100,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.server import check_approval_possible
 
         check_approval_possible(params)
+        root = _run_root(source)
         _check_server()
     except BaseException:
         if server is not None:
@@ -107,16 +111,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     from flows.pipeline import pipeline
 
+    target = root / PARAMS_FILE
+    before = target.read_bytes() if target.is_file() else None
     with use_server(server):
         state = pipeline(
-            params_path=str(Path(args.params).resolve().name),
-            repo_dir=str(Path(args.params).resolve().parent),
+            params_path=source.name if source.parent == root else str(source),
+            repo_dir=str(root),
             return_state=True,
+        )
+    if before is not None and target.is_file() and target.read_bytes() != before:
+        print(
+            f"{target} now holds this run's parameters, from {source} "
+            f"(`git diff {PARAMS_FILE}` shows them)"
         )
     print(f"\npipeline {state.name}: {state.message or ''}".rstrip())
     if state.is_failed() or state.is_crashed():
         return 1
     return 0
+
+
+def _run_root(source: Path) -> Path:
+    """The workspace a run uses: the params file's directory if it holds dvc.yaml (the file
+    is that workspace's own), else the current directory (the file lies elsewhere)."""
+    for root in (source.parent, Path.cwd().resolve()):
+        if (root / "dvc.yaml").is_file():
+            return root
+    raise TextgateError(
+        f"no dvc.yaml next to {source} nor in the current directory {Path.cwd()}: run "
+        "textgate in the project's directory"
+    )
 
 
 def _check_server(command: str | None = None) -> None:
@@ -403,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "port", "unset") is None:
             args.port = load_params(args.params).serve.port
-        return args.func(args)
+        # SIGTERM, SIGINT, SIGHUP: exit 128 + signum, the processes started here stopped.
+        with stop_on_signals():
+            return args.func(args)
     except TextgateError as error:
         print(f"textgate: error: {error}", file=sys.stderr)
         return 2

@@ -23,10 +23,12 @@ from prefect.states import Completed, State
 
 from flows.approval import request_approval
 from flows.lock import workspace_lock
+from flows.processes import die_with_parent
 from flows.runs import PipelineFailed, alert, failed_state, run_info
 from flows.server import check_approval_possible
 from tasks import gate as gate_tasks
 from tasks import publish, stages
+from tasks.params import PARAMS_FILE, apply_params
 from tasks.stages import DVC_STAGES, StageError, StageRun
 from textgate.config import Params, load_params, resolve_paths
 from textgate.gate import Check, Verdict
@@ -41,7 +43,7 @@ __all__ = ["PipelineFailed", "pipeline"]  # PipelineFailed: what a stopped run's
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(stage: str, root: Path) -> StageRun:
     """`dvc repro --single-item <stage>`: runs the stage only if its deps or params changed."""
-    return stages.run_dvc_stage(stage, root, get_run_logger().info)
+    return stages.run_dvc_stage(stage, root, get_run_logger().info, preexec_fn=die_with_parent())
 
 
 @task(name="dvc-status", cache_policy=NO_CACHE)
@@ -103,23 +105,38 @@ def promote(
 def pipeline(params_path: str = "params.yaml", repo_dir: str = ".") -> dict[str, Any]:
     """Validate, prepare, train and evaluate through DVC; gate; package, check and promote.
 
+    Args:
+        params_path: the run's params file, relative to `repo_dir` or absolute. Another file
+            than the repository's params.yaml is written into it (tasks/params.py).
+        repo_dir: the workspace: the git + DVC repository the stages run in.
+
     One run at a time per workspace: a second run waits for the first (flows/lock.py).
     """
     logger = get_run_logger()
     root = Path(repo_dir).resolve()
-    # Absolute paths, so in-process steps do not depend on the current directory.
-    declared = load_params(root / params_path)
-    params = resolve_paths(declared, root)
-    check_approval_possible(params)
+    source = root / params_path  # `params_path` may also be absolute, outside the repository
+    # Absolute paths, so in-process steps do not depend on the current directory. A bad
+    # file stops the run here, before anything is written.
+    requested = resolve_paths(load_params(source), root)
+    check_approval_possible(requested)
     flow_run = getattr(get_run_context(), "flow_run", None)
     with workspace_lock(
         root,
-        limit=params.deploy.concurrency_limit,
-        timeout_s=params.deploy.lock_timeout_s,
+        limit=requested.deploy.concurrency_limit,
+        timeout_s=requested.deploy.lock_timeout_s,
         flow_run=flow_run.name if flow_run else None,
         log=logger,
     ):
-        return _run_pipeline(root, declared, params)
+        # DVC stages read params.yaml only: it must hold this run's parameters.
+        if apply_params(source, root):
+            logger.info(
+                "%s now holds this run's parameters, from %s (`git diff %s` shows them)",
+                PARAMS_FILE,
+                source,
+                PARAMS_FILE,
+            )
+        declared = load_params(root / PARAMS_FILE)
+        return _run_pipeline(root, declared, resolve_paths(declared, root))
 
 
 def _run_pipeline(root: Path, declared: Params, params: Params) -> Any:

@@ -6,7 +6,7 @@ calling process (2-3 s), then launches the server in a subprocess and waits for 
 2 cores). Launching that same subprocess at the start of the command instead lets it boot
 while this process imports the pipeline, and spares the import: an unchanged rerun takes
 seconds less (bench/noop.py). The server is the one Prefect would start (same command, same
-settings and database), and it stops with the command.
+settings and database), and it stops with the command, whatever stops it (flows/processes.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.processes import die_with_parent
 from textgate.config import Params
 from textgate.errors import ConfigError
 
@@ -69,6 +70,7 @@ class TemporaryServer:
                 "on",
             ],
             env=env,
+            preexec_fn=die_with_parent(),
         )
         self.api_url = f"http://127.0.0.1:{self.port}/api"
 

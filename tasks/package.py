@@ -86,7 +86,11 @@ def package_model(
             str(bentofile),
             build_ctx=str(build_ctx),
             labels={"project": PROJECT, "model": model_tag},
-            args={"model_tag": model_tag},
+            args={
+                "model_tag": model_tag,
+                "max_concurrency": params.serve.max_concurrency,
+                "retry_after_s": params.serve.retry_after_s,
+            },
             # The service module reads the model tag when imported: re-import it so a second
             # package in the same process does not reuse the previous model's tag.
             reload=True,

@@ -47,7 +47,9 @@ def stage_env() -> dict[str, str]:
     return env
 
 
-def _repro_lines(stage: str, root: Path, log: Log) -> tuple[list[str], int]:
+def _repro_lines(
+    stage: str, root: Path, log: Log, preexec_fn: Callable[[], None] | None
+) -> tuple[list[str], int]:
     """Run `dvc repro --single-item <stage>`; its output lines (hints left out) and exit code."""
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     process = subprocess.Popen(
@@ -58,6 +60,7 @@ def _repro_lines(stage: str, root: Path, log: Log) -> tuple[list[str], int]:
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
+        preexec_fn=preexec_fn,
     )
     lines: list[str] = []
     assert process.stdout is not None
@@ -69,13 +72,17 @@ def _repro_lines(stage: str, root: Path, log: Log) -> tuple[list[str], int]:
     return lines, process.wait()
 
 
-def run_dvc_stage(stage: str, root: Path, log: Log) -> StageRun:
+def run_dvc_stage(
+    stage: str, root: Path, log: Log, preexec_fn: Callable[[], None] | None = None
+) -> StageRun:
     """`dvc repro --single-item <stage>`: runs the stage only if its deps or params changed.
+
+    `preexec_fn` runs in the child before DVC starts (e.g. to die with its parent).
 
     Raises:
         StageError: the stage failed; the message quotes its own explanation.
     """
-    lines, returncode = _repro_lines(stage, root, log)
+    lines, returncode = _repro_lines(stage, root, log, preexec_fn)
     if returncode != 0:
         details = [line for line in lines if not line.startswith(("Running stage", "> python"))]
         raise StageError(f"stage '{stage}' failed:\n" + "\n".join(details[-ERROR_LINES:]))

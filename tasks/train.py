@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from tasks.common import stage_main
 from textgate.abstain import AbstentionPolicy, choose_threshold
+from textgate.artifacts import RUN_FILE as RUN_FILE  # where run_record goes (tests read it)
 from textgate.artifacts import (
     LabelMap,
     PrepareOutputs,
@@ -51,6 +52,7 @@ from textgate.distributed import (
     under_torchrun,
 )
 from textgate.errors import TextgateError
+from textgate.io import write_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.training import (
@@ -193,7 +195,14 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
     )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: nothing to resume
     metrics = stage_metrics(result, calibration)
-    write_artifact(TrainMetrics, train_outputs(params).metrics, metrics)
+    outputs = train_outputs(params)
+    write_artifact(TrainMetrics, outputs.metrics, metrics)
+    write_json(outputs.run, run_record(result))
+    print(
+        f"train: {result.seconds:.1f} s, {result.samples_per_second:.1f} samples/s, "
+        f"peak memory {result.peak_memory_mb:.0f} MB ({result.peak_memory}); "
+        f"see {outputs.run}"
+    )
     return metrics
 
 
@@ -264,7 +273,7 @@ def model_metadata(
         "train_config": config.model_dump(mode="json"),
         "train_examples": len(splits.train),
         "val_examples": len(splits.val),
-        "result": asdict(result),
+        "result": reproducible_result(result),
         "calibration": calibration,
         "abstention": abstention.to_dict(),
         "versions": {
@@ -282,11 +291,39 @@ def stage_metrics(result: TrainResult, calibration: dict[str, float]) -> dict[st
         "val_macro_f1": result.val_macro_f1,
         "best_epoch": result.best_epoch,
         "optimizer_steps": result.optimizer_steps,
-        "train_seconds": round(result.seconds, 2),
-        "samples_per_second": round(result.samples_per_second, 2),
-        "peak_memory_mb": round(result.peak_memory_mb, 1),
         "temperature": round(calibration["temperature"], 4),
     }
+
+
+# What differs between two runs on the same inputs: clocks, memory, this machine's threads,
+# and whether the run resumed. DVC hashes metrics.json and model/ (dvc.lock), so these go to
+# RUN_FILE instead, which is no DVC output: a fresh clone's first run then leaves dvc.lock as
+# committed (the same seeded weights and metrics give the same hashes).
+RUN_FIELDS = (
+    "seconds",
+    "samples_per_second",
+    "peak_memory_mb",
+    "peak_memory",
+    "threads",
+    "resumed_from_step",
+    "steps_this_run",
+)
+
+
+def reproducible_result(result: TrainResult) -> dict[str, Any]:
+    """The training result without RUN_FIELDS: what the same seeded run always gives."""
+    record = {k: v for k, v in asdict(result).items() if k not in RUN_FIELDS}
+    record["history"] = [
+        {k: v for k, v in entry.items() if k != "seconds"} for entry in record["history"]
+    ]
+    return record
+
+
+def run_record(result: TrainResult) -> dict[str, Any]:
+    """This run's timings, memory and threads (RUN_FIELDS), and when each validation came."""
+    record: dict[str, Any] = {k: getattr(result, k) for k in RUN_FIELDS}
+    record["validation_seconds"] = [entry.get("seconds") for entry in asdict(result)["history"]]
+    return record
 
 
 # --- checkpoint files and console reports: the callbacks training is given -------------------

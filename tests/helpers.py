@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import ast
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ __all__ = [
     "MUST_PASS_ROWS",
     "REPO_ROOT",
     "copy_project",
+    "first_party_closure",
+    "first_party_imports",
     "make_params",
     "merge",
     "raw_params",
@@ -60,3 +64,48 @@ MUST_PASS_ROWS = [("hello stolen card thanks", "lost_card"), ("hi refund today",
 
 def make_params(overrides: dict[str, Any]) -> Params:
     return parse_params(merge(raw_params(), overrides))
+
+
+def module_file(name: str) -> Path | None:
+    """The repository file of module `name` (`a.b` -> a/b.py or a/b/__init__.py), if any."""
+    base = REPO_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(node: ast.AST, path: Path) -> list[str]:
+    """Dotted names an import statement may load: `from a import b` may load `a` or `a.b`."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    module = node.module or ""
+    if node.level:  # relative: resolved against the importing file's package
+        package = path.parent.relative_to(REPO_ROOT).parts
+        package = package[: len(package) - (node.level - 1)]
+        module = ".".join([*package, module] if module else package)
+    return [module, *(f"{module}.{alias.name}" for alias in node.names)]
+
+
+def first_party_imports(path: Path, packages: Collection[str]) -> set[Path]:
+    """The files of `packages` that a Python file imports, at module or function level."""
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for name in _imported_names(node, path):
+            if name.split(".")[0] in packages and (file := module_file(name)):
+                found.add(file)
+    return found
+
+
+def first_party_closure(path: Path, packages: Collection[str]) -> set[Path]:
+    """`path` and every file of `packages` it imports, directly or through another."""
+    seen: set[Path] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += first_party_imports(current, packages)
+    return seen

@@ -22,6 +22,8 @@ from textgate.io import read_json, write_json
 LABEL_MAP_FILE = "label_map.json"
 TRAINING_FILE = "training.json"
 SPLITS = ("train", "val", "test")
+# train's record of this run's timings and memory: beside metrics.json, but no DVC output.
+RUN_FILE = "run.json"
 
 
 class _Artifact(BaseModel):
@@ -181,6 +183,7 @@ class PrepareOutputs:
 class TrainOutputs:
     model_dir: Path
     metrics: Path
+    run: Path
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ def prepare_outputs(params: Params) -> PrepareOutputs:
 
 def train_outputs(params: Params) -> TrainOutputs:
     out = params.train.output_dir
-    return TrainOutputs(model_dir=out / "model", metrics=out / "metrics.json")
+    return TrainOutputs(model_dir=out / "model", metrics=out / "metrics.json", run=out / RUN_FILE)
 
 
 def evaluate_outputs(params: Params) -> EvaluateOutputs:

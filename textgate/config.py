@@ -164,6 +164,8 @@ class ServeConfig(_Section):
     # characters) is about 0.3 MB, and a file should hold several.
     request_log_max_bytes: int = Field(ge=1 << 20)
     request_log_backups: int = Field(ge=1)  # 0 would let the file grow without bound
+    max_concurrency: int = Field(ge=1)  # API requests in flight per serving worker
+    retry_after_s: int = Field(ge=1)  # Retry-After of a request refused as overload
 
 
 class DeployConfig(_Section):

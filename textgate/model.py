@@ -278,31 +278,39 @@ def make_predictions(
     return predictions
 
 
+def check_explainable(text: str) -> None:
+    """Raise ValueError when `text` is longer than MAX_EXPLAIN_CHARS."""
+    if len(text) > MAX_EXPLAIN_CHARS:
+        raise ValueError(
+            f"text too long to explain: {len(text)} characters, the limit is "
+            f"MAX_EXPLAIN_CHARS={MAX_EXPLAIN_CHARS}"
+        )
+
+
 def explain_by_occlusion(
     text: str,
     *,
+    prediction: Prediction,
     tokenizer: PreTrainedTokenizerBase,
     logits_from_ids: LogitsFromIds,
     labels: Sequence[str],
     max_length: int,
     redact_pii: bool = True,
     temperature: float = 1.0,
-    abstain_threshold: float | None = None,
 ) -> Explanation:
     """Explain one raw text's prediction by masking each of its tokens in turn.
 
-    The text is cleaned and tokenized as for prediction (truncated to `max_length`); row 0 of
-    one batch is the text itself, row i + 1 the text with its i-th wordpiece replaced by the
-    tokenizer's mask token. All rows have the same length, so nothing is padded.
+    `prediction` is the text's own prediction, as `Classifier.predict` gives it: the
+    explanation answers exactly that (label, score, abstention), never a second forward pass
+    that could differ from it (an int8 model quantises its activations per batch). The text is
+    cleaned and tokenized as for prediction (truncated to `max_length`); row i of one batch is
+    the text with its i-th wordpiece replaced by the tokenizer's mask token, and the token's
+    attribution is the prediction's score minus that label's probability with it masked.
 
     Raises:
         ValueError: the text is longer than MAX_EXPLAIN_CHARS, or the tokenizer has no mask token.
     """
-    if len(text) > MAX_EXPLAIN_CHARS:
-        raise ValueError(
-            f"text too long to explain: {len(text)} characters, the limit is "
-            f"MAX_EXPLAIN_CHARS={MAX_EXPLAIN_CHARS}"
-        )
+    check_explainable(text)
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
         raise ValueError("cannot explain by occlusion: the tokenizer has no mask token")
@@ -312,25 +320,24 @@ def explain_by_occlusion(
     )
     ids = np.asarray(encoding["input_ids"], dtype=np.int64)  # (tokens,)
     positions = np.flatnonzero(np.asarray(encoding["special_tokens_mask"]) == 0)
-    input_ids = np.tile(ids, (len(positions) + 1, 1))  # (1 + words, tokens)
-    input_ids[np.arange(1, len(positions) + 1), positions] = mask_id
-    attention_mask = np.ones_like(input_ids)
-    token_type_ids = None
-    if "token_type_ids" in encoding:
-        token_type_ids = np.tile(
-            np.asarray(encoding["token_type_ids"], dtype=np.int64), (len(input_ids), 1)
-        )
-    logits = logits_from_ids(input_ids, attention_mask, token_type_ids)
-    probabilities = softmax(logits, temperature)  # (1 + words, labels)
-    (prediction,) = make_predictions(probabilities[:1], labels, abstain_threshold)
-    best = int(probabilities[0].argmax())
-    attributions = probabilities[0, best] - probabilities[1:, best]
+    attributions: list[float] = []
+    if len(positions):
+        input_ids = np.tile(ids, (len(positions), 1))  # (words, tokens)
+        input_ids[np.arange(len(positions)), positions] = mask_id
+        token_type_ids = None
+        if "token_type_ids" in encoding:
+            token_type_ids = np.tile(
+                np.asarray(encoding["token_type_ids"], dtype=np.int64), (len(input_ids), 1)
+            )
+        logits = logits_from_ids(input_ids, np.ones_like(input_ids), token_type_ids)
+        masked = softmax(logits, temperature)[:, labels.index(prediction.best_label)]  # (words,)
+        attributions = [float(prediction.score - value) for value in masked]
     return Explanation(
         label=prediction.label,
         score=prediction.score,
         abstained=prediction.abstained,
         tokens=tokenizer.convert_ids_to_tokens(ids[positions].tolist()),
-        attributions=[float(value) for value in attributions],
+        attributions=attributions,
         best_label=prediction.best_label,
     )
 
@@ -403,17 +410,37 @@ class Classifier:
         )
 
     def explain(self, text: str) -> Explanation:
-        """The prediction for one raw text and each token's share in it, by occlusion."""
+        """The prediction for one raw text (exactly `predict`'s) and each token's share in it."""
+        check_explainable(text)
+        (prediction,) = self.predict([text])
         return explain_by_occlusion(
             text,
+            prediction=prediction,
             tokenizer=self.tokenizer,
-            logits_from_ids=self.logits_from_ids,
+            logits_from_ids=self._logits_in_passes,
             labels=self.labels,
             max_length=self.max_length,
             redact_pii=self.redact_pii,
             temperature=self.temperature,
-            abstain_threshold=self.abstain_threshold,
         )
+
+    def _logits_in_passes(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`logits_from_ids` in forward passes of at most `max_batch_size` rows, as `predict`."""
+        step = self.max_batch_size or len(input_ids) or 1
+        passes = [
+            self.logits_from_ids(
+                input_ids[start : start + step],
+                attention_mask[start : start + step],
+                None if token_type_ids is None else token_type_ids[start : start + step],
+            )
+            for start in range(0, len(input_ids), step)
+        ]
+        return np.concatenate(passes) if passes else np.zeros((0, len(self.labels)), np.float32)
 
 
 def _abstain_threshold(metadata: dict[str, Any], model_dir: Path) -> float | None:

@@ -147,6 +147,7 @@ def test_data_is_loaded_with_subsets_and_checked(tiny_data):
         bench.load_data(options, seed=0)
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_textgate_side_records_test_accuracy_at_each_validation(tiny_data, tiny_base_model):
     options, _ = bench.parse_args(
         ["--data", str(tiny_data), "--base-model", str(tiny_base_model), "--seed", "0"]
@@ -162,6 +163,7 @@ def test_textgate_side_records_test_accuracy_at_each_validation(tiny_data, tiny_
     assert result["train_config"]["base_model"] == str(tiny_base_model)
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_baseline_side_fine_tunes_with_trainer(tiny_data, tiny_base_model):
     options, _ = bench.parse_args(
         ["--data", str(tiny_data), "--base-model", str(tiny_base_model), "--seed", "0"]

@@ -54,6 +54,8 @@ class Server:
     serve_log: Path  # the server's own output
     served: TextClassifier | None = None  # the same model, loaded offline
     newer_model_tag: str = ""  # a model saved after it (`latest`)
+    bento_tag: str = ""
+    home: Path | None = None  # its BENTOML_HOME
 
 
 def private_home(bentoml_home: Path, bento_tag: str, home: Path) -> Path:
@@ -184,4 +186,6 @@ def guarded_server(
             labels=TextClassifier(abstaining_model_dir).labels,
             request_log=home / "textgate" / "requests.jsonl",  # the default
             serve_log=workdir / "bentoml-serve.log",
+            bento_tag=packaged.bento_tag,
+            home=home,
         )

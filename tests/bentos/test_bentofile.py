@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, first_party_imports
 
 
 def _included_files(bentofile: dict) -> list[Path]:
@@ -34,21 +34,6 @@ def _top_level_imports(path: Path) -> set[str]:
     return names
 
 
-def _own_imports(path: Path) -> set[Path]:
-    """The textgate/bentos modules a file imports, as repository paths."""
-    found: set[Path] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        modules = []
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            modules = [node.module]
-        for module in modules:
-            if module.split(".")[0] in {"textgate", "bentos"}:
-                found.add(REPO_ROOT / (module.replace(".", "/") + ".py"))
-    return found
-
-
 def test_bento_carries_every_module_its_code_imports():
     bentofile = yaml.safe_load((REPO_ROOT / "bentos" / "bentofile.yaml").read_text())
     included = set(_included_files(bentofile))
@@ -56,7 +41,7 @@ def test_bento_carries_every_module_its_code_imports():
     missing = {
         str(imported.relative_to(REPO_ROOT)): str(path.relative_to(REPO_ROOT))
         for path in included
-        for imported in _own_imports(path)
+        for imported in first_party_imports(path, {"textgate", "bentos"})
         if imported not in included
     }
     assert not missing, f"imported by the bento's code but not included: {missing}"

@@ -9,6 +9,7 @@ have fast tests of their own, without a server.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -29,9 +30,16 @@ from starlette.testclient import TestClient
 from bentos.service import (
     DEFAULT_REQUEST_LOG_BACKUPS,
     DEFAULT_REQUEST_LOG_MAX_BYTES,
+    DEV_MAX_CONCURRENCY,
+    DEV_RETRY_AFTER_S,
     ApiKeyMiddleware,
     JsonBodyMiddleware,
+    JsonErrorsMiddleware,
+    OpenApiSecurityMiddleware,
+    OverloadMiddleware,
+    RejectionLogFilter,
     RequestLog,
+    configured_api_key,
     configured_threads,
     request_log_path,
     request_log_rotation,
@@ -39,6 +47,7 @@ from bentos.service import (
 from tests.bentos.conftest import API_KEY, PROBE_TEXTS, Server
 from tests.helpers import REPO_ROOT
 from textgate.config import load_params
+from textgate.errors import ConfigError
 from textgate.model import TextClassifier
 from textgate.text import clean_text
 
@@ -456,6 +465,146 @@ def test_an_uncertain_text_is_unknown(guarded_server: Server, server: Server) ->
     assert plain["label"] in server.labels and plain["abstained"] is False
 
 
+# --- one answer, overload, logs, API surface --------------------------------------------------
+
+# Many texts, on and off the topics of the tiny models, short and long.
+AGREEMENT_TEXTS = [
+    *TEXTS,
+    "hello",
+    "what is the meaning of life",
+    OFF_TOPIC,
+    "refund",
+    "my card got swallowed by the cash machine and now I cannot pay for anything",
+    "HELLO THERE!!!",
+    "reset password " * 20,
+]
+
+
+@slow
+def test_explain_answers_exactly_what_classify_answers(
+    server: Server, guarded_server: Server
+) -> None:
+    auth = {"X-API-Key": API_KEY}
+    # The ONNX server runs one text per forward pass: one request with every text.
+    classified = classify(guarded_server.url, {"texts": AGREEMENT_TEXTS}, headers=auth).json()
+    for target, headers, answers in (
+        (guarded_server, auth, classified),
+        (server, None, [None] * len(AGREEMENT_TEXTS)),
+    ):
+        for text, answer in zip(AGREEMENT_TEXTS, answers, strict=True):
+            if answer is None:  # torch pads a batch: one text per request, as /explain
+                [answer] = classify(target.url, {"texts": [text]}).json()
+            explained = explain(target.url, {"text": text}, headers=headers)
+            assert explained.status_code == 200, explained.text
+            headline = {key: explained.json()[key] for key in ("label", "score", "abstained")}
+            assert headline == answer, (target.url, text)
+
+
+@slow
+def test_a_rejected_request_leaves_no_text_and_no_traceback_in_the_log(server: Server) -> None:
+    secret = "my card 4111 1111 1111 1111 zebra-secret-7"
+    logged_before = server.serve_log.stat().st_size
+    for payload in ({"texts": [secret * 100]}, {"texts": [secret, 7]}, {"texts": secret}):
+        response = classify(server.url, payload)
+        assert response.status_code == 400, response.text
+    response = explain(server.url, {"text": secret * 20})
+    assert response.status_code == 400, response.text
+    assert classify(server.url, {"texts": ["hi"]}).status_code == 200  # the log is flushed
+    new = server.serve_log.read_bytes()[logged_before:].decode("utf-8", errors="replace")
+    assert "zebra" not in new and "4111" not in new
+    assert "Traceback" not in new and "ERROR" not in new
+    assert "rejected /classify: 400 ValidationError at texts.0 (string_too_long)" in new
+    assert "rejected /explain: 400 ValidationError at text (string_too_long)" in new
+
+
+@slow
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/nowhere", 404), ("GET", "/classify", 405), ("DELETE", "/explain", 405)],
+)
+def test_unknown_routes_and_wrong_methods_are_json_errors(
+    server: Server, method: str, path: str, status: int
+) -> None:
+    response = httpx.request(method, f"{server.url}{path}", timeout=10)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert path in response.json()["error"]
+
+
+@slow
+def test_errors_name_the_public_models_not_internal_classes(server: Server) -> None:
+    for response in (
+        classify(server.url, {"texts": 1}),
+        explain(server.url, {"text": 1}),
+        classify(server.url, {"texts": ["hi"], "extra": 1}),
+    ):
+        assert response.status_code == 400, response.text
+        assert "IODescriptor" not in response.text
+        assert "validation error for ClassifyRequest" in response.text or (
+            "validation error for ExplainRequest" in response.text
+        )
+
+
+@slow
+def test_the_log_and_the_openapi_document_tell_whether_a_key_is_needed(
+    server: Server, guarded_server: Server
+) -> None:
+    assert "authentication is off: TEXTGATE_API_KEY is not set" in server.serve_log.read_text()
+    guarded_log = guarded_server.serve_log.read_text()
+    assert "authentication is on" in guarded_log and API_KEY not in guarded_log
+    spec = httpx.get(f"{guarded_server.url}/docs.json", timeout=10).json()
+    assert spec["components"]["securitySchemes"]["ApiKeyHeader"]["name"] == "X-API-Key"
+    for route in ("/classify", "/explain"):
+        assert {"ApiKeyHeader": []} in spec["paths"][route]["post"]["security"]
+    assert "securitySchemes" not in json.dumps(httpx.get(f"{server.url}/docs.json").json())
+
+
+@slow
+def test_a_blank_api_key_stops_the_server_at_start(guarded_server: Server, tmp_path: Path) -> None:
+    from tasks.served import ServedCheckError, serve_bento
+
+    env = {"BENTOML_HOME": str(guarded_server.home), "TEXTGATE_API_KEY": "   "}
+    serving = serve_bento(guarded_server.bento_tag, workdir=tmp_path, env=env, ready_timeout_s=60)
+    with pytest.raises(ServedCheckError) as failed, serving:
+        pass
+    assert "TEXTGATE_API_KEY is set but blank" in str(failed.value)
+
+
+def _burst(url: str, clients: int) -> list[httpx.Response]:
+    """`clients` requests at once: half /classify, 64 texts of 2000 characters; half /explain."""
+    big = {"texts": ["card " * 400] * 64}
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(max_workers=clients) as pool:
+        futures = [
+            pool.submit(client.post, f"{url}/classify", json=big)
+            if i % 2 == 0
+            else pool.submit(client.post, f"{url}/explain", json={"text": "lost card " * 40})
+            for i in range(clients)
+        ]
+        return [future.result() for future in futures]
+
+
+@slow
+def test_overload_is_a_503_with_retry_after_and_where_it_starts(server: Server) -> None:
+    from tests.helpers import REPO_ROOT
+    from textgate.config import load_params
+
+    serve = load_params(REPO_ROOT / "params.yaml").serve
+    refused_at = {}
+    for clients in (serve.max_concurrency, 64):
+        responses = _burst(server.url, clients)
+        refused = [r for r in responses if r.status_code != 200]
+        for response in refused:
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == str(serve.retry_after_s)
+            assert response.json()["error"].startswith("overloaded: ")
+        assert not any("unexpected error" in r.text for r in responses)
+        refused_at[clients] = len(refused)
+    print(f"refused requests by concurrent clients: {refused_at}")
+    # Within one worker's limit nothing is refused; far beyond it, some are.
+    assert refused_at[serve.max_concurrency] == 0
+    assert refused_at[64] > 0
+
+
 # --- fast tests: middleware, request log, settings ------------------------------------------
 
 
@@ -498,9 +647,29 @@ def test_api_key_middleware(headers: dict[str, str], status: int) -> None:
         assert client.get(path).status_code == 200
 
 
-@pytest.mark.parametrize("key", ["", "   "])
-def test_an_empty_api_key_turns_authentication_off(key: str) -> None:
-    assert _app((ApiKeyMiddleware, {"api_key": key})).post("/classify").status_code == 200
+def test_an_empty_api_key_turns_authentication_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _app((ApiKeyMiddleware, {"api_key": ""})).post("/classify").status_code == 200
+    monkeypatch.setenv("TEXTGATE_API_KEY", "")
+    assert configured_api_key() is None
+    assert _app((ApiKeyMiddleware, {})).post("/classify").status_code == 200
+
+
+@pytest.mark.parametrize("key", [" ", "   ", "\t\n"])
+def test_a_blank_api_key_is_an_error_not_authentication_off(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("TEXTGATE_API_KEY", key)
+    with pytest.raises(ConfigError, match="TEXTGATE_API_KEY is set but blank"):
+        configured_api_key()
+    with pytest.raises(ConfigError, match="set but blank"):
+        ApiKeyMiddleware(_echo)
+
+
+def test_the_api_key_is_used_without_surrounding_whitespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEXTGATE_API_KEY", " k3y\n")
+    assert configured_api_key() == "k3y"
 
 
 def test_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -624,3 +793,135 @@ def test_default_threads_never_oversubscribe_the_cores(monkeypatch: pytest.Monke
         threads = configured_threads(workers=workers)
         assert threads == expected
         assert threads * workers <= max(cores, workers)
+
+
+def test_unknown_routes_and_wrong_methods_get_json_errors() -> None:
+    app = Starlette(routes=[Route("/classify", _echo, methods=["POST"])])
+    app.add_middleware(JsonErrorsMiddleware)
+    client = TestClient(app)
+    missing = client.get("/nowhere")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "not found: no route /nowhere"}
+    wrong = client.get("/classify")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"].startswith("method not allowed: GET /classify; allowed: POST")
+    assert "POST" in wrong.headers["allow"]
+    assert client.post("/classify", content=b"ab").json() == {"path": "/classify", "bytes": 2}
+
+
+def _overload_app(handler, max_concurrency: int = 2) -> TestClient:  # type: ignore[no-untyped-def]
+    app = Starlette(routes=[Route("/classify", handler, methods=["POST"])])
+    app.add_middleware(
+        OverloadMiddleware, routes=["/classify"], max_concurrency=max_concurrency, retry_after_s=3
+    )
+    return TestClient(app)
+
+
+def _assert_overloaded(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "3"
+    assert response.json()["error"].startswith("overloaded: ")
+    assert "unexpected error" not in response.text
+
+
+def test_requests_beyond_the_concurrency_limit_get_503_with_retry_after() -> None:
+    import threading
+
+    import anyio
+
+    release, two_in = threading.Event(), threading.Barrier(3)
+
+    async def slow(request: Request) -> JSONResponse:
+        if request.query_params.get("hold"):
+            await anyio.to_thread.run_sync(two_in.wait)
+            await anyio.to_thread.run_sync(release.wait)
+        return JSONResponse({"ok": True})
+
+    with _overload_app(slow) as client, ThreadPoolExecutor(max_workers=2) as pool:
+        held = [pool.submit(client.post, "/classify?hold=1") for _ in range(2)]
+        two_in.wait(timeout=10)  # both held requests are inside
+        refused = client.post("/classify")
+        release.set()
+        assert [future.result().status_code for future in held] == [200, 200]
+        assert client.post("/classify").status_code == 200  # the slots are free again
+    _assert_overloaded(refused)
+    assert "2 requests in flight per worker" in refused.json()["error"]
+
+
+def test_the_batch_queues_generic_503_becomes_an_overload_answer() -> None:
+    async def busy(request: Request) -> JSONResponse:
+        generic = {"error": "An unexpected error has occurred, please check the server log."}
+        return JSONResponse(generic, status_code=503)
+
+    _assert_overloaded(_overload_app(busy).post("/classify"))
+
+
+def test_openapi_declares_the_api_key_when_one_is_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = {"paths": {"/classify": {"post": {}}, "/livez": {"get": {}}}}
+
+    async def docs(request: Request) -> JSONResponse:
+        return JSONResponse(spec)
+
+    def served_spec() -> dict:
+        app = Starlette(routes=[Route("/docs.json", docs)])
+        app.add_middleware(OpenApiSecurityMiddleware, routes=["/classify"])
+        return TestClient(app).get("/docs.json").json()
+
+    monkeypatch.setenv("TEXTGATE_API_KEY", "k3y")
+    secured = served_spec()
+    schemes = secured["components"]["securitySchemes"]
+    assert schemes["ApiKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["BearerAuth"] == {"type": "http", "scheme": "bearer"}
+    assert secured["paths"]["/classify"]["post"]["security"] == [
+        {"ApiKeyHeader": []},
+        {"BearerAuth": []},
+    ]
+    assert "security" not in secured["paths"]["/livez"]["get"]
+    monkeypatch.delenv("TEXTGATE_API_KEY")
+    assert served_spec() == spec
+
+
+SECRET = "my card 4111 1111 1111 1111 zebra-secret-7"
+
+
+def test_a_rejected_request_is_logged_as_one_line_without_its_text() -> None:
+    from bentos.service import ClassifyRequest
+
+    try:
+        ClassifyRequest(texts=[SECRET * 100])
+    except ValueError as error:
+        exc_info = (type(error), error, error.__traceback__)
+    record = logging.LogRecord(
+        "bentoml._internal.server.http_app",
+        logging.ERROR,
+        __file__,
+        1,
+        "Exception on %s [%s]",
+        ("/classify", "POST"),
+        exc_info,
+    )
+    assert RejectionLogFilter().filter(record)
+    line = logging.Formatter().format(record)
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert line == "rejected /classify: 400 ValidationError at texts.0 (string_too_long)"
+    assert "zebra" not in line and "4111" not in line
+
+
+def test_other_errors_keep_their_traceback() -> None:
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as error:
+        exc_info = (type(error), error, error.__traceback__)
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "boom", (), exc_info)
+    assert RejectionLogFilter().filter(record)
+    assert record.levelname == "ERROR" and record.exc_info is exc_info
+
+
+def test_the_services_serve_defaults_are_params_yaml_s() -> None:
+    from tests.helpers import REPO_ROOT
+    from textgate.config import load_params
+
+    serve = load_params(REPO_ROOT / "params.yaml").serve
+    assert (serve.max_concurrency, serve.retry_after_s) == (DEV_MAX_CONCURRENCY, DEV_RETRY_AFTER_S)

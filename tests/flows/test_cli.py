@@ -108,3 +108,33 @@ def test_run_with_approval_but_no_prefect_server_is_a_clear_error(tmp_path, caps
     path.write_text(yaml.safe_dump(params))
     assert main(["run", "--params", str(path)]) == 2
     assert "gate.require_approval is true, which needs a Prefect server" in capsys.readouterr().err
+
+
+def test_run_with_an_invalid_other_params_file_leaves_params_yaml_untouched(
+    params_file, tmp_path_factory, capsys, monkeypatch
+):
+    (params_file.parent / "dvc.yaml").write_text("stages: {}\n")
+    before = params_file.read_bytes()
+    other = tmp_path_factory.mktemp("elsewhere") / "other.yaml"
+    params = raw_params()
+    params["train"]["epochs"] = "one"
+    other.write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(params_file.parent)
+
+    assert main(["run", "--params", str(other)]) == 2
+
+    assert "train.epochs: Input should be a valid integer" in capsys.readouterr().err
+    assert params_file.read_bytes() == before
+
+
+def test_run_with_a_params_file_outside_any_workspace_says_where_to_run(
+    params_file, tmp_path_factory, capsys, monkeypatch
+):
+    other = tmp_path_factory.mktemp("elsewhere") / "other.yaml"
+    other.write_text(params_file.read_text())
+    monkeypatch.chdir(other.parent)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+
+    assert main(["run", "--params", str(other)]) == 2
+
+    assert "no dvc.yaml next to" in capsys.readouterr().err

@@ -34,14 +34,6 @@ RUN_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
     root = tmp_path_factory.mktemp("concurrency-workspace")
     copy_project(root, PROJECT_FILES)
@@ -179,21 +171,30 @@ def test_a_failed_gate_sends_an_alert_and_keeps_its_summary(harness, workspace):
     assert (workspace / ".textgate" / "registry.json").read_bytes() == before
 
 
+WAITING = "waiting for the pipeline run that holds"
+FREE = "the workspace is free: this run goes on"
+
+
 def test_without_a_server_a_run_waits_for_the_file_lock(workspace, tmp_path):
     log = tmp_path / "waiting.log"
     holder = {"flow_run": "someone-else", "pid": os.getpid(), "host": "here", "since": "now"}
     with file_lock(workspace / LOCK_FILE, 10, holder, _Quiet()):
         run = start_run(workspace, log, None)
         deadline = time.monotonic() + 300
-        while "waiting for the pipeline run that holds" not in log.read_text():
+        while WAITING not in log.read_text():
             assert run.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "the run never said it was waiting"
             time.sleep(0.2)
-        time.sleep(2)
+        held = log.read_text()
         assert run.poll() is None
-        assert "dvc status" not in log.read_text()  # nothing ran while the lock was held
+        assert FREE not in held and "dvc status" not in held
     out = finish(run, log)
     assert run.returncode == 0, out[-4000:]
+    # Nothing ran while the lock was held, however long that was: the run's own log goes from
+    # "waiting" straight to "free" (said once it holds the lock), and only then to its work.
+    waiting, free = out.index(WAITING), out.index(FREE)
+    assert waiting < free < out.index("dvc status")
+    assert "dvc" not in out[out.index("\n", waiting) : free], out[waiting:free]
     assert "flow run someone-else" in out  # it said whom it waited for
     assert "the workspace is free: this run goes on" in out
     assert "stages ran: none" in out

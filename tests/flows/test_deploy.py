@@ -30,14 +30,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """The flows' code and params; no data, no model (the monitor then has nothing to check)."""
     root = tmp_path_factory.mktemp("deploy-workspace")

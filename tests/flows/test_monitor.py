@@ -94,14 +94,6 @@ def shifted(count: int, seed: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model_dir, bentoml_home) -> Path:
     """Params, a prepared train split, and a production model trained on it (per its seen file)."""
     import bentoml

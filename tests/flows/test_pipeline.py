@@ -70,14 +70,6 @@ def workspace(tmp_path_factory, tiny_base_model) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def run_flow(workspace: Path):
     from flows.pipeline import pipeline
 

@@ -1,4 +1,4 @@
-"""tasks.package and tasks.promote against a throwaway BentoML home."""
+"""tasks.package against a throwaway BentoML home."""
 
 from __future__ import annotations
 
@@ -7,36 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from textgate.config import Params, load_params
+from tests.tasks.conftest import LINEAGE, METRICS
+from textgate.config import Params
 from textgate.io import read_json
 
 pytestmark = pytest.mark.slow  # builds real bentos
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-METRICS = {"accuracy": 0.91, "macro_f1": 0.9}
-LINEAGE = {"data": "md5:0123", "commit": "abc123", "run": "test"}
-
 
 @pytest.fixture(scope="module")
-def params(tmp_path_factory: pytest.TempPathFactory) -> Params:
-    base = load_params(REPO_ROOT / "params.yaml")
-    registry = tmp_path_factory.mktemp("registry") / "registry.json"
-    return base.model_copy(update={"registry": base.registry.model_copy(update={"path": registry})})
-
-
-@pytest.fixture(scope="module")
-def packaged_twice(bentoml_home: Path, tiny_model_dir: Path, params: Params):
-    from tasks.package import package_model
-
-    first = package_model(tiny_model_dir, params=params, metrics=METRICS, lineage=LINEAGE)
-    # JSON nulls are common in metrics and lineage; BentoML metadata cannot hold them.
-    second = package_model(
-        tiny_model_dir,
-        params=params,
-        metrics={"accuracy": 0.95, "loss": None},
-        lineage={"run": "second", "test_file": None},
-    )
-    return first, second
+def params(registry_params: Params) -> Params:
+    """The project's params with a registry of this module's own (packaged_twice uses it)."""
+    return registry_params
 
 
 def test_two_packages_give_distinct_exact_tags(packaged_twice, params: Params) -> None:
@@ -49,7 +30,7 @@ def test_two_packages_give_distinct_exact_tags(packaged_twice, params: Params) -
         assert version and version != "latest"
 
 
-def test_each_bento_is_pinned_to_its_own_model(packaged_twice) -> None:
+def test_each_bento_is_pinned_to_its_own_model(packaged_twice, params: Params) -> None:
     import bentoml
 
     first, second = packaged_twice
@@ -61,7 +42,11 @@ def test_each_bento_is_pinned_to_its_own_model(packaged_twice) -> None:
         bento = bentoml.get(result.bento_tag)
         assert [str(model.tag) for model in bento.info.all_models] == [result.model_tag]
         # The bento argument the service reads when the bento is served.
-        assert bento.info.args == {"model_tag": result.model_tag}
+        assert bento.info.args == {
+            "model_tag": result.model_tag,
+            "max_concurrency": params.serve.max_concurrency,
+            "retry_after_s": params.serve.retry_after_s,
+        }
         assert bento.info.labels["model"] == result.model_tag
         assert bento.info.labels["project"] == "textgate"
 
@@ -164,43 +149,3 @@ def test_nulls_in_metrics_and_lineage_are_left_out_of_model_metadata(packaged_tw
     metadata = bentoml.models.get(second.model_tag).info.metadata
     assert metadata["metrics"] == {"accuracy": 0.95}
     assert metadata["lineage"] == {"run": "second"}
-
-
-def test_promote_unknown_bento_fails_and_changes_nothing(packaged_twice, params: Params) -> None:
-    from tasks.package import PackageResult
-    from tasks.promote import PromotionError, promote
-    from textgate.registry import Registry
-
-    first, _ = packaged_twice
-    registry = Registry(params.registry.path)
-    before = registry.path.read_bytes() if registry.path.exists() else None
-
-    unknown = PackageResult(model_tag=first.model_tag, bento_tag="textgate:doesnotexist")
-    with pytest.raises(PromotionError, match="textgate:doesnotexist"):
-        promote(params, unknown, metrics=METRICS, lineage=LINEAGE, reason="should fail")
-    mismatched = PackageResult(model_tag="textgate-classifier:other", bento_tag=first.bento_tag)
-    with pytest.raises(PromotionError, match="not textgate-classifier:other"):
-        promote(params, mismatched, metrics=METRICS, lineage=LINEAGE, reason="should fail")
-
-    after = registry.path.read_bytes() if registry.path.exists() else None
-    assert after == before
-
-
-def test_promote_appends_to_the_registry(packaged_twice, params: Params) -> None:
-    from tasks.promote import promote
-    from textgate.registry import Registry
-
-    first, second = packaged_twice
-    registry = Registry(params.registry.path)
-    start = len(registry.history())
-
-    release = promote(params, first, metrics=METRICS, lineage=LINEAGE, reason="first release")
-    assert release.bento_tag == first.bento_tag
-    assert release.model_tag == first.model_tag
-    assert release.metrics == METRICS and release.lineage == LINEAGE
-    promote(params, second, metrics={"accuracy": 0.95}, lineage={}, reason="better model")
-
-    history = registry.history()
-    assert [r.bento_tag for r in history[start:]] == [first.bento_tag, second.bento_tag]
-    production = registry.production()
-    assert production is not None and production.bento_tag == second.bento_tag

@@ -22,6 +22,8 @@ from textgate.io import read_json
 from textgate.model import read_seen
 from textgate.text import text_fingerprint
 
+pytestmark = pytest.mark.slow  # trains and evaluates real (tiny) models
+
 # Enough data and steps for the tiny BERT to learn the keywords: its random word embeddings
 # must train, and it may sit at chance for epochs before it learns (no early stopping).
 LEARNING = {

@@ -16,6 +16,7 @@ from textgate.model import (
     MAX_EXPLAIN_CHARS,
     TRAINING_FILE,
     UNKNOWN_LABEL,
+    Prediction,
     TextClassifier,
     explain_by_occlusion,
 )
@@ -326,16 +327,36 @@ def test_occlusion_credits_the_one_token_the_model_looks_at(explainers: list) ->
         has_key = (input_ids == key).any(axis=1)  # (rows,)
         return np.stack([np.where(has_key, 4.0, 0.0), np.zeros(len(input_ids))], axis=1)
 
+    score = float(1 / (1 + np.exp(-4)))  # softmax([4, 0])[0]
+    prediction = Prediction(label="lost_card", score=score, best_label="lost_card")
     explanation = explain_by_occlusion(
         "my card was stolen today",
+        prediction=prediction,
         tokenizer=tokenizer,
         logits_from_ids=logits_from_ids,
         labels=["lost_card", "other"],
         max_length=32,
     )
-    assert len(calls) == 1  # one batch: the text and each occlusion
-    assert calls[0] == (1 + len(explanation.tokens), len(explanation.tokens) + 2)
-    assert explanation.label == "lost_card"
+    assert len(calls) == 1  # one batch: each occlusion (the text itself is the prediction's)
+    assert calls[0] == (len(explanation.tokens), len(explanation.tokens) + 2)
+    assert (explanation.label, explanation.score) == ("lost_card", score)
     attributions = dict(zip(explanation.tokens, explanation.attributions, strict=True))
-    assert attributions.pop("stolen") == pytest.approx(1 / (1 + np.exp(-4)) - 0.5)
+    assert attributions.pop("stolen") == pytest.approx(score - 0.5)
     assert set(attributions.values()) == {0.0}
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_an_explanation_answers_exactly_what_prediction_answers(
+    int8_export: dict, tmp_path: Path, runtime: str
+) -> None:
+    # The int8 model quantises activations per forward pass, so a text scored in one batch
+    # with its occlusions got another score than alone (/explain said "unknown" where
+    # /classify answered). The threshold sits among the scores, so a flip would show.
+    model_dir = _copy(int8_export["model_dir"], tmp_path / "model", abstention={"threshold": 0.6})
+    classifier = load_classifier(model_dir, runtime)  # type: ignore[arg-type]
+    texts = [*TEXTS[:2], *TEXTS[3:], "hello", "what is the meaning of life", "refund me now"]
+    for text in texts:
+        (prediction,) = classifier.predict([text])  # as /classify answers a one-text request
+        explanation = classifier.explain(text)
+        explained = (explanation.label, explanation.score, explanation.abstained)
+        assert explained == (prediction.label, prediction.score, prediction.abstained), text

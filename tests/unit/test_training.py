@@ -236,6 +236,7 @@ def test_the_new_head_learns_faster_than_the_encoder(tmp_path, tiny_base_model):
     assert seen == trainable and id(model.get_input_embeddings().weight) not in seen
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_early_stopping_stops_and_keeps_the_best_weights(
     tmp_path, tiny_base_model, monkeypatch, restore_threads
 ):
@@ -258,6 +259,7 @@ def test_early_stopping_stops_and_keeps_the_best_weights(
     assert not same_weights(weights(model), seen[10])
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_training_records_speed_padding_and_peak_memory(tmp_path, tiny_base_model, restore_threads):
     config = tiny_config(tmp_path, tiny_base_model, epochs=1, freeze_embeddings=True)
     model, result = train_tiny(tiny_base_model, config)
@@ -270,6 +272,7 @@ def test_training_records_speed_padding_and_peak_memory(tmp_path, tiny_base_mode
     assert not model.get_input_embeddings().weight.requires_grad  # frozen
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_frozen_embeddings_do_not_change(tmp_path, tiny_base_model, restore_threads):
     labels, _, _ = tiny_data()
     torch.manual_seed(42)
@@ -281,9 +284,10 @@ def test_frozen_embeddings_do_not_change(tmp_path, tiny_base_model, restore_thre
         assert torch.equal(before, after) == freeze
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_interrupted_training_resumes_to_the_same_model(tmp_path, tiny_base_model, restore_threads):
     """Killed in a hook after the step-4 checkpoint, a rerun resumes there and ends where an
-    uninterrupted run ends (the real SIGKILL: tests/tasks/test_train_resume.py)."""
+    uninterrupted run ends (the real SIGKILL: tests/tasks/test_train.py)."""
     config = tiny_config(
         tmp_path, tiny_base_model, epochs=3, checkpoint_every_steps=2, evals_per_epoch=1
     )
