@@ -28,10 +28,11 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 from transformers import pipeline
 
+# Written by textgate's train stage; the baseline truncates like the bento does.
+from textgate.artifacts import TRAINING_FILE
+
 MODEL_DIR_ENV = "TEXTGATE_BASELINE_MODEL_DIR"
 THREADS_ENV = "TEXTGATE_BASELINE_THREADS"
-# Written by textgate's train stage; the baseline truncates like the bento does.
-TRAINING_FILE = "training.json"
 
 
 class ClassifyRequest(BaseModel):

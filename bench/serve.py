@@ -40,6 +40,7 @@ import psutil
 
 from bench.common import json_line, log, machine_info, positive_int
 from tasks.served import ServedCheckError, parse_answers, serve_bento
+from textgate.artifacts import prepare_outputs
 from textgate.config import PARAMS_FILE, load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
 from textgate.process import ProcessStartError, free_port, start_process, wait_ready
@@ -333,7 +334,7 @@ class Options:
 def load_texts(params_path: Path) -> list[str]:
     """The test split's texts (`<prepare.output_dir>/test.parquet`, column `text`)."""
     params = resolve_paths(load_params(params_path), params_path.resolve().parent)
-    path = params.prepare.output_dir / "test.parquet"
+    path = prepare_outputs(params).split("test")
     if not path.is_file():
         raise DataError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
     texts = [str(text) for text in pd.read_parquet(path, columns=["text"])["text"]]

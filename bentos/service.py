@@ -109,7 +109,14 @@ def _forget_a_foreign_textgate() -> None:
 _forget_a_foreign_textgate()
 
 # The textgate imports come after that check.
-from textgate.config import API_KEY_ENV, PARAMS_FILE, ServiceSettings, api_key_from_env, load_params  # noqa: E402  # noqa: E402
+from textgate.artifacts import request_record  # noqa: E402
+from textgate.config import (  # noqa: E402
+    API_KEY_ENV,
+    PARAMS_FILE,
+    ServiceSettings,
+    api_key_from_env,
+    load_params,
+)
 from textgate.errors import ConfigError  # noqa: E402
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter  # noqa: E402
 from textgate.requestlog import request_log_path as configured_request_log  # noqa: E402
@@ -464,16 +471,16 @@ class TextgateService:
             if prediction.abstained:
                 self.abstentions.inc()
             records.append(
-                {
-                    "ts": ts,
-                    "request_id": getattr(text, "request_id", None),
-                    "model_tag": self.model_tag,
-                    "text": clean_text(str(text), redact=self.classifier.redact_pii),
-                    "label": prediction.label,
-                    "best_label": prediction.best_label,
-                    "score": prediction.score,
-                    "abstained": prediction.abstained,
-                }
+                request_record(
+                    ts=ts,
+                    request_id=getattr(text, "request_id", None),
+                    model_tag=self.model_tag,
+                    text=clean_text(str(text), redact=self.classifier.redact_pii),
+                    label=prediction.label,
+                    best_label=prediction.best_label,
+                    score=prediction.score,
+                    abstained=prediction.abstained,
+                )
             )
         self.request_log.append(records)
         return [

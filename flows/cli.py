@@ -11,20 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from flows.processes import stop_on_signals
+from textgate.artifacts import verdict_outputs
 from textgate.config import PARAMS_FILE, Params, api_key_from_env, load_params
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV
 
-# Where the pipeline writes the latest gate verdict, relative to the registry's directory.
-LAST_VERDICT = Path("verdicts") / "latest.json"
-
 
 def _registry(params_path: str) -> tuple[Params, Registry]:
     """The params, with the registry path resolved against the params file's directory."""
     params = load_params(params_path)
-    path = Path(params_path).resolve().parent / params.registry.path
-    registry_config = params.registry.model_copy(update={"path": path})
+    base = Path(params_path).resolve().parent
+    path = base / params.registry.path
+    verdicts = params.registry.verdicts_dir
+    registry_config = params.registry.model_copy(
+        update={"path": path, "verdicts_dir": base / verdicts if verdicts else None}
+    )
     return params.model_copy(update={"registry": registry_config}), Registry(path)
 
 
@@ -40,12 +42,12 @@ def _label(release: Release | None) -> str:
     return f"{release.bento_tag} (model {release.model_tag}, {release.action})"
 
 
-def _last_verdict(registry: Registry) -> dict[str, Any] | None:
+def _last_verdict(params: Params) -> dict[str, Any] | None:
     """The pipeline's latest gate verdict, or None if there is none or it cannot be read.
 
     A bad file only warns (on stderr): status must still show production.
     """
-    path = registry.path.parent / LAST_VERDICT
+    path = verdict_outputs(params.registry).latest
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -254,11 +256,11 @@ def cmd_notify_setup(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the production model, its metrics and lineage, the history and the last verdict."""
-    _, registry = _registry(args.params)
+    params, registry = _registry(args.params)
     history = registry.history()
     production = history[-1] if history else None
     target = registry.rollback_target()
-    verdict = _last_verdict(registry)
+    verdict = _last_verdict(params)
     if args.json:
         payload = {
             "production": production.model_dump(mode="json") if production else None,

@@ -12,6 +12,16 @@ import pandas as pd
 
 from tasks.common import stage_main
 from textgate.abstain import selective_scores
+from textgate.artifacts import Behaviour as BehaviourFile
+from textgate.artifacts import (
+    EvaluateMetrics,
+    EvaluateOutputs,
+    PerClass,
+    evaluate_outputs,
+    prepare_outputs,
+    train_outputs,
+    write_artifact,
+)
 from textgate.behaviour import (
     MUST_PASS,
     InvarianceResult,
@@ -106,7 +116,7 @@ class Behaviour:
 
 def load_test_split(params: Params, classifier: Classifier) -> Split:
     """The prepared test split, with its labels as indices into `classifier.labels`."""
-    test = pd.read_parquet(params.prepare.output_dir / "test.parquet")
+    test = pd.read_parquet(prepare_outputs(params).split("test"))
     label_ids = {label: index for index, label in enumerate(classifier.labels)}
     return Split(
         texts=test["text"].tolist(),
@@ -162,11 +172,14 @@ def run_behaviour(
     return Behaviour(invariance, must, rates)
 
 
-def write_scores(out: Path, classifier: Classifier, scores: Scores, behaviour: Behaviour) -> None:
+def write_scores(
+    out: EvaluateOutputs, classifier: Classifier, scores: Scores, behaviour: Behaviour
+) -> None:
     """metrics.json, per_class.json and behaviour.json."""
     metrics = scores.metrics
-    write_json(
-        out / "metrics.json",
+    write_artifact(
+        EvaluateMetrics,
+        out.metrics,
         {
             "accuracy": metrics.accuracy,
             "macro_f1": metrics.macro_f1,
@@ -178,12 +191,14 @@ def write_scores(out: Path, classifier: Classifier, scores: Scores, behaviour: B
             **scores.extra,
         },
     )
-    write_json(
-        out / "per_class.json",
+    write_artifact(
+        PerClass,
+        out.per_class,
         {label: per_class.model_dump() for label, per_class in metrics.per_class.items()},
     )
-    write_json(
-        out / "behaviour.json",
+    write_artifact(
+        BehaviourFile,
+        out.behaviour,
         {
             "invariance": {
                 kind: result.model_dump() for kind, result in behaviour.invariance.items()
@@ -194,7 +209,7 @@ def write_scores(out: Path, classifier: Classifier, scores: Scores, behaviour: B
 
 
 def write_predictions(
-    out: Path, classifier: Classifier, split: Split, probabilities: np.ndarray
+    out: EvaluateOutputs, classifier: Classifier, split: Split, probabilities: np.ndarray
 ) -> pd.DataFrame:
     """predictions.parquet: one row per test example (for the champion comparison)."""
     offline = make_predictions(probabilities, classifier.labels, classifier.abstain_threshold)
@@ -207,7 +222,7 @@ def write_predictions(
             "abstained": [p.abstained for p in offline],
         }
     )
-    with atomic_path(out / "predictions.parquet") as tmp:
+    with atomic_path(out.predictions) as tmp:
         frame.to_parquet(tmp, index=False)
     return frame
 
@@ -242,8 +257,8 @@ def run(params: Params) -> Metrics:
     against the bento), confusion.csv (DVC plot) and confusion.png.
     """
     config = params.evaluate
-    out = config.output_dir
-    model_dir = params.train.output_dir / "model"
+    out = evaluate_outputs(params)
+    model_dir = train_outputs(params).model_dir
     # The runtime serving will use (int8 ONNX on CPUs when exported): that is what is gated.
     classifier = load_classifier(model_dir)
     must_pass_cases = load_must_pass(config.must_pass_file, classifier.labels)
@@ -251,7 +266,7 @@ def run(params: Params) -> Metrics:
     scores = score_test_split(classifier, split, config, model_dir)
     behaviour = run_behaviour(classifier, split.texts, must_pass_cases, config)
 
-    out.mkdir(parents=True, exist_ok=True)
+    params.evaluate.output_dir.mkdir(parents=True, exist_ok=True)
     write_scores(out, classifier, scores, behaviour)
     frame = write_predictions(out, classifier, split, scores.probabilities)
     golden = golden_cases(
@@ -261,10 +276,10 @@ def run(params: Params) -> Metrics:
         config.seed,
         extra=[case.text for case in must_pass_cases],
     )
-    write_json(out / "golden.json", golden)
-    with atomic_path(out / "confusion.csv") as tmp:
+    write_json(out.golden, golden)
+    with atomic_path(out.confusion_csv) as tmp:
         frame[["label", "predicted"]].rename(columns={"label": "actual"}).to_csv(tmp, index=False)
-    plot_confusion(scores.metrics, out / "confusion.png")
+    plot_confusion(scores.metrics, out.confusion_png)
     print_summary(classifier, scores, behaviour)
     return scores.metrics
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from textgate.artifacts import train_outputs
 from textgate.config import Params
 
 
@@ -38,8 +39,6 @@ def collect_lineage(root: Path, params: Params) -> dict[str, Any]:
         "git_commit": _git(root, "rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "data_md5": _hash_of(stages.get("validate", {}).get("deps"), params.data.raw_dir),
-        "model_md5": _hash_of(
-            stages.get("train", {}).get("outs"), params.train.output_dir / "model"
-        ),
+        "model_md5": _hash_of(stages.get("train", {}).get("outs"), train_outputs(params).model_dir),
         "params": params.model_dump(mode="json", by_alias=True),
     }

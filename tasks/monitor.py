@@ -24,11 +24,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from textgate.artifacts import TRAINING_FILE, prepare_outputs
 from textgate.config import Params
 from textgate.drift import DriftReport, Profile, assess_drift
 from textgate.errors import DataError, TextgateError
 from textgate.io import read_json, write_json
-from textgate.model import TRAINING_FILE, read_seen
+from textgate.model import read_seen
 from textgate.requestlog import REQUEST_LOG_ENV, LogCursor, LogWindow, read_window
 from textgate.requestlog import request_log_path as service_request_log
 from textgate.text import text_fingerprint
@@ -175,7 +176,7 @@ def build_reference(
     Raises:
         MonitorError: no prepared split, or too few of its texts trained the production model.
     """
-    split = params.prepare.output_dir / "train.parquet"
+    split = prepare_outputs(params).split("train")
     if not split.is_file():
         raise MonitorError(f"no reference: the prepared train split {split} is missing (dvc pull?)")
     frame = pd.read_parquet(split, columns=["text", "label"])

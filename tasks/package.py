@@ -18,10 +18,19 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import BentoMLException
 
+from textgate.artifacts import (
+    LABEL_MAP_FILE,
+    TRAINING_FILE,
+    EvaluateMetrics,
+    LabelMap,
+    evaluate_outputs,
+    read_artifact,
+    read_payload,
+    train_outputs,
+)
 from textgate.config import Params, ServiceSettings
 from textgate.errors import TextgateError
 from textgate.io import read_json
-from textgate.model import LABEL_MAP_FILE, TRAINING_FILE
 
 # The build context: the service's import path and the bentofile's `include` patterns are
 # relative to it, and a relative `package.bentofile` is resolved against it.
@@ -92,6 +101,17 @@ def package_model(
     return PackageResult(model_tag=model_tag, bento_tag=str(bento.tag))
 
 
+def package_candidate(root: Path, params: Params, lineage: dict[str, Any]) -> PackageResult:
+    """Package the pipeline's trained model with its evaluation metrics and lineage."""
+    return package_model(
+        train_outputs(params).model_dir,
+        params=params,
+        metrics=read_payload(EvaluateMetrics, evaluate_outputs(params).metrics),
+        lineage=lineage,
+        build_ctx=root,
+    )
+
+
 def metadata_for_bentoml(metadata: dict[str, Any]) -> dict[str, Any]:
     """The JSON view of `metadata` in the types BentoML accepts: it has no null.
 
@@ -123,7 +143,7 @@ def _save_model(
 ) -> str:
     """Copy the model directory into a new version of `model_name`; return its exact tag."""
     sections = {
-        "labels": read_json(model_dir / LABEL_MAP_FILE)["labels"],
+        "labels": read_artifact(LabelMap, model_dir / LABEL_MAP_FILE).labels,
         "training": read_json(model_dir / TRAINING_FILE),
         "metrics": metrics,
         "lineage": lineage,

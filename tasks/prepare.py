@@ -6,18 +6,26 @@ import sys
 from dataclasses import asdict
 
 from tasks.common import stage_main
+from textgate.artifacts import (
+    SPLITS,
+    LabelMap,
+    PrepareStats,
+    ValidatedLabels,
+    prepare_outputs,
+    read_artifact,
+    validate_outputs,
+    write_artifact,
+)
 from textgate.config import Params
 from textgate.errors import DataError
-from textgate.io import atomic_path, read_json, read_labelled, write_json
+from textgate.io import atomic_path, read_labelled
 from textgate.prepare import clean_frame, stratified_split
-
-SPLITS = ("train", "val", "test")
 
 
 def run(params: Params) -> dict[str, int]:
     """Write train/val/test Parquet files, the label map and cleaning statistics."""
     data, prepare = params.data, params.prepare
-    labels = read_json(params.validate_.output_dir / "report.json")["labels"]
+    labels = read_artifact(ValidatedLabels, validate_outputs(params).report).labels
     frame, stats = clean_frame(
         read_labelled(data.train_path, data.text_column, data.label_column), prepare.redact_pii
     )
@@ -34,17 +42,17 @@ def run(params: Params) -> dict[str, int]:
     if unknown:
         raise DataError(f"labels not in the validated label set: {unknown}")
 
-    out = prepare.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    outputs = prepare_outputs(params)
+    outputs.directory.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
-        with atomic_path(out / f"{name}.parquet") as tmp:
+        with atomic_path(outputs.split(name)) as tmp:
             parts[name].to_parquet(tmp, index=False)
-    write_json(out / "label_map.json", {"labels": labels})
+    write_artifact(LabelMap, outputs.label_map, {"labels": labels})
     sizes = {name: len(parts[name]) for name in SPLITS}
     summary = {"splits": sizes, "train_file": asdict(stats)}
     if data.test_path is not None:
         summary["test_file"] = asdict(test_stats)
-    write_json(out / "stats.json", summary)
+    write_artifact(PrepareStats, outputs.stats, summary)
     print(
         f"prepare: {sizes}; PII redacted {stats.pii_redacted}; "
         f"{stats.duplicates_dropped} duplicates dropped"

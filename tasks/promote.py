@@ -12,8 +12,10 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 from tasks.package import PROJECT, PackageResult
+from textgate.artifacts import EvaluateMetrics, evaluate_outputs, read_payload
 from textgate.config import Params
 from textgate.errors import TextgateError
+from textgate.gate import Verdict
 from textgate.registry import Action, Registry, Release
 
 
@@ -61,6 +63,21 @@ def promote(
     )
     Registry(params.registry.path).promote(release)
     return release
+
+
+def promote_passed(
+    params: Params, result: PackageResult, lineage: dict[str, Any], verdict: Verdict
+) -> Release:
+    """Promote the pipeline's bento that passed the gate; the approval, if any, is the reason."""
+    approval = next((c for c in verdict.checks if c.kind == "approval"), None)
+    return promote(
+        params,
+        result,
+        metrics=read_payload(EvaluateMetrics, evaluate_outputs(params).metrics),
+        lineage=lineage,
+        reason="passed the gate" + (f"; {approval.reason}" if approval else ""),
+        verdict=verdict.model_dump(mode="json"),
+    )
 
 
 def promote_existing(

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ import httpx
 import numpy as np
 import psutil
 
+from textgate.artifacts import evaluate_outputs
+from textgate.config import Params
 from textgate.errors import DataError, TextgateError
+from textgate.gate import Check, served_checks
 from textgate.io import read_json, write_json
 from textgate.process import (
     ManagedProcess,
@@ -380,3 +384,23 @@ def check_served_bento(
         raise DataError("a served check needs at least one golden case")
     with serve_bento(bento_tag, workdir=workdir, ready_timeout_s=ready_timeout_s) as url:
         return replay(url, golden, score_tolerance=score_tolerance, bento_tag=bento_tag)
+
+
+def served_gate_checks(params: Params, bento_tag: str, log: Callable[[str], None]) -> list[Check]:
+    """Serve the bento for real, replay the golden requests, compare with offline answers."""
+    golden = load_golden(evaluate_outputs(params).golden)
+    with tempfile.TemporaryDirectory(prefix="textgate-served-") as workdir:
+        try:
+            report = check_served_bento(
+                bento_tag,
+                golden,
+                workdir=Path(workdir),
+                score_tolerance=params.gate.served_score_tolerance,
+            )
+        except ServedCheckError as error:
+            return served_checks(None, params.gate, error=str(error))
+    log(
+        f"served bento {bento_tag}: {report.matched}/{report.n} golden answers match, "
+        f"p50 {report.p50_ms:.1f} ms, p95 {report.p95_ms:.1f} ms"
+    )
+    return served_checks(report.to_dict(), params.gate)

@@ -30,6 +30,17 @@ from tqdm.auto import tqdm
 
 from tasks.common import stage_main
 from textgate.abstain import AbstentionPolicy, choose_threshold
+from textgate.artifacts import RUN_FILE as RUN_FILE  # where run_record goes (tests read it)
+from textgate.artifacts import (
+    LabelMap,
+    PrepareOutputs,
+    TrainMetrics,
+    prepare_outputs,
+    read_artifact,
+    read_payload,
+    train_outputs,
+    write_artifact,
+)
 from textgate.config import PARAMS_FILE, Params, TrainConfig
 from textgate.distributed import (
     World,
@@ -41,7 +52,7 @@ from textgate.distributed import (
     under_torchrun,
 )
 from textgate.errors import TextgateError
-from textgate.io import read_json, write_json
+from textgate.io import write_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
 from textgate.runtime import share_cpus
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
@@ -119,7 +130,7 @@ def launch(params: Params, processes: int) -> dict[str, float]:
         code = subprocess.run(command, check=False, env=env).returncode
     if code != 0:
         raise LaunchFailed(f"torchrun exited with code {code} (the processes' output is above)")
-    return read_json(params.train.output_dir / "metrics.json")
+    return read_payload(TrainMetrics, train_outputs(params).metrics)
 
 
 def run(params: Params) -> dict[str, float]:
@@ -141,7 +152,7 @@ def run(params: Params) -> dict[str, float]:
 def train_and_save(params: Params, world: World, device: torch.device) -> dict[str, float]:
     """Train in this process (one of `world`); rank 0 then calibrates and writes the files."""
     config = params.train
-    splits = read_splits(params.prepare.output_dir)
+    splits = read_splits(prepare_outputs(params))
     if world.is_main:
         print(
             f"train: {len(splits.train)} examples, {len(splits.labels)} labels, "
@@ -179,19 +190,20 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
         tokenizer,
         splits.labels,
         metadata,
-        config.output_dir / "model",
+        train_outputs(params).model_dir,
         seen_texts=[*splits.train["text"], *splits.val["text"]],
         # Inside the staging directory: the model appears with its ONNX export or not at all.
         finalize=export_int8 if config.quantize == "int8" else None,
     )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: nothing to resume
     metrics = stage_metrics(result, calibration)
-    write_json(config.output_dir / "metrics.json", metrics)
-    write_json(config.output_dir / RUN_FILE, run_record(result))
+    outputs = train_outputs(params)
+    write_artifact(TrainMetrics, outputs.metrics, metrics)
+    write_json(outputs.run, run_record(result))
     print(
         f"train: {result.seconds:.1f} s, {result.samples_per_second:.1f} samples/s, "
         f"peak memory {result.peak_memory_mb:.0f} MB ({result.peak_memory}); "
-        f"see {config.output_dir / RUN_FILE}"
+        f"see {outputs.run}"
     )
     return metrics
 
@@ -211,13 +223,13 @@ class Splits:
         return split["label"].map(ids).tolist()
 
 
-def read_splits(prepared: Path) -> Splits:
+def read_splits(prepared: PrepareOutputs) -> Splits:
     """The prepare stage's train and val splits and its label map."""
-    files = [prepared / name for name in ("train.parquet", "val.parquet", "label_map.json")]
+    files = [prepared.split("train"), prepared.split("val"), prepared.label_map]
     return Splits(
-        labels=read_json(prepared / "label_map.json")["labels"],
-        train=pd.read_parquet(prepared / "train.parquet"),
-        val=pd.read_parquet(prepared / "val.parquet"),
+        labels=read_artifact(LabelMap, prepared.label_map).labels,
+        train=pd.read_parquet(prepared.split("train")),
+        val=pd.read_parquet(prepared.split("val")),
         files=files,
     )
 
@@ -302,7 +314,6 @@ RUN_FIELDS = (
     "resumed_from_step",
     "steps_this_run",
 )
-RUN_FILE = "run.json"  # in train.output_dir, beside metrics.json
 
 
 def reproducible_result(result: TrainResult) -> dict[str, Any]:

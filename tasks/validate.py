@@ -17,11 +17,10 @@ import pandas as pd
 
 from tasks.common import StageFailed, stage_main
 from textgate import validation as v
+from textgate.artifacts import ValidationReport, validate_outputs, write_artifact
 from textgate.config import Params
-from textgate.io import atomic_path, read_labelled, write_json
+from textgate.io import atomic_path, read_labelled
 
-REPORT_FILE = "report.json"
-REPORT_PAGE = "report.html"
 EXAMPLES = 5  # offending rows or classes kept per check in report.json
 
 # The frames expectations run on; each is one Great Expectations asset, suite and validation.
@@ -446,10 +445,10 @@ def _check_result(check: _Check, result: Result, frames: Frames) -> v.CheckResul
 
 def run(params: Params) -> v.ValidationReport:
     """Validate the raw train (and test) data with Great Expectations; exit 1 on a failed check."""
-    data, cfg = params.data, params.validate_
+    data, outputs = params.data, validate_outputs(params)
     # Outputs of an earlier run must not outlive a run that stops on bad input.
-    for name in (REPORT_FILE, REPORT_PAGE):
-        (cfg.output_dir / name).unlink(missing_ok=True)
+    for path in (outputs.report, outputs.page):
+        path.unlink(missing_ok=True)
     train = read_labelled(data.train_path, data.text_column, data.label_column)
     test = None
     if data.test_path is not None:
@@ -486,13 +485,12 @@ def run(params: Params) -> v.ValidationReport:
         class_counts=dict(zip(counts[v.LABEL], map(int, counts[v.N_EXAMPLES]), strict=True)),
         checks=[_check_result(check, results[check.name], frames) for check in checks],
     )
-    write_json(cfg.output_dir / REPORT_FILE, report.to_dict())
-    with atomic_path(cfg.output_dir / REPORT_PAGE) as tmp:
+    write_artifact(ValidationReport, outputs.report, report.to_dict())
+    with atomic_path(outputs.page) as tmp:
         tmp.write_text(v.render_html(report), encoding="utf-8")
     if not report.success:
         raise StageFailed(
-            f"{v.format_failures(report)}\n"
-            f"Details: {cfg.output_dir / REPORT_FILE} and {cfg.output_dir / REPORT_PAGE}"
+            f"{v.format_failures(report)}\nDetails: {outputs.report} and {outputs.page}"
         )
     return report
 

@@ -177,6 +177,7 @@ class PackageConfig(_Section):
 
 class RegistryConfig(_Section):
     path: FilePath
+    verdicts_dir: FilePath | None  # None: `verdicts/` next to the registry file
 
 
 class ServeConfig(_Section):

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from textgate.artifacts import TRAINING_FILE
 from textgate.io import read_json
-from textgate.model import TRAINING_FILE, length_sorted_batches, select_device
+from textgate.model import length_sorted_batches, select_device
 
 
 class SentenceEncoder:

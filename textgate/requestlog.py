@@ -43,7 +43,9 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
+
+from textgate.artifacts import RequestRecord, default_request_log
 
 # The first bytes of the file identify it across checks (a digest, not the text itself).
 HEAD_BYTES = 256
@@ -64,7 +66,7 @@ def request_log_path(bentoml_home: Path) -> Path:
     configured = os.environ.get(REQUEST_LOG_ENV, "").strip()
     if configured:
         return Path(configured).expanduser()
-    return bentoml_home / "textgate" / "requests.jsonl"
+    return default_request_log(bentoml_home)
 
 
 def backup_path(path: Path, index: int) -> Path:
@@ -197,21 +199,6 @@ class RequestLogWriter:
         if on_disk is None or (on_disk.st_dev, on_disk.st_ino) != (held.st_dev, held.st_ino):
             self._handler.stream = None
             stream.close()
-
-
-class RequestRecord(BaseModel):
-    """One line of the request log (fields added later are ignored)."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
-
-    ts: str
-    request_id: str
-    model_tag: str
-    text: str
-    label: str
-    best_label: str = Field(min_length=1)
-    score: float = Field(ge=0, le=1)
-    abstained: bool
 
 
 @dataclass(frozen=True)

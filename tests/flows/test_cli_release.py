@@ -151,6 +151,21 @@ def test_status_shows_a_passed_verdict(
     ]
 
 
+def test_status_reads_the_verdict_from_registry_verdicts_dir_relative_to_the_params_file(
+    tmp_path: Path, registry_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params_file = tmp_path / "params.yaml"
+    overrides = {"registry": {"path": str(registry_path), "verdicts_dir": "elsewhere/verdicts"}}
+    params_file.write_text(yaml.safe_dump(merge(raw_params(), overrides)))
+    write_verdict(registry_path, json.dumps({**VERDICT, "passed": True}))  # not read any more
+    moved = tmp_path / "elsewhere" / "verdicts" / "latest.json"
+    moved.parent.mkdir(parents=True)
+    moved.write_text(json.dumps(VERDICT), encoding="utf-8")
+
+    assert run_cli("status", params_file=params_file) == 0
+    assert "last gate verdict: FAILED" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [

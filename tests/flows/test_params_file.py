@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.workspace import LENIENT_GATE, PROJECT_FILES
 from tests.conftest import make_rows, write_csv
-from tests.flows.test_pipeline import COPIED, LENIENT_GATE, _git, _set_params
+from tests.flows.test_pipeline import _git, _set_params
 from tests.helpers import MUST_PASS_ROWS, copy_project, merge
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ RUN_TIMEOUT_S = 900
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
     root = tmp_path_factory.mktemp("params-file-workspace")
-    copy_project(root, COPIED)
+    copy_project(root, PROJECT_FILES)
     write_csv(root / "data" / "raw" / "train.csv", make_rows(per_class=20))
     write_csv(root / "data" / "must_pass.csv", MUST_PASS_ROWS)
     _set_params(

@@ -38,7 +38,7 @@ def reference(encoder: SentenceEncoder, text: str) -> np.ndarray:
 
 
 def test_embeddings_have_one_unit_row_per_text(encoder):
-    embeddings = encoder.encode(TEXTS)
+    embeddings = encoder.encode(TEXTS, batch_size=64)
     assert embeddings.shape == (len(TEXTS), encoder.encoder.config.hidden_size)
     assert embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
@@ -58,13 +58,13 @@ def test_each_row_is_its_texts_mean_pooled_embedding_whatever_the_padding(encode
 def test_texts_longer_than_max_length_are_truncated(encoder):
     long = " ".join(["refund"] * (4 * encoder.max_length))
     longer = long + " and then many more words about a stolen card"
-    embeddings = encoder.encode([long, longer])
+    embeddings = encoder.encode([long, longer], batch_size=2)
     np.testing.assert_allclose(embeddings[0], embeddings[1], atol=1e-6)  # the same first tokens
     np.testing.assert_allclose(embeddings[0], reference(encoder, long), atol=1e-5)
 
 
 def test_no_texts_give_an_empty_matrix(encoder):
-    assert encoder.encode([]).shape == (0, encoder.encoder.config.hidden_size)
+    assert encoder.encode([], batch_size=64).shape == (0, encoder.encoder.config.hidden_size)
 
 
 def test_max_length_comes_from_the_model_directory(tiny_model_dir, tmp_path, encoder):
