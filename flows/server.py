@@ -14,10 +14,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,9 +23,11 @@ from pathlib import Path
 from flows.processes import die_with_parent
 from textgate.config import Params
 from textgate.errors import ConfigError
+from textgate.process import free_port, start_process, stop, wait_ready
 
 READY_TIMEOUT_S = 90.0
 POLL_S = 0.05
+STOP_GRACE_S = 5.0
 
 # The API URL of the temporary server this process started, if any: not a server anyone
 # else can reach (no approvals, no shared concurrency limits through it).
@@ -39,9 +38,7 @@ class TemporaryServer:
     """`uvicorn prefect.server.api.server:create_app` on a free loopback port."""
 
     def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         spec = importlib.util.find_spec("prefect")
         assert spec is not None and spec.origin is not None
         # As prefect.server.api.server.SubprocessASGIServer starts it (no UI, ephemeral).
@@ -51,25 +48,30 @@ class TemporaryServer:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--app-dir",
-                str(Path(spec.origin).parent.parent),
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "error",
-                "--lifespan",
-                "on",
-            ],
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(spec.origin).parent.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
+        # Its own process group (stopped whole, see `stop`); its output stays on this
+        # process's stderr; and it dies with this process, even a SIGKILLed one.
+        self.process = start_process(
+            command,
             env=env,
+            name="the temporary Prefect server",
+            grace_s=STOP_GRACE_S,
             preexec_fn=die_with_parent(),
         )
         self.api_url = f"http://127.0.0.1:{self.port}/api"
@@ -78,33 +80,12 @@ class TemporaryServer:
         """Block until the server answers /health.
 
         Raises:
-            RuntimeError: it exited or did not answer in time.
+            ProcessStartError: it exited or did not answer in time.
         """
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the temporary Prefect server exited with code {self.process.returncode}"
-                    )
-                try:
-                    if client.get(f"{self.api_url}/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(POLL_S)
-        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout_s:.0f} s")
+        wait_ready(self.process, f"{self.api_url}/health", timeout_s, poll_s=POLL_S)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process, grace_s=STOP_GRACE_S)
 
 
 def needs_temporary_server() -> bool:

@@ -99,6 +99,7 @@ def start_process(
     log_path: Path | None = None,
     name: str | None = None,
     grace_s: float = STOP_GRACE_S,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> ManagedProcess:
     """Start `command` in a new session, so it and what it forks form one process group.
 
@@ -109,12 +110,17 @@ def start_process(
         log_path: a file for its stdout and stderr, truncated first (None: inherited).
         name: what messages call it (default: the command line).
         grace_s: how long `stop` waits after SIGTERM when the process leaves a `with` block.
+        preexec_fn: run in the child before the command (e.g. to die with its parent).
     """
     arguments = [str(part) for part in command]
     label = name or " ".join(arguments)
     if log_path is None:
         popen = subprocess.Popen(
-            arguments, cwd=cwd, env=None if env is None else dict(env), start_new_session=True
+            arguments,
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+            preexec_fn=preexec_fn,
         )
     else:
         with Path(log_path).open("wb") as handle:  # the child keeps its own descriptor
@@ -125,6 +131,7 @@ def start_process(
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=preexec_fn,
             )
     return ManagedProcess(popen=popen, name=label, log_path=log_path, grace_s=grace_s)
 
