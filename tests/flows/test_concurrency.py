@@ -20,11 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.workspace import LENIENT_GATE, PROJECT_FILES
 from flows.lock import LOCK_FILE, file_lock
-from tests.conftest import make_rows, write_csv
-from tests.flows.test_pipeline import _git, _set_params
-from tests.helpers import MUST_PASS_ROWS, copy_project
+from tests.flows.conftest import make_workspace, set_params
 from tests.serving import local_http_server
 from textgate.registry import Registry
 
@@ -35,32 +32,16 @@ RUN_TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
-    root = tmp_path_factory.mktemp("concurrency-workspace")
-    copy_project(root, PROJECT_FILES)
-    write_csv(root / "data" / "raw" / "train.csv", make_rows(per_class=20))
-    write_csv(root / "data" / "must_pass.csv", MUST_PASS_ROWS)
-    _set_params(
-        root,
-        {
-            "data": {"train_file": "train.csv"},
-            "validate": {"min_examples_per_class": 5},
-            "prepare": {"val_fraction": 0.2, "test_fraction": 0.2},
-            "train": {
-                "base_model": str(tiny_base_model),
-                "epochs": 2,
-                "batch_size": 8,
-                "max_length": 32,
-                "learning_rate": 1.0e-3,
-            },
+    return make_workspace(
+        tmp_path_factory.mktemp("concurrency-workspace"),
+        tiny_base_model,
+        per_class=20,
+        overrides={
+            "train": {"epochs": 2, "learning_rate": 1.0e-3},
             "evaluate": {"golden_requests": 5, "behaviour_examples": 20},
-            "gate": LENIENT_GATE,
             "notify": {"block": None},
         },
     )
-    _git(root, "init", "-q")
-    _git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A")
-    _git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init")
-    return root
 
 
 def start_run(workspace: Path, log: Path, api_url: str | None) -> subprocess.Popen:
@@ -154,13 +135,13 @@ def test_a_failed_gate_sends_an_alert_and_keeps_its_summary(harness, workspace):
     from flows.pipeline import PipelineFailed, pipeline
 
     before = (workspace / ".textgate" / "registry.json").read_bytes()
-    _set_params(workspace, {"gate": {"min_accuracy": 1.0}, "notify": {"block": "textgate-alerts"}})
+    set_params(workspace, {"gate": {"min_accuracy": 1.0}, "notify": {"block": "textgate-alerts"}})
     try:
         with local_http_server(Receiver) as url:
             save_webhook_block("textgate-alerts", url)
             state = pipeline(params_path="params.yaml", repo_dir=str(workspace), return_state=True)
     finally:
-        _set_params(workspace, {"gate": {"min_accuracy": 0.0}, "notify": {"block": None}})
+        set_params(workspace, {"gate": {"min_accuracy": 0.0}, "notify": {"block": None}})
     assert state.is_failed() and state.message.startswith("gate FAILED")
     assert state.result(raise_on_failure=False)["stages_ran"] == []
     with pytest.raises(PipelineFailed, match="accuracy_floor"):
@@ -201,14 +182,14 @@ def test_without_a_server_a_run_waits_for_the_file_lock(workspace, tmp_path):
 
 
 def test_a_run_that_waits_too_long_fails_with_the_holder(workspace, tmp_path):
-    _set_params(workspace, {"deploy": {"lock_timeout_s": 2}})
+    set_params(workspace, {"deploy": {"lock_timeout_s": 2}})
     log = tmp_path / "timeout.log"
     holder = {"flow_run": "long-runner", "pid": 4242, "host": "here", "since": "earlier"}
     try:
         with file_lock(workspace / LOCK_FILE, 10, holder, _Quiet()):
             out = finish(start_run(workspace, log, None), log)
     finally:
-        _set_params(workspace, {"deploy": {"lock_timeout_s": 86400}})
+        set_params(workspace, {"deploy": {"lock_timeout_s": 86400}})
     assert "another pipeline run has held" in out and "for over 2 s" in out
     assert "flow run long-runner, pid 4242" in out
     assert "pipeline Failed" in out

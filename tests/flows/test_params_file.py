@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.workspace import LENIENT_GATE, PROJECT_FILES
-from tests.conftest import make_rows, write_csv
-from tests.flows.test_pipeline import _git, _set_params
-from tests.helpers import MUST_PASS_ROWS, copy_project, merge
+from tests.flows.conftest import make_workspace
+from tests.helpers import merge
 
 pytestmark = pytest.mark.slow
 
@@ -24,34 +22,19 @@ RUN_TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
-    root = tmp_path_factory.mktemp("params-file-workspace")
-    copy_project(root, PROJECT_FILES)
-    write_csv(root / "data" / "raw" / "train.csv", make_rows(per_class=20))
-    write_csv(root / "data" / "must_pass.csv", MUST_PASS_ROWS)
-    _set_params(
-        root,
-        {
-            "data": {"train_file": "train.csv"},
-            "validate": {"min_examples_per_class": 5},
-            "prepare": {"val_fraction": 0.2, "test_fraction": 0.2},
-            "train": {
-                "base_model": str(tiny_base_model),
-                "epochs": 1,
-                "batch_size": 8,
-                "max_length": 32,
-                "quantize": "off",
-            },
+    return make_workspace(
+        tmp_path_factory.mktemp("params-file-workspace"),
+        tiny_base_model,
+        per_class=20,
+        overrides={
+            "train": {"epochs": 1, "quantize": "off"},
             "evaluate": {"golden_requests": 5, "behaviour_examples": 20},
             # Nothing in production and no_champion: fail: the gate stops each run before
             # packaging, which this test is not about.
-            "gate": {**LENIENT_GATE, "no_champion": "fail"},
+            "gate": {"no_champion": "fail"},
             "notify": {"block": None},
         },
     )
-    _git(root, "init", "-q")
-    _git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A")
-    _git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init")
-    return root
 
 
 def textgate_run(workspace: Path, params: Path | str) -> str:

@@ -9,31 +9,19 @@ approval (reject, then approve); a validation failure; bad params.
 from __future__ import annotations
 
 import contextvars
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from bench.workspace import LENIENT_GATE, PROJECT_FILES
 from tests.conftest import make_rows, write_csv
-from tests.helpers import MUST_PASS_ROWS, copy_project, merge
+from tests.flows.conftest import make_workspace, set_params
 from tests.serving import bentoml_serve
 from textgate.registry import Registry
 
 pytestmark = pytest.mark.slow
-
-
-def _git(workspace: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=workspace, check=True, capture_output=True)
-
-
-def _set_params(workspace: Path, overrides: dict) -> None:
-    path = workspace / "params.yaml"
-    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), overrides)))
 
 
 GOOD_EPOCHS = 12  # the tiny model learns the three keyword intents (see test_release_checks)
@@ -41,33 +29,18 @@ GOOD_EPOCHS = 12  # the tiny model learns the three keyword intents (see test_re
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_base_model) -> Path:
-    root = tmp_path_factory.mktemp("workspace")
-    copy_project(root, PROJECT_FILES)
-    write_csv(root / "data" / "raw" / "train.csv", make_rows(per_class=30))
-    write_csv(root / "data" / "must_pass.csv", MUST_PASS_ROWS)
-    _set_params(
-        root,
-        {
-            "data": {"train_file": "train.csv"},
-            "validate": {"min_examples_per_class": 5},
-            "prepare": {"val_fraction": 0.2, "test_fraction": 0.2},
-            "train": {
-                "base_model": str(tiny_base_model),
-                "epochs": GOOD_EPOCHS,
-                "batch_size": 8,
-                "max_length": 32,
-                "learning_rate": 5.0e-3,
-                "freeze_embeddings": False,  # the tiny model's random embeddings must learn
-                "early_stopping_patience": 0,
-            },
-            "evaluate": {"golden_requests": 10},
-            "gate": LENIENT_GATE,
-        },
+    train = {
+        "epochs": GOOD_EPOCHS,
+        "learning_rate": 5.0e-3,
+        "freeze_embeddings": False,  # the tiny model's random embeddings must learn
+        "early_stopping_patience": 0,
+    }
+    return make_workspace(
+        tmp_path_factory.mktemp("workspace"),
+        tiny_base_model,
+        per_class=30,
+        overrides={"train": train, "evaluate": {"golden_requests": 10}},
     )
-    _git(root, "init", "-q")
-    _git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A")
-    _git(root, "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init")
-    return root
 
 
 def run_flow(workspace: Path):
@@ -164,7 +137,7 @@ def test_promoted_bento_answers_over_http(harness, workspace, tmp_path):
 def test_worse_candidate_is_stopped_by_the_champion_comparison(harness, workspace):
     before = registry_bytes(workspace)
     production = registry(workspace).production()
-    _set_params(workspace, {"train": {"epochs": 1}})  # one epoch: near chance on this data
+    set_params(workspace, {"train": {"epochs": 1}})  # one epoch: near chance on this data
     state = run_flow(workspace)
     assert state.is_failed()
     assert state.message.startswith("gate FAILED")
@@ -178,7 +151,7 @@ def test_worse_candidate_is_stopped_by_the_champion_comparison(harness, workspac
 
 def test_failed_floor_leaves_production_untouched(harness, workspace):
     before = registry_bytes(workspace)
-    _set_params(workspace, {"gate": {"min_accuracy": 0.9}})  # the one-epoch model is still there
+    set_params(workspace, {"gate": {"min_accuracy": 0.9}})  # the one-epoch model is still there
     state = run_flow(workspace)
     assert state.is_failed()
     # validate reads gate.min_accuracy (the majority class must stay under it), so it reruns,
@@ -188,14 +161,14 @@ def test_failed_floor_leaves_production_untouched(harness, workspace):
     assert "- [FAIL] accuracy_floor: accuracy" in state.message
     assert "< floor 0.9000" in state.message
     assert registry_bytes(workspace) == before
-    _set_params(workspace, {"gate": {"min_accuracy": 0.0}, "train": {"epochs": GOOD_EPOCHS}})
+    set_params(workspace, {"gate": {"min_accuracy": 0.0}, "train": {"epochs": GOOD_EPOCHS}})
 
 
 def test_served_bento_over_its_latency_budget_is_not_promoted(harness, workspace):
     before = registry_bytes(workspace)
     # A new candidate as good as production: same weights (texts are shorter than either
     # length), but a different model directory (its recorded config differs).
-    _set_params(workspace, {"train": {"max_length": 33}, "gate": {"max_p95_latency_ms": 0.001}})
+    set_params(workspace, {"train": {"max_length": 33}, "gate": {"max_p95_latency_ms": 0.001}})
     state = run_flow(workspace)
     assert state.is_failed()
     assert "- [FAIL] served_p95_latency: p95 latency (ms)" in state.message
@@ -203,7 +176,7 @@ def test_served_bento_over_its_latency_budget_is_not_promoted(harness, workspace
     served = {c["name"]: c for c in read_verdict(workspace)["checks"] if c["kind"] == "served"}
     assert served["served_answers"]["passed"]  # it answered right, only too slowly
     assert registry_bytes(workspace) == before
-    _set_params(workspace, {"gate": {"max_p95_latency_ms": 10000}})
+    set_params(workspace, {"gate": {"max_p95_latency_ms": 10000}})
 
 
 def resume_when_paused(run_input: dict) -> threading.Thread:
@@ -238,7 +211,7 @@ def resume_when_paused(run_input: dict) -> threading.Thread:
 
 def test_rejected_approval_promotes_nothing_and_records_why(harness, workspace):
     before = registry_bytes(workspace)
-    _set_params(workspace, {"gate": {"require_approval": True}})  # the same new candidate
+    set_params(workspace, {"gate": {"require_approval": True}})  # the same new candidate
     answer = {"approve": False, "reviewer": "ana", "comment": "not before the launch"}
     thread = resume_when_paused(answer)
     state = run_flow(workspace)
@@ -259,7 +232,7 @@ def test_approved_run_is_promoted_with_the_reviewer_recorded(harness, workspace)
     assert len(registry(workspace).history()) == releases + 1
     production = registry(workspace).production()
     assert "approved by ana: ship it" in production.reason
-    _set_params(workspace, {"gate": {"require_approval": False}})
+    set_params(workspace, {"gate": {"require_approval": False}})
 
 
 def test_validation_failure_stops_the_flow_before_training(harness, workspace):
@@ -279,7 +252,7 @@ def test_validation_failure_stops_the_flow_before_training(harness, workspace):
 
 
 def test_bad_params_fail_with_a_clear_message(harness, workspace):
-    _set_params(workspace, {"train": {"epochs": "three"}})
+    set_params(workspace, {"train": {"epochs": "three"}})
     state = run_flow(workspace)
     assert state.is_failed()
     with pytest.raises(Exception, match="train.epochs: Input should be a valid integer"):
