@@ -24,6 +24,8 @@ from types import FrameType
 
 import psutil
 
+from textgate.process import terminate_then_kill
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # How long each process gets to exit after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 5.0
@@ -41,15 +43,7 @@ def stop_descendants(timeout_s: float = STOP_TIMEOUT_S) -> None:
     is gone and they have been re-parented.
     """
     with suppress(psutil.Error):
-        processes = psutil.Process().children(recursive=True)
-        for process in processes:
-            with suppress(psutil.NoSuchProcess):
-                process.terminate()
-        _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-        for process in alive:
-            with suppress(psutil.NoSuchProcess):
-                process.kill()
-        psutil.wait_procs(alive, timeout=timeout_s)
+        terminate_then_kill(psutil.Process().children(recursive=True), timeout_s)
 
 
 def _stop_now(signum: int) -> None:

@@ -35,6 +35,7 @@ from textgate.process import (
     free_port,
     start_process,
     stop,
+    terminate_then_kill,
     url_ready,
     wait_ready,
 )
@@ -189,16 +190,8 @@ class _BentoServer:
         if self.process.running():
             self.note_workers()
         stop(self.process, STOP_GRACE_S)
-        # psutil checks that a remembered pid is still the same process before signalling it.
         left = [worker for worker in self.workers.values() if worker.is_running()]
-        for worker in left:
-            with suppress(psutil.NoSuchProcess):
-                worker.terminate()
-        _, alive = psutil.wait_procs(left, timeout=STOP_GRACE_S)
-        for worker in alive:
-            with suppress(psutil.NoSuchProcess):
-                worker.kill()
-        psutil.wait_procs(alive, timeout=10)
+        terminate_then_kill(left, STOP_GRACE_S)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+import psutil
 
 from textgate.errors import TextgateError
 
@@ -198,3 +199,18 @@ def stop(process: ManagedProcess, grace_s: float = STOP_GRACE_S) -> None:
 def _signal_group(group: int, signum: signal.Signals) -> None:
     with suppress(ProcessLookupError):  # the group has no members left
         os.killpg(group, signum)
+
+
+def terminate_then_kill(processes: Sequence[psutil.Process], timeout_s: float) -> None:
+    """SIGTERM each of `processes`, then SIGKILL those still alive after `timeout_s`.
+
+    psutil checks that a remembered process is still the same one before signalling it.
+    """
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=timeout_s)
