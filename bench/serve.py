@@ -9,7 +9,7 @@ ratios and the targets (>= 3x throughput, p99 no worse, no errors); with `--soak
 is then driven alone for S seconds and the RSS of its process tree at the start and end is
 reported (growth under 10%). The last line printed on stdout is one JSON object with every figure.
 
-    python -m bench.serve [--bento TAG] [--requests 2000] [--concurrency 16] [--soak 60]
+    python -m bench.serve [--bento TAG] [--requests 2000] [--concurrency N] [--soak 60]
 
 The baseline is `bench.baseline_app` under uvicorn: the same fine-tuned weights (the bento's
 model from the BentoML store), fp32, one request at a time. Both get the same torch thread
@@ -45,7 +45,7 @@ from textgate.config import PARAMS_FILE, load_params, resolve_paths
 from textgate.errors import DataError, TextgateError
 from textgate.process import ProcessStartError, free_port, start_process, wait_ready
 from textgate.registry import Registry
-from textgate.runtime import LEGACY_THREADS_ENV, THREADS_ENV
+from textgate.runtime import LEGACY_THREADS_ENV, THREADS_ENV, default_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_APP = "bench.baseline_app:app"
@@ -700,6 +700,11 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def default_concurrency(params_path: Path) -> int:
+    """As many clients as the bento takes requests at once: workers x serve.max_concurrency."""
+    return default_workers() * load_params(params_path).serve.max_concurrency
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve", description=__doc__.split("\n")[0]
@@ -710,8 +715,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--concurrency",
         type=positive_int,
-        default=16,
-        help="clients (16: the bento's 2 workers x serve.max_concurrency 8; more get 503s)",
+        default=None,
+        help="clients (default: the bento's workers x serve.max_concurrency, what it takes "
+        "at once; more get 503s)",
     )
     parser.add_argument("--texts-per-request", type=positive_int, default=1)
     parser.add_argument(
@@ -748,7 +754,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         params=args.params,
         bento=args.bento,
         requests=args.requests,
-        concurrency=args.concurrency,
+        concurrency=args.concurrency or default_concurrency(args.params),
         texts_per_request=args.texts_per_request,
         warmup=args.warmup,
         soak_s=args.soak,

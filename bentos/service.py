@@ -120,7 +120,12 @@ from textgate.config import (  # noqa: E402
 from textgate.errors import ConfigError  # noqa: E402
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter  # noqa: E402
 from textgate.requestlog import request_log_path as configured_request_log  # noqa: E402
-from textgate.runtime import MAX_EXPLAIN_CHARS, default_threads, load_classifier  # noqa: E402
+from textgate.runtime import (  # noqa: E402
+    MAX_EXPLAIN_CHARS,
+    default_threads,
+    default_workers,
+    load_classifier,
+)
 from textgate.text import clean_text, normalise_text  # noqa: E402
 
 logger = logging.getLogger("bentoml.textgate")
@@ -265,11 +270,6 @@ def configured_api_key() -> str | None:
             bento tag" and shows another error instead.
     """
     return api_key_from_env(os.environ)
-
-
-def default_workers() -> int:
-    """One worker per core, at most two: each holds a model; more only adds memory."""
-    return min(2, os.cpu_count() or 1)
 
 
 def _positive_env_int(name: str, default: int) -> int:

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from tasks.common import stage_main
 from textgate.abstain import AbstentionPolicy, choose_threshold
-from textgate.artifacts import RUN_FILE as RUN_FILE  # where run_record goes (tests read it)
 from textgate.artifacts import (
     LabelMap,
     PrepareOutputs,
@@ -303,8 +302,8 @@ def stage_metrics(result: TrainResult, calibration: dict[str, float]) -> dict[st
 
 # What differs between two runs on the same inputs: clocks, memory, this machine's threads,
 # and whether the run resumed. DVC hashes metrics.json and model/ (dvc.lock), so these go to
-# RUN_FILE instead, which is no DVC output: a fresh clone's first run then leaves dvc.lock as
-# committed (the same seeded weights and metrics give the same hashes).
+# the run file (train_outputs(params).run), which is no DVC output: a fresh clone's first run
+# then leaves dvc.lock as committed (the same seeded weights and metrics, the same hashes).
 RUN_FIELDS = (
     "seconds",
     "samples_per_second",

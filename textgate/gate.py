@@ -254,9 +254,11 @@ def champion_checks(
     trained on them (see `unseen_mask`); the reason says so.
     """
     if champion_error is not None:
-        return [_champion_unscorable(champion_error)]
+        return [_not_compared(False, f"cannot compare with the production model: {champion_error}")]
     if champion is None:
-        return [_no_champion(config)]
+        policy = config.no_champion
+        first = f"no model in production yet (first release); gate.no_champion is '{policy}'"
+        return [_not_compared(policy == "pass", first, applied=False)]
     if not (len(y_true) == len(candidate) == len(champion)) or not y_true:
         raise ValueError("y_true, candidate and champion must be non-empty and of one length")
     labels = sorted(set(y_true) | set(candidate) | set(champion))
@@ -290,31 +292,17 @@ def champion_checks(
     return checks
 
 
-def _champion_unscorable(champion_error: str) -> Check:
-    """The champion check when the production model cannot be scored: it fails."""
+def _not_compared(passed: bool, reason: str, applied: bool = True) -> Check:
+    """The champion check when no comparison was made (no production model, or unscorable)."""
     return Check(
         name="champion",
         kind="champion",
         metric="accuracy",
         value=None,
         threshold=None,
-        passed=False,
-        reason=f"cannot compare with the production model: {champion_error}",
-    )
-
-
-def _no_champion(config: GateConfig) -> Check:
-    """The champion check of a first release: not applied; it passes as `no_champion` says."""
-    return Check(
-        name="champion",
-        kind="champion",
-        metric="accuracy",
-        value=None,
-        threshold=None,
-        passed=config.no_champion == "pass",
-        applied=False,
-        reason="no model in production yet (first release); "
-        f"gate.no_champion is '{config.no_champion}'",
+        passed=passed,
+        applied=applied,
+        reason=reason,
     )
 
 

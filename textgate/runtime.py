@@ -74,6 +74,12 @@ def share_cpus(processes: int, cpus: int | None = None) -> int:
     return max(1, cpus // max(1, processes))
 
 
+def default_workers() -> int:
+    """Serving workers of a bento: one per core, at most two: each holds a model; more only
+    adds memory."""
+    return min(2, os.cpu_count() or 1)
+
+
 def default_threads(processes: int = 1) -> int:
     """Intra-op threads for each of `processes` inference processes on this machine.
 

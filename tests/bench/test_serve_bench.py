@@ -256,3 +256,17 @@ def test_rounds_continue_the_request_indices(stub_url: str) -> None:
     assert first.labels == {i: (f"TEXT {i}",) for i in range(6)}
     assert len(first.latencies_ms) == 6 and first.errors == 0
     assert first.wall_s == pytest.approx(walls)
+
+
+def test_the_default_load_is_what_the_bento_takes_at_once(tmp_path):
+    import yaml
+
+    from tests.helpers import REPO_ROOT
+    from textgate.runtime import default_workers
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["serve"]["max_concurrency"] = 3
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert bench.parse_args(["--params", str(path)]).concurrency == default_workers() * 3
+    assert bench.parse_args(["--params", str(path), "--concurrency", "5"]).concurrency == 5

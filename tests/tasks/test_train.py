@@ -21,6 +21,7 @@ from tasks import prepare, train
 from tasks.common import stage_main
 from tests.conftest import make_rows, write_csv
 from tests.helpers import REPO_ROOT, make_params, merge, tiny_overrides
+from textgate.artifacts import train_outputs
 from textgate.config import Params
 
 
@@ -39,7 +40,7 @@ def test_training_is_seeded(params):
     second = train.run(params)
     second_weights = load_file(weights)
     assert _file_bytes(hashed) == first_bytes
-    assert (params.train.output_dir / train.RUN_FILE).is_file()
+    assert train_outputs(params).run.is_file()
     assert first["val_macro_f1"] == second["val_macro_f1"]
     assert first_weights.keys() == second_weights.keys()
     for name, tensor in first_weights.items():
@@ -134,7 +135,7 @@ def test_two_processes_train_like_one(tmp_path, no_dropout_model):
     reference = json.loads((one.train.output_dir / "model" / "training.json").read_text())
     reference = reference["result"]
     assert result["processes"] == 2 and reference["processes"] == 1
-    run = json.loads((out / train.RUN_FILE).read_text())
+    run = json.loads(train_outputs(two).run.read_text())
     assert run["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert result["optimizer_steps"] == reference["optimizer_steps"] == 2 * 3
     assert [log["step"] for log in result["history"]] == [3, 6]
@@ -208,7 +209,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_base_mo
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    result = json.loads((params.train.output_dir / train.RUN_FILE).read_text())
+    result = json.loads(train_outputs(params).run.read_text())
     resumed_from = result["resumed_from_step"]
     assert f"resuming from step {resumed_from} " in second.stdout
     assert 0 < resumed_from < total_steps
