@@ -429,3 +429,13 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def tasks_json(items: Sequence[ReviewItem]) -> str:
     return json.dumps(to_tasks(items), ensure_ascii=False, indent=1) + "\n"
+
+
+def read_tasks(path: Path) -> list[dict[str, Any]]:
+    """Tasks written by `tasks_json` (a JSON list)."""
+    from textgate.io import read_json
+
+    tasks = read_json(path)
+    if not isinstance(tasks, list):
+        raise DataError(f"{path}: not a list of Label Studio tasks")
+    return tasks
