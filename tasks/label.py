@@ -12,6 +12,7 @@ interleave; a batch file is written whole (atomically) or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 from collections.abc import Callable, Iterator
@@ -194,6 +195,9 @@ def export_for_review(params: Params, out: Path) -> ExportResult:
         low_margin_below=params.label.low_margin,
         novelty_above=novelty_above,
     )
+    # The random sample is its share of what there is: a small window is not all "random".
+    random_quota = int(min(params.label.max_tasks, len(pool)) * params.label.random_share)
+    quotas = dataclasses.replace(quotas, random=random_quota)
     items = lab.select_for_review(pool, quotas, params.label.seed)
     if not items:
         _save_cursor(params, state, new_cursor)
