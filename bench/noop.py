@@ -64,7 +64,9 @@ def build_workspace(root: Path) -> Path:
     copy_project(workspace)
     params = yaml.safe_load((ROOT / PARAMS_FILE).read_text(encoding="utf-8"))
     data = params["data"]
-    sample = pd.read_csv(ROOT / data["raw_dir"] / data["train_file"], dtype=str)
+    train_file = data["train_file"]
+    first = train_file if isinstance(train_file, str) else train_file[0]
+    sample = pd.read_csv(ROOT / data["raw_dir"] / first, dtype=str)
     subset = sample.groupby(data["label_column"], group_keys=False).head(ROWS_PER_LABEL)
     (workspace / "data" / "raw").mkdir(parents=True)
     subset.to_csv(workspace / "data" / "raw" / "train.csv", index=False)

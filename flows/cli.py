@@ -12,7 +12,7 @@ from typing import Any
 
 from flows.processes import stop_on_signals
 from textgate.artifacts import verdict_outputs
-from textgate.config import PARAMS_FILE, Params, api_key_from_env, load_params
+from textgate.config import PARAMS_FILE, Params, api_key_from_env, load_params, resolve_paths
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV
@@ -261,9 +261,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     production = history[-1] if history else None
     target = registry.rollback_target()
     verdict = _last_verdict(params)
+    live, live_line = _live_accuracy(args.params)
     if args.json:
         payload = {
             "production": production.model_dump(mode="json") if production else None,
+            "live_accuracy": live,
             "rollback_target": target.model_dump(mode="json") if target else None,
             "history": [release.model_dump(mode="json") for release in history],
             "last_verdict": verdict,
@@ -281,9 +283,30 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  {release.promoted_at}  {release.action:<8}  {release.bento_tag}  "
                 f"{release.reason}"
             )
+        print(live_line)
     if verdict is not None:
         _print_verdict(verdict)
     return 0
+
+
+def _live_accuracy(params_path: str) -> tuple[dict[str, Any] | None, str]:
+    """Production's live accuracy (labelled random sample) for `status`, and its sentence."""
+    from tasks.label import production_live_accuracy
+
+    root = Path(params_path).resolve().parent
+    try:
+        estimate, line = production_live_accuracy(resolve_paths(load_params(params_path), root))
+    except TextgateError as error:
+        return None, f"live accuracy: unavailable ({error})"
+    if estimate is None:
+        return None, line
+    payload = {
+        "accuracy": estimate.accuracy,
+        "n": estimate.n,
+        "ci": [estimate.low, estimate.high],
+        "model_tag": estimate.model_tag,
+    }
+    return payload, line
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
@@ -416,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("--name", default=None, help="block name (default: notify.block)")
     notify.add_argument("--test", action="store_true", help="send a test alert")
     notify.set_defaults(func=cmd_notify_setup)
+    from flows.label import add_parser as add_label_parser
+
+    add_label_parser(commands, common)
     return parser
 
 

@@ -27,8 +27,10 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Completed
 
 from flows.deploy import PIPELINE_DEPLOYMENT
+from flows.label_flow import label_export
 from flows.notify import send_alert
 from flows.server import configured_api_url
+from tasks.label import production_live_accuracy
 from tasks.monitor import MonitorResult, check_drift, record_retrain, retrain_cooldown_left
 from textgate.config import PARAMS_FILE, Params, load_params, resolve_paths
 
@@ -132,6 +134,31 @@ def _alert_body(result: MonitorResult, retrain: str) -> str:
     return "\n".join(lines)
 
 
+def review_and_live_accuracy(
+    params: Params, root: Path, params_path: str, result: MonitorResult, summary: dict[str, Any]
+) -> None:
+    """On drift, export the review queue (a subflow); always, production's live accuracy
+    from the labelled random sample, with an alert when it is under gate.min_accuracy."""
+    logger = get_run_logger()
+    if result.status == "drift":
+        try:
+            summary["review"] = label_export(params_path=params_path, repo_dir=str(root))
+        except Exception as error:  # noqa: BLE001 - the drift verdict stands without it
+            summary["review"] = {"exported": 0, "message": f"review export failed: {error}"}
+        result.notes.append(summary["review"]["message"])
+    estimate, line = production_live_accuracy(params)
+    summary["live_accuracy"] = None if estimate is None else estimate.accuracy
+    result.notes.append(line)
+    logger.info(line)
+    if estimate is not None and estimate.accuracy < params.gate.min_accuracy:
+        logger.warning("live accuracy below the gate's floor %.3f", params.gate.min_accuracy)
+        summary["live_accuracy_alerted"] = send_alert(
+            params.notify.block,
+            subject=f"textgate: live accuracy of {result.model_tag} below the floor",
+            body=f"{line}; gate.min_accuracy is {params.gate.min_accuracy:.3f}",
+        )
+
+
 @flow(name="textgate-drift-monitor", log_prints=True)
 def drift_monitor(params_path: str = PARAMS_FILE, repo_dir: str = ".") -> Any:
     """Compare the requests logged since the last check with production's training data."""
@@ -162,6 +189,7 @@ def drift_monitor(params_path: str = PARAMS_FILE, repo_dir: str = ".") -> Any:
             subject=f"textgate: drift detected for {result.model_tag}",
             body=_alert_body(result, retrain),
         )
+    review_and_live_accuracy(params, root, params_path, result, summary)
     create_markdown_artifact(
         key="drift-report",
         description=f"Drift monitor: {STATE_NAMES[result.status]}",

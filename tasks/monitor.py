@@ -312,8 +312,15 @@ def _read_new_requests(
     return new_cursor
 
 
-def _judge_window(params: Params, model_tag: str, model_dir: Path, result: MonitorResult) -> None:
-    """Compare `result.window` with the production model's reference; fill in the verdict."""
+def reference_and_encoder(
+    params: Params, model_tag: str, model_dir: Path
+) -> tuple[Reference, Callable[[list[str]], np.ndarray]]:
+    """Production's reference (cached per model) and a function that embeds texts with its
+    encoder (loaded once, on first use).
+
+    Raises:
+        MonitorError: no reference can be built.
+    """
     from textgate.embeddings import SentenceEncoder
 
     encoder: SentenceEncoder | None = None
@@ -328,6 +335,12 @@ def _judge_window(params: Params, model_tag: str, model_dir: Path, result: Monit
     if reference is None:
         reference = build_reference(params, model_tag, model_dir, embed)
         _save_reference(cache, reference)
+    return reference, embed
+
+
+def _judge_window(params: Params, model_tag: str, model_dir: Path, result: MonitorResult) -> None:
+    """Compare `result.window` with the production model's reference; fill in the verdict."""
+    reference, embed = reference_and_encoder(params, model_tag, model_dir)
     result.reference = reference
     window = result.window
     report = assess_drift(

@@ -18,7 +18,7 @@ from textgate.artifacts import (
 )
 from textgate.config import Params
 from textgate.errors import DataError
-from textgate.io import atomic_path, read_labelled
+from textgate.io import atomic_path, read_labelled, read_training
 from textgate.prepare import clean_frame, stratified_split
 
 
@@ -26,9 +26,7 @@ def run(params: Params) -> dict[str, int]:
     """Write train/val/test Parquet files, the label map and cleaning statistics."""
     data, prepare = params.data, params.prepare
     labels = read_artifact(ValidatedLabels, validate_outputs(params).report).labels
-    frame, stats = clean_frame(
-        read_labelled(data.train_path, data.text_column, data.label_column), prepare.redact_pii
-    )
+    frame, stats = clean_frame(read_training(data)[["text", "label"]], prepare.redact_pii)
     if data.test_path is None:
         fractions = {"val": prepare.val_fraction, "test": prepare.test_fraction}
         parts = stratified_split(frame, fractions, prepare.seed)

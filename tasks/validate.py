@@ -19,7 +19,7 @@ from tasks.common import StageFailed, stage_main
 from textgate import validation as v
 from textgate.artifacts import ValidationReport, validate_outputs, write_artifact
 from textgate.config import Params
-from textgate.io import atomic_path, read_labelled
+from textgate.io import atomic_path, read_labelled, read_training
 
 EXAMPLES = 5  # offending rows or classes kept per check in report.json
 
@@ -449,7 +449,7 @@ def run(params: Params) -> v.ValidationReport:
     # Outputs of an earlier run must not outlive a run that stops on bad input.
     for path in (outputs.report, outputs.page):
         path.unlink(missing_ok=True)
-    train = read_labelled(data.train_path, data.text_column, data.label_column)
+    train = read_training(data)
     test = None
     if data.test_path is not None:
         test = read_labelled(data.test_path, data.text_column, data.label_column)

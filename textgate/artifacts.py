@@ -123,6 +123,8 @@ class RequestRecord(BaseModel):
     best_label: str = Field(min_length=1)
     score: float = Field(ge=0, le=1)
     abstained: bool
+    # Top-1 minus top-2 probability (logged since the labelling loop; None in older lines).
+    margin: float | None = Field(default=None, ge=0, le=1)
 
 
 def request_record(
@@ -135,6 +137,7 @@ def request_record(
     best_label: str,
     score: float,
     abstained: bool,
+    margin: float | None = None,
 ) -> dict[str, Any]:
     """A request log line's JSON object, with `RequestRecord`'s fields in its order.
 
@@ -149,6 +152,7 @@ def request_record(
         "best_label": best_label,
         "score": score,
         "abstained": abstained,
+        **({} if margin is None else {"margin": margin}),
     }
 
 

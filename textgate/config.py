@@ -44,7 +44,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     raw_dir: FilePath
-    train_file: str
+    # One file, or several files and glob patterns (inside raw_dir), read as one table:
+    # labelled batches (`textgate label import`) accumulate under raw_dir/batches/.
+    train_file: str | list[str]
     test_file: str | None
     text_column: str = Field(min_length=1)
     label_column: str = Field(min_length=1)
@@ -59,9 +61,34 @@ class DataConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _train_files_named(self) -> DataConfig:
+        patterns = self.train_patterns
+        if not patterns or any(not p.strip() for p in patterns):
+            raise ValueError("train_file must name at least one file (or glob pattern)")
+        return self
+
+    @property
+    def train_patterns(self) -> list[str]:
+        """`train_file` as a list: one file, or files and glob patterns."""
+        return [self.train_file] if isinstance(self.train_file, str) else list(self.train_file)
+
     @property
     def train_path(self) -> Path:
-        return self.raw_dir / self.train_file
+        """The first training file (the one `train_file` names when it is a single file)."""
+        return self.raw_dir / self.train_patterns[0]
+
+    def train_paths(self) -> list[Path]:
+        """Every training file, in order: plain names as given (missing ones too, so that
+        reading them fails naming them), each glob's matches sorted (a glob may match none).
+        """
+        paths: list[Path] = []
+        for pattern in self.train_patterns:
+            if any(char in pattern for char in "*?["):
+                paths += sorted(p for p in self.raw_dir.glob(pattern) if p.is_file())
+            else:
+                paths.append(self.raw_dir / pattern)
+        return list(dict.fromkeys(paths))
 
     @property
     def test_path(self) -> Path | None:
@@ -237,6 +264,31 @@ class MonitorConfig(_Section):
         return self
 
 
+class LabelConfig(_Section):
+    """The labelling loop: what `textgate label export` picks from the request log for review,
+    where labelled batches go, and how long the random sample is held out of training."""
+
+    state_dir: FilePath  # the export cursor and what was exported (fingerprints)
+    batch_dir: str = Field(min_length=1)  # inside data.raw_dir; data.train_file's glob reads it
+    live_dir: str = Field(min_length=1)  # inside data.raw_dir: the labelled random sample
+    max_tasks: int = Field(ge=1)  # texts per export, all reasons together
+    random_share: Rate  # of max_tasks: the uniform random sample (live accuracy)
+    abstained_share: Rate
+    low_margin_share: Rate
+    low_margin: Rate  # top-1 minus top-2 probability below which an answer is "low margin"
+    novel_share: Rate
+    novelty_quantile: float = Field(gt=0, lt=1)  # of training texts' own nearest-neighbour distance
+    holdout_days: float = Field(ge=0)  # the random sample stays out of training this long
+    seed: int
+
+    @model_validator(mode="after")
+    def _shares(self) -> LabelConfig:
+        total = self.random_share + self.abstained_share + self.low_margin_share + self.novel_share
+        if total > 1 + 1e-9:
+            raise ValueError(f"the four *_share values add up to {total:g}; at most 1")
+        return self
+
+
 class NotifyConfig(_Section):
     block: str | None = Field(min_length=1)  # a Prefect notification block; None = off
 
@@ -253,6 +305,7 @@ class Params(_Section):
     serve: ServeConfig
     deploy: DeployConfig
     monitor: MonitorConfig
+    label: LabelConfig
     notify: NotifyConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)

@@ -89,6 +89,42 @@ def read_labelled(path: str | Path, text_column: str, label_column: str) -> pd.D
     return out.astype(object).where(out.notna(), None).map(lambda v: v if v is None else str(v))
 
 
+FILE = "file"  # read_training's provenance columns, with several training files
+FILE_ROW = "file_row"
+
+
+def read_training(data: Any) -> pd.DataFrame:
+    """The training table `data.train_file` names (a `DataConfig`): one file, or several
+    files and globs read as one, with `text` and `label` columns.
+
+    With several files the frame also has `file` (the path inside raw_dir) and `file_row`
+    (the row's 0-based data row in that file, as validation numbers rows), so that validation
+    can name the batch of each offending row. A glob that matches nothing adds nothing; a
+    named file that is missing fails.
+
+    Raises:
+        DataError: a file is missing or unreadable, or no file matched at all.
+    """
+    paths = data.train_paths()
+    if not paths:
+        raise DataError(f"data.train_file {data.train_patterns} matches no file in {data.raw_dir}")
+    frames = []
+    for path in paths:
+        frame = read_labelled(path, data.text_column, data.label_column)
+        if len(paths) > 1:
+            frame[FILE] = _inside(path, data.raw_dir)
+            frame[FILE_ROW] = range(len(frame))
+        frames.append(frame)
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _inside(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path that replaces `path` only if the block succeeds."""

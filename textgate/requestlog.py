@@ -36,7 +36,7 @@ import stat
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from logging.handlers import RotatingFileHandler
@@ -377,6 +377,7 @@ def _read_file(
     current: bool,
     sample_size: int,
     rng: random.Random,
+    on_record: Callable[[RequestRecord], None] | None = None,
 ) -> int:
     """Add the file's records from `start` to the window; the offset after its last line."""
     offset = start
@@ -397,18 +398,26 @@ def _read_file(
             _malformed(window, where, record)
         else:
             _add(window, record, sample_size, rng)
+            if on_record is not None:
+                on_record(record)
     return offset
 
 
 def read_window(
-    path: str | Path, cursor: LogCursor | None, *, sample_size: int, seed: int = 0
+    path: str | Path,
+    cursor: LogCursor | None,
+    *,
+    sample_size: int,
+    seed: int = 0,
+    on_record: Callable[[RequestRecord], None] | None = None,
 ) -> tuple[LogWindow, LogCursor]:
     """Summarise the records appended to the log at `path` since `cursor`.
 
     When the log was rotated since, the rest of the cursor's file (found among the backups
     by its inode) and every newer file are read too. Returns the window and the cursor after
     the current file's last complete line. The caller decides whether to keep the new
-    cursor (e.g. not when the window is too small to judge).
+    cursor (e.g. not when the window is too small to judge). `on_record`, when given, is
+    called with every record read, in log order (the window itself keeps only a summary).
 
     Raises:
         FileNotFoundError: there is no log at `path`.
@@ -429,6 +438,7 @@ def read_window(
                 current=current,
                 sample_size=sample_size,
                 rng=rng,
+                on_record=on_record,
             )
         last = files[-1]
         head_digest = _head_digest(last.handle, offset)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from textgate.io import FILE, FILE_ROW
 from textgate.text import normalise_text
 
 # Columns of the per-row frame (`row_features`).
@@ -98,6 +99,9 @@ def row_features(
     test_keys = {key for key in map(text_key, test_texts) if key is not None}
     rows[IN_TEST] = rows[TEXT_KEY].isin(test_keys).astype(bool)
     rows[IS_HEADER] = _repeats_header(rows, header)
+    for column in (FILE, FILE_ROW):  # several training files: where each row comes from
+        if column in frame.columns:
+            rows[column] = frame[column]
     return rows
 
 
@@ -186,15 +190,19 @@ def _json_value(value: object) -> str | None:
 
 
 def row_examples(rows: pd.DataFrame, index: Iterable[Any], limit: int = 5) -> list[dict[str, Any]]:
-    """Up to `limit` rows as `{"row", "text", "label"}`; `row` is the 0-based data row index."""
-    return [
-        {
-            "row": int(i),
-            "text": _json_value(rows.at[i, TEXT]),
-            "label": _json_value(rows.at[i, LABEL]),
-        }
-        for i in list(index)[:limit]
-    ]
+    """Up to `limit` rows as `{"row", "text", "label"}`; `row` is the 0-based data row index.
+
+    With several training files, `row` is the row in its file and `file` names the file.
+    """
+    examples = []
+    for i in list(index)[:limit]:
+        example: dict[str, Any] = {"row": int(i)}
+        if FILE in rows.columns:
+            example = {"file": str(rows.at[i, FILE]), "row": int(rows.at[i, FILE_ROW])}
+        example["text"] = _json_value(rows.at[i, TEXT])
+        example["label"] = _json_value(rows.at[i, LABEL])
+        examples.append(example)
+    return examples
 
 
 def class_examples(
@@ -253,7 +261,8 @@ def describe_example(example: dict[str, Any], max_chars: int = 80) -> str:
     if "row" in example:
         text = example["text"]
         quoted = "<null>" if text is None else json.dumps(clip(text, max_chars), ensure_ascii=False)
-        return f"row {example['row']} [label {example['label']!r}]: {quoted}"
+        where = f"row {example['row']}" + (f" of {example['file']}" if "file" in example else "")
+        return f"{where} [label {example['label']!r}]: {quoted}"
     return f"class {example['label']!r}: {example['n_examples']} example(s)"
 
 

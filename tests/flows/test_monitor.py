@@ -253,6 +253,17 @@ def test_shifted_traffic_triggers_training_and_an_alert(deployed):
     alert = Receiver.received[0]
     assert alert["title"].startswith("textgate: drift detected for textgate-classifier:")
     assert "label_psi" in alert["text"] and runs[0].name in alert["text"]
+    # The texts that drifted go to review: the export picked the shifted (novel) ones.
+    review = summary["review"]
+    assert review["exported"] > 0 and review["counts"]["novel"] > 0, review
+    tasks = json.loads(Path(review["tasks"]).read_text())
+    novel = [task["data"]["text"] for task in tasks if task["data"]["reason"] == "novel"]
+    drifted = [text for text in novel if any(topic in text for topic in SHIFTED_TOPICS)]
+    assert len(drifted) >= 0.8 * len(novel), (len(drifted), len(novel))
+    assert (
+        "live accuracy: no labelled random request" in state.message
+        or summary["live_accuracy"] is None
+    )
 
 
 def test_drift_within_the_cooldown_and_a_dead_webhook(deployed):
