@@ -24,6 +24,9 @@ from textgate.errors import TextgateError
 from textgate.process import ManagedProcess, free_port, start_process, wait_ready
 
 LABEL_STUDIO_VERSION = "1.23.2"
+# What it installs with: its own requirement `sentry-sdk>=2.16.0` lets pip take 3.x, which its
+# settings cannot start with ("Unknown option 'send_default_pii'").
+LABEL_STUDIO_PINS = (f"label-studio=={LABEL_STUDIO_VERSION}", "sentry-sdk>=2.16,<3")
 VENV_ENV = "TEXTGATE_LABEL_STUDIO_VENV"
 HOME = Path(".textgate") / "label-studio"
 USER = "textgate@localhost"
@@ -58,7 +61,7 @@ def install(root: Path) -> Path:
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run(
             [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-             f"label-studio=={LABEL_STUDIO_VERSION}"],
+             *LABEL_STUDIO_PINS],
             check=True,
         )  # fmt: skip
     except subprocess.CalledProcessError as error:
@@ -182,4 +185,8 @@ class Client:
         self._call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result})
 
     def export(self, project: int) -> list[dict[str, Any]]:
-        return self._call("GET", f"/api/projects/{project}/export", params={"exportType": "JSON"})
+        return self._call(
+            "GET",
+            f"/api/projects/{project}/export",
+            params={"exportType": "JSON", "download_all_tasks": "true"},
+        )
