@@ -152,7 +152,7 @@ def request_record(
         "best_label": best_label,
         "score": score,
         "abstained": abstained,
-        **({} if margin is None else {"margin": margin}),
+        "margin": margin,
     }
 
 
