@@ -32,7 +32,10 @@ Environment:
   A key of only whitespace is a startup error (it would otherwise turn authentication off);
   the server logs at start whether authentication is on, and the OpenAPI document declares
   both headers as security schemes when it is.
-- `TEXTGATE_RUNTIME`: `auto` (default), `torch` or `onnx`.
+- `TEXTGATE_RUNTIME`: `auto`, `torch` or `onnx`; when unset, the bento argument `runtime`
+  that tasks.package records (`onnx` in a CPU bento, which carries neither torch nor
+  transformers: bentos/bentofile.yaml; `torch` in one built from bentos/bentofile.torch.yaml),
+  else `auto`.
 - `TEXTGATE_WORKERS`: worker processes (default min(2, CPUs)).
 - `TEXTGATE_THREADS`: compute threads per worker (default: the CPUs shared out between the
   workers, 1 to 4 each, so workers x threads never exceeds the cores: see
@@ -261,6 +264,14 @@ def configured_model_tag() -> str:
     )
 
 
+def configured_runtime() -> str:
+    """The runtime to load the model with: `TEXTGATE_RUNTIME` when set, else the bento
+    argument `runtime` that tasks.package records (onnx for a CPU bento, which carries no
+    torch), else auto (textgate.runtime.load_classifier)."""
+    arguments = bentoml.use_arguments()
+    return os.environ.get(RUNTIME_ENV, "").strip() or getattr(arguments, "runtime", None) or "auto"
+
+
 def configured_api_key() -> str | None:
     """`TEXTGATE_API_KEY` without surrounding whitespace; None when unset or empty.
 
@@ -431,7 +442,7 @@ class TextgateService:
         self.model_tag = str(stored.tag)
         _check_recorded_in_bento(self.model_tag)
         threads = default_threads(_positive_env_int(WORKERS_ENV, default_workers()))
-        runtime = os.environ.get(RUNTIME_ENV, "auto").strip() or "auto"
+        runtime = configured_runtime()
         self.classifier = load_classifier(stored.path, runtime=runtime, threads=threads)
         max_bytes, backups = request_log_rotation()
         self.request_log = RequestLog(request_log_path(), max_bytes=max_bytes, backups=backups)
