@@ -129,7 +129,7 @@ from textgate.runtime import (  # noqa: E402
     default_workers,
     load_classifier,
 )
-from textgate.text import clean_text, normalise_text  # noqa: E402
+from textgate.text import normalise_text  # noqa: E402
 
 logger = logging.getLogger("bentoml.textgate")
 
@@ -472,12 +472,12 @@ class TextgateService:
     )
     def classify(self, texts: Texts) -> list[Classification]:
         """Classify each text; one result per text, in the order given."""
-        predictions = self.classifier.predict(
-            [str(text) for text in texts], batch_size=SETTINGS.batch_size
-        )
+        # Cleaned once: the model's input is also what the request log records.
+        cleaned = self.classifier.clean([str(text) for text in texts])
+        predictions = self.classifier.predict(cleaned, batch_size=SETTINGS.batch_size, cleaned=True)
         ts = datetime.now(UTC).isoformat(timespec="milliseconds")
         records = []
-        for text, prediction in zip(texts, predictions, strict=True):
+        for text, seen, prediction in zip(texts, cleaned, predictions, strict=True):
             self.predictions.labels(label=prediction.label).inc()
             if prediction.abstained:
                 self.abstentions.inc()
@@ -486,7 +486,7 @@ class TextgateService:
                     ts=ts,
                     request_id=getattr(text, "request_id", None),
                     model_tag=self.model_tag,
-                    text=clean_text(str(text), redact=self.classifier.redact_pii),
+                    text=seen,
                     label=prediction.label,
                     best_label=prediction.best_label,
                     score=prediction.score,

@@ -269,35 +269,47 @@ class Classifier:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
         raise NotImplementedError
 
-    def predict_logits(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    def clean(self, texts: Sequence[str]) -> list[str]:
+        """The texts as the model sees them: the same cleaning (and PII redaction) as training."""
+        return [clean_text(text, redact=self.redact_pii) for text in texts]
+
+    def predict_logits(
+        self, texts: Sequence[str], batch_size: int, *, cleaned: bool = False
+    ) -> np.ndarray:
         """Raw class scores for raw texts, after the same cleaning as training.
 
         Batches hold at most `batch_size` (and `max_batch_size`) texts; see `batched_logits`.
+        `cleaned=True`: the texts are already `clean`'s output (serving logs them too).
         """
-        cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
+        if not cleaned:
+            texts = self.clean(texts)
         if self.max_batch_size is not None:
             batch_size = min(batch_size, self.max_batch_size)
         return batched_logits(
             self.tokenizer,
-            cleaned,
+            texts,
             self.max_length,
             batch_size,
             self.logits_from_ids,
             len(self.labels),
         )
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    def predict_proba(
+        self, texts: Sequence[str], batch_size: int, *, cleaned: bool = False
+    ) -> np.ndarray:
         """Calibrated probabilities (softmax of logits / temperature) for raw texts."""
-        return softmax(self.predict_logits(texts, batch_size), self.temperature).astype(np.float32)
+        logits = self.predict_logits(texts, batch_size, cleaned=cleaned)
+        return softmax(logits, self.temperature).astype(np.float32)
 
-    def predict(self, texts: Sequence[str], batch_size: int) -> list[Prediction]:
+    def predict(
+        self, texts: Sequence[str], batch_size: int, *, cleaned: bool = False
+    ) -> list[Prediction]:
         """The most probable label and its probability for each raw text, in order.
 
         Below the abstention threshold the label is UNKNOWN_LABEL (`abstained=True`).
         """
-        return make_predictions(
-            self.predict_proba(texts, batch_size), self.labels, self.abstain_threshold
-        )
+        probabilities = self.predict_proba(texts, batch_size, cleaned=cleaned)
+        return make_predictions(probabilities, self.labels, self.abstain_threshold)
 
     def explain(self, text: str) -> Explanation:
         """The prediction for one raw text (exactly `predict`'s) and each token's share in it."""

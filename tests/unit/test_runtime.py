@@ -439,3 +439,11 @@ def test_cuda_is_not_asked_of_torch_without_an_nvidia_device(
     assert runtime.cuda_usable() is True
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert runtime.cuda_usable() is False
+
+
+def test_predicting_cleaned_texts_answers_as_predicting_raw_ones(int8_export: dict) -> None:
+    classifier = OnnxClassifier(int8_export["model_dir"])
+    texts = [*TEXTS[:4], "mail jo@example.com or call +44 20 7946 0958"]
+    cleaned = classifier.clean(texts)
+    assert cleaned[-1] != texts[-1]  # redacted
+    assert classifier.predict(cleaned, 64, cleaned=True) == classifier.predict(texts, 64)
