@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.common import json_line, log, machine_info, positive_int
 from textgate.config import PARAMS_FILE
-from textgate.runtime import OnnxClassifier, session_options
+from textgate.runtime import THREADS_ENV, OnnxClassifier, session_options
 
 # name -> what it changes in the serving options (applied to a fresh SessionOptions).
 VARIANTS: dict[str, Callable[[Any], None]] = {
@@ -142,9 +142,14 @@ def profile_service(model_tag: str, texts: Sequence[str], requests: int) -> dict
     """The service's per-request cost in process: classify vs predict vs the forward pass."""
     import tempfile
 
-    os.environ.setdefault("TEXTGATE_THREADS", "1")
-    os.environ["TEXTGATE_MODEL_TAG"] = model_tag
-    os.environ["TEXTGATE_REQUEST_LOG"] = str(Path(tempfile.mkdtemp()) / "requests.jsonl")
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from textgate.requestlog import REQUEST_LOG_ENV
+
+    os.environ.setdefault(THREADS_ENV, "1")
+    os.environ[REQUEST_LOG_ENV] = str(Path(tempfile.mkdtemp()) / "requests.jsonl")
+    # As a built bento passes them (the service reads them when imported).
+    BentoMLContainer.bento_arguments.set({"model_tag": model_tag, "runtime": "onnx"})
     import bentos.service as service
 
     instance = service.TextgateService()
