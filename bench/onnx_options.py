@@ -157,7 +157,7 @@ def profile_service(model_tag: str, texts: Sequence[str], requests: int) -> dict
     sample = [texts[i % len(texts)] for i in range(requests)]
     timings = {}
     for name, call in (
-        ("forward pass only (logits_from_ids)", lambda t: classifier.predict_logits([t], 1)),
+        ("clean, tokenize, forward (predict_logits)", lambda t: classifier.predict_logits([t], 1)),
         ("classifier.predict", lambda t: classifier.predict([t], 64)),
         ("service classify (validation excluded)", lambda t: instance.classify([t])),
     ):
