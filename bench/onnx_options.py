@@ -8,7 +8,7 @@ same token count. For each it prints the session's load time, texts/s, the ratio
 baseline, and how far its logits are from the baseline's (a variant that changes answers
 cannot be kept: serving must answer as evaluated). Then it profiles the service's own
 per-request work in process (`TextgateService.classify` on one text, against the classifier's
-`predict` alone and the bare forward pass) and prints the top functions by cumulative time.
+`predict` alone and its `predict_logits`) and prints the top functions by their own time.
 The last line printed on stdout is one JSON object.
 
     python -m bench.onnx_options --model-dir DIR [--texts 1000] [--repeats 3]
