@@ -4,10 +4,12 @@ Both servers are started for real and driven with the same load: `--concurrency`
 `--requests` timed requests of `--texts-per-request` test-split texts each, after untimed
 warm-up requests. The timed requests are split into `--rounds` rounds in which the servers take
 turns (never both under load at once), so other load on the host weighs on both alike. For
-each server it prints throughput, p50/p95/p99 latency and errors, then the bento/baseline
-ratios and the targets (>= 3x throughput, p99 no worse, no errors); with `--soak S`, the bento
-is then driven alone for S seconds and the RSS of its process tree at the start and end is
-reported (growth under 10%). The last line printed on stdout is one JSON object with every figure.
+each server it prints throughput, p50/p95/p99 latency and errors, its start-to-ready time
+(launch to the first 200 from `/readyz`) and the RSS of all its processes after the load,
+then the bento/baseline ratios and the targets (>= 4.5x throughput, p99 no worse, no errors,
+the bento's RSS <= 700 MiB and start <= 5 s); with `--soak S`, the bento is then driven alone
+for S seconds and the RSS of its process tree at the start and end is reported (growth under
+10%). The last line printed on stdout is one JSON object with every figure.
 
     python -m bench.serve [--bento TAG] [--requests 2000] [--concurrency N] [--soak 60]
 
@@ -57,12 +59,15 @@ BASELINE_THREADS_ENV = "TEXTGATE_BASELINE_THREADS"
 # (falling back to the old name): both are set, to the same value.
 BENTO_THREADS_ENVS = (THREADS_ENV, LEGACY_THREADS_ENV)
 
-MIN_THROUGHPUT_RATIO = 3.0  # bento throughput / baseline throughput
+MIN_THROUGHPUT_RATIO = 4.5  # bento throughput / baseline throughput
 MAX_P99_RATIO = 1.0  # bento p99 / baseline p99: no worse
 MAX_ERRORS = 0
+MAX_RSS_MB = 700.0  # the bento's processes together, after the load
+MAX_START_S = 5.0  # `bentoml serve` launched -> /readyz answers 200
 MAX_RSS_GROWTH_PCT = 10.0
 
 READY_TIMEOUT_S = 120.0
+READY_POLL_S = 0.1
 RSS_SAMPLE_INTERVAL_S = 5.0
 ERROR_SAMPLES = 5
 MIB = 1024 * 1024
@@ -220,10 +225,12 @@ def label_agreement(first: LoadResult, second: LoadResult) -> float:
 
 @dataclass(frozen=True)
 class Server:
-    """A running server: its base URL and its root process (workers are its descendants)."""
+    """A running server: its base URL, its root process (workers are its descendants) and the
+    seconds from its launch to its first 200 from `/readyz`."""
 
     url: str
     pid: int
+    start_s: float = math.nan
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -280,13 +287,14 @@ def serve_baseline(
     command = [sys.executable, "-m", "uvicorn", BASELINE_APP, "--app-dir", str(ROOT)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--no-access-log", "--log-level", "warning"]
+    launched = time.perf_counter()
     with start_process(command, env=env, cwd=workdir, log_path=log, name="the baseline") as process:
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(process, f"{url}/readyz", ready_timeout_s)
+            wait_ready(process, f"{url}/readyz", ready_timeout_s, poll_s=READY_POLL_S)
         except ProcessStartError as error:
             raise ServedCheckError(str(error)) from error
-        yield Server(url=url, pid=process.pid)
+        yield Server(url=url, pid=process.pid, start_s=time.perf_counter() - launched)
 
 
 @contextmanager
@@ -302,13 +310,15 @@ def serve_bento_server(bento_tag: str, *, threads: int | None, workdir: Path) ->
         if threads is None
         else {**thread_env(threads), **dict.fromkeys(BENTO_THREADS_ENVS, str(threads))}
     )
+    launched = time.perf_counter()
     with serve_bento(bento_tag, workdir=workdir, env=env, ready_timeout_s=READY_TIMEOUT_S) as url:
+        start_s = time.perf_counter() - launched
         started = [child for child in psutil.Process().children() if child.pid not in before]
         if len(started) != 1:
             raise ServedCheckError(
                 f"expected one new `bentoml serve` process, found {[p.pid for p in started]}"
             )
-        yield Server(url=url, pid=started[0].pid)
+        yield Server(url=url, pid=started[0].pid, start_s=start_s)
 
 
 # --- the benchmark ---------------------------------------------------------------------------
@@ -406,6 +416,8 @@ class Measured:
         ok = summary["ok"]
         summary["cpu_ms_per_request"] = self.cpu_s * 1000 / ok if ok else math.nan
         summary["rss_mb"] = tree_rss_bytes(processes) / MIB
+        summary["processes"] = len(processes)
+        summary["start_s"] = self.server.start_s
         summary["round_throughput_rps"] = self.round_rps
         return summary
 
@@ -525,6 +537,9 @@ def evaluate_targets(
         "p99_ratio": check(p99, MAX_P99_RATIO, p99 <= MAX_P99_RATIO),
         "errors": check(bento["errors"], MAX_ERRORS, bento["errors"] <= MAX_ERRORS),
     }
+    for key, limit in (("rss_mb", MAX_RSS_MB), ("start_s", MAX_START_S)):
+        if key in bento:  # NaN (not measured) fails
+            checks[key] = check(bento[key], limit, bento[key] <= limit)
     if soak_summary is not None:
         growth = soak_summary["rss_growth_pct"]
         checks["soak_rss_growth_pct"] = check(
@@ -573,7 +588,9 @@ def format_report(report: dict[str, Any]) -> str:
         ("p99 latency (ms)", "p99_ms", "{:.1f}", True),
         ("max latency (ms)", "max_ms", "{:.1f}", False),
         ("server CPU/request (ms)", "cpu_ms_per_request", "{:.1f}", True),
-        ("server RSS after (MiB)", "rss_mb", "{:.0f}", False),
+        ("server RSS after (MiB)", "rss_mb", "{:.0f}", True),
+        ("server processes", "processes", "{:.0f}", False),
+        ("start to ready (s)", "start_s", "{:.1f}", True),
     ]
 
     def cell(summary: dict[str, Any], key: str, pattern: str) -> str:
@@ -613,11 +630,19 @@ def format_report(report: dict[str, Any]) -> str:
             f"-> {soak_summary['rss_end_mb']:.0f} MiB (peak {soak_summary['rss_peak_mb']:.0f}), "
             f"growth {soak_summary['rss_growth_pct']:+.1f}%"
         )
+    machine = report.get("machine", {})
+    if "load_average" in machine:
+        lines.append(
+            f"load average (1/5/15 min): {machine['load_average']} at the start, "
+            f"{machine.get('load_average_end', 'n/a')} at the end"
+        )
     targets = report["targets"]
     descriptions = {  # title, value format, threshold format
         "throughput_ratio": ("bento/baseline throughput", "{:.2f}x", ">= {:.1f}x"),
         "p99_ratio": ("bento/baseline p99 latency", "{:.2f}x", "<= {:.1f}x"),
         "errors": ("bento errors", "{:.0f}", "<= {:.0f}"),
+        "rss_mb": ("bento RSS, all processes", "{:.0f} MiB", "<= {:.0f} MiB"),
+        "start_s": ("bento start to ready", "{:.1f} s", "<= {:.1f} s"),
         "soak_rss_growth_pct": ("soak RSS growth", "{:+.1f}%", "< {:.0f}%"),
         "soak_errors": ("soak errors", "{:.0f}", "<= {:.0f}"),
     }
@@ -636,7 +661,7 @@ def run(options: Options) -> dict[str, Any]:
     """Benchmark the baseline, then the bento (then soak it); return the report."""
     texts = load_texts(options.params)
     bento_tag, model_tag, model_dir = bento_model(options.bento or production_bento(options.params))
-    machine = machine_info("torch", "transformers", "bentoml")
+    machine = machine_info("torch", "transformers", "bentoml", "onnxruntime", "tokenizers")
     config = {
         "bento_tag": bento_tag,
         "model_tag": model_tag,
@@ -676,6 +701,7 @@ def run(options: Options) -> dict[str, Any]:
             if options.soak_s > 0:
                 log(f"bento: soak for {options.soak_s:.0f} s")
                 soak_summary = asyncio.run(soak(bento_server, texts, options))
+    machine["load_average_end"] = [round(value, 2) for value in os.getloadavg()]
     return build_report(
         bento=bento,
         baseline=baseline,

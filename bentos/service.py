@@ -32,7 +32,10 @@ Environment:
   A key of only whitespace is a startup error (it would otherwise turn authentication off);
   the server logs at start whether authentication is on, and the OpenAPI document declares
   both headers as security schemes when it is.
-- `TEXTGATE_RUNTIME`: `auto` (default), `torch` or `onnx`.
+- `TEXTGATE_RUNTIME`: `auto`, `torch` or `onnx`; when unset, the bento argument `runtime`
+  that tasks.package records (`onnx` in a CPU bento, which carries neither torch nor
+  transformers: bentos/bentofile.yaml; `torch` in one built from bentos/bentofile.torch.yaml),
+  else `auto`.
 - `TEXTGATE_WORKERS`: worker processes (default min(2, CPUs)).
 - `TEXTGATE_THREADS`: compute threads per worker (default: the CPUs shared out between the
   workers, 1 to 4 each, so workers x threads never exceeds the cores: see
@@ -126,7 +129,7 @@ from textgate.runtime import (  # noqa: E402
     default_workers,
     load_classifier,
 )
-from textgate.text import clean_text, normalise_text  # noqa: E402
+from textgate.text import normalise_text  # noqa: E402
 
 logger = logging.getLogger("bentoml.textgate")
 
@@ -259,6 +262,14 @@ def configured_model_tag() -> str:
         or os.environ.get(MODEL_TAG_ENV)
         or f"{SETTINGS.model_name}:latest"
     )
+
+
+def configured_runtime() -> str:
+    """The runtime to load the model with: `TEXTGATE_RUNTIME` when set, else the bento
+    argument `runtime` that tasks.package records (onnx for a CPU bento, which carries no
+    torch), else auto (textgate.runtime.load_classifier)."""
+    arguments = bentoml.use_arguments()
+    return os.environ.get(RUNTIME_ENV, "").strip() or getattr(arguments, "runtime", None) or "auto"
 
 
 def configured_api_key() -> str | None:
@@ -431,7 +442,7 @@ class TextgateService:
         self.model_tag = str(stored.tag)
         _check_recorded_in_bento(self.model_tag)
         threads = default_threads(_positive_env_int(WORKERS_ENV, default_workers()))
-        runtime = os.environ.get(RUNTIME_ENV, "auto").strip() or "auto"
+        runtime = configured_runtime()
         self.classifier = load_classifier(stored.path, runtime=runtime, threads=threads)
         max_bytes, backups = request_log_rotation()
         self.request_log = RequestLog(request_log_path(), max_bytes=max_bytes, backups=backups)
@@ -461,12 +472,12 @@ class TextgateService:
     )
     def classify(self, texts: Texts) -> list[Classification]:
         """Classify each text; one result per text, in the order given."""
-        predictions = self.classifier.predict(
-            [str(text) for text in texts], batch_size=SETTINGS.batch_size
-        )
+        # Cleaned once: the model's input is also what the request log records.
+        cleaned = self.classifier.clean([str(text) for text in texts])
+        predictions = self.classifier.predict(cleaned, batch_size=SETTINGS.batch_size, cleaned=True)
         ts = datetime.now(UTC).isoformat(timespec="milliseconds")
         records = []
-        for text, prediction in zip(texts, predictions, strict=True):
+        for text, seen, prediction in zip(texts, cleaned, predictions, strict=True):
             self.predictions.labels(label=prediction.label).inc()
             if prediction.abstained:
                 self.abstentions.inc()
@@ -475,7 +486,7 @@ class TextgateService:
                     ts=ts,
                     request_id=getattr(text, "request_id", None),
                     model_tag=self.model_tag,
-                    text=clean_text(str(text), redact=self.classifier.redact_pii),
+                    text=seen,
                     label=prediction.label,
                     best_label=prediction.best_label,
                     score=prediction.score,

@@ -1,8 +1,11 @@
 """Package: save a trained model directory into the BentoML model store and build its bento.
 
 The bento is pinned to the exact model saved here (the bento argument `model_tag`), so it
-keeps serving that model after newer ones are saved; the service's settings from params
-(`textgate.config.ServiceSettings`) are recorded in it as bento arguments too. The stores
+keeps serving that model after newer ones are saved, and to its runtime (the argument
+`runtime`: the CPU bento, bentos/bentofile.yaml, serves the ONNX export without torch;
+bentos/bentofile.torch.yaml serves with PyTorch; `package.runtime` picks); the service's
+settings from params (`textgate.config.ServiceSettings`) are recorded in it as bento
+arguments too. The stores
 are BentoML's own, under `BENTOML_HOME` (default `~/bentoml`).
 """
 
@@ -31,6 +34,7 @@ from textgate.artifacts import (
 from textgate.config import Params, ServiceSettings
 from textgate.errors import TextgateError
 from textgate.io import read_json
+from textgate.runtime import onnx_file
 
 # The build context: the service's import path and the bentofile's `include` patterns are
 # relative to it, and a relative `package.bentofile` is resolved against it.
@@ -62,7 +66,8 @@ def package_model(
 
     Args:
         model_dir: a complete textgate model directory (see textgate.model).
-        params: `package.model_name` names the model, `package.bentofile` is the build file.
+        params: `package.model_name` names the model; `package.runtime` picks the build file
+            (`serving_runtime`).
         metrics: evaluation metrics, stored in the model's metadata.
         lineage: where the model came from (data hashes, commit, run ids), also metadata.
         build_ctx: the project the bento's code comes from; a relative bentofile is under it.
@@ -75,20 +80,20 @@ def package_model(
     for name in (LABEL_MAP_FILE, TRAINING_FILE):
         if not (model_dir / name).is_file():
             raise PackageError(f"{model_dir} is not a textgate model directory (no {name})")
-    bentofile = params.package.bentofile
-    if not bentofile.is_absolute():
-        bentofile = build_ctx / bentofile
-    if not bentofile.is_file():
-        raise PackageError(f"package.bentofile: {bentofile} not found")
+    runtime, bentofile = serving_runtime(model_dir, params, build_ctx)
 
     model_tag = _save_model(model_dir, params.package.model_name, metrics, lineage)
     try:
         bento = bentoml.bentos.build_bentofile(
             str(bentofile),
             build_ctx=str(build_ctx),
-            labels={"project": PROJECT, "model": model_tag},
+            labels={"project": PROJECT, "model": model_tag, "runtime": runtime},
             # The service's settings from params (a bento carries no params.yaml).
-            args={"model_tag": model_tag, **ServiceSettings.from_params(params).model_dump()},
+            args={
+                "model_tag": model_tag,
+                "runtime": runtime,
+                **ServiceSettings.from_params(params).model_dump(),
+            },
             # The service module reads the model tag when imported: re-import it so a second
             # package in the same process does not reuse the previous model's tag.
             reload=True,
@@ -99,6 +104,35 @@ def package_model(
             raise PackageError(f"building the bento from {bentofile} failed: {error}") from error
         raise
     return PackageResult(model_tag=model_tag, bento_tag=str(bento.tag))
+
+
+def serving_runtime(model_dir: Path, params: Params, build_ctx: Path) -> tuple[str, Path]:
+    """The runtime the bento serves with ("onnx" or "torch") and the bentofile that builds it.
+
+    `package.runtime`: onnx builds `package.bentofile` (ONNX Runtime, no torch: the model
+    needs its ONNX export), torch builds `package.torch_bentofile`, auto is onnx when the model
+    has an ONNX export and torch otherwise.
+
+    Raises:
+        PackageError: onnx is asked for a model without an ONNX export, or the bentofile is
+            missing.
+    """
+    exported = onnx_file(model_dir) is not None
+    runtime = params.package.runtime
+    if runtime == "auto":
+        runtime = "onnx" if exported else "torch"
+    if runtime == "onnx" and not exported:
+        raise PackageError(
+            f"package.runtime is onnx but {model_dir} has no ONNX export: train with "
+            "train.quantize: int8, or set package.runtime: torch (or auto)"
+        )
+    key = "bentofile" if runtime == "onnx" else "torch_bentofile"
+    bentofile = getattr(params.package, key)
+    if not bentofile.is_absolute():
+        bentofile = build_ctx / bentofile
+    if not bentofile.is_file():
+        raise PackageError(f"package.{key}: {bentofile} not found")
+    return runtime, bentofile
 
 
 def package_candidate(root: Path, params: Params, lineage: dict[str, Any]) -> PackageResult:

@@ -199,7 +199,9 @@ class GateConfig(_Section):
 
 class PackageConfig(_Section):
     model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    bentofile: FilePath
+    bentofile: FilePath  # the CPU bento: ONNX Runtime, no torch
+    torch_bentofile: FilePath  # the PyTorch bento (GPU serving)
+    runtime: Literal["auto", "onnx", "torch"]  # auto: onnx when the model has an ONNX export
 
 
 class RegistryConfig(_Section):

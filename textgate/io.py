@@ -9,11 +9,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from textgate.errors import DataError
+
+if TYPE_CHECKING:  # pandas is imported where tables are read: serving reads none
+    import pandas as pd
 
 SUPPORTED_SUFFIXES = (".csv", ".parquet", ".pq")
 # Separators spreadsheet exports use: comma, semicolon (locales with a decimal comma), tab, pipe.
@@ -40,6 +41,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     Raises:
         DataError: the file is missing, has an unsupported suffix, is not UTF-8 or is malformed.
     """
+    import pandas as pd
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -75,6 +78,8 @@ def read_labelled(path: str | Path, text_column: str, label_column: str) -> pd.D
     Raises:
         DataError: a required column is missing or the table has no rows.
     """
+    import pandas as pd
+
     frame = read_table(path)
     missing = [column for column in (text_column, label_column) if column not in frame.columns]
     if missing:

@@ -3,6 +3,11 @@
 On a small CPU the int8 ONNX export answers several times faster than eager fp32 PyTorch, so
 serving uses it when the model directory has one; on a GPU, PyTorch on CUDA.
 
+The ONNX path imports neither torch nor transformers (its tokenizer is the model's own
+`tokenizer.json` run by `tokenizers`: textgate.tokenizer), so a CPU bento need not carry them;
+torch is imported only when the torch runtime is chosen, or to ask whether CUDA is usable
+where an NVIDIA device is present.
+
 `textgate.export.export_onnx` (a build-time step, kept apart so serving needs only ONNX
 Runtime) adds `onnx/model.int8.onnx`, or `onnx/model.onnx` without quantization, to a model
 directory; this module finds and runs it.
@@ -10,22 +15,17 @@ directory; this module finds and runs it.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-import torch
-from transformers import AutoTokenizer
 
 from textgate.errors import DataError
-from textgate.model import (
-    MAX_EXPLAIN_CHARS,
-    Classifier,
-    Explanation,
-    Prediction,
-    TextClassifier,
-)
+from textgate.inference import MAX_EXPLAIN_CHARS, Classifier, Explanation, Prediction
+from textgate.tokenizer import FastTokenizer
 
 __all__ = [
     "MAX_EXPLAIN_CHARS",
@@ -39,9 +39,11 @@ __all__ = [
     "OnnxClassifier",
     "Prediction",
     "Runtime",
+    "cuda_usable",
     "default_threads",
     "load_classifier",
     "onnx_file",
+    "session_options",
     "share_cpus",
     "usable_cpus",
 ]
@@ -123,10 +125,25 @@ def onnx_file(model_dir: str | Path) -> Path | None:
     return None
 
 
+def session_options(threads: int) -> Any:
+    """ONNX Runtime's options for one inference process with `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 class OnnxClassifier(Classifier):
     """A model directory's ONNX export loaded with ONNX Runtime: clean, tokenize, predict.
 
-    The same interface and preprocessing as `textgate.model.TextClassifier`.
+    The same interface and preprocessing as `textgate.model.TextClassifier`, without torch or
+    transformers: the tokenizer is the directory's `tokenizer.json` (textgate.tokenizer).
+    `outputs_from_ids` returns every output of the graph by name; `logits_from_ids`, from which
+    predictions and explanations follow (textgate.inference.Classifier), takes "logits".
     """
 
     def __init__(self, model_dir: str | Path, *, threads: int | None = None) -> None:
@@ -142,15 +159,12 @@ class OnnxClassifier(Classifier):
         self.onnx_path = path
         self.runtime = "onnx-int8" if path.name == Path(ONNX_INT8).name else "onnx-fp32"
         self.threads = _threads(threads)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = ort.InferenceSession(
+            str(path), session_options(self.threads), providers=providers
+        )
         if self.session.get_providers()[0] == "CPUExecutionProvider":
             # One text per forward pass on CPUs. Batching buys nothing here (the matrix
             # products of one short text already keep a core busy) and padding costs: on the
@@ -159,15 +173,17 @@ class OnnxClassifier(Classifier):
             # the texts it is batched with (int8 activations are quantised per call).
             self.max_batch_size = 1
         self.input_names = [node.name for node in self.session.get_inputs()]
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.output_names = [node.name for node in self.session.get_outputs()]
+        self.tokenizer = FastTokenizer(self.model_dir)
 
-    def logits_from_ids(
+    def outputs_from_ids(
         self,
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         token_type_ids: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
+    ) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (e.g. "logits": (batch, labels)) for (batch,
+        tokens) ids."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if token_type_ids is None:
             token_type_ids = np.zeros_like(input_ids)
@@ -176,8 +192,37 @@ class OnnxClassifier(Classifier):
             "attention_mask": np.asarray(attention_mask, dtype=np.int64),
             "token_type_ids": np.asarray(token_type_ids, dtype=np.int64),
         }
-        (logits,) = self.session.run(["logits"], {name: given[name] for name in self.input_names})
-        return np.asarray(logits, dtype=np.float32)
+        outputs = self.session.run(
+            self.output_names, {name: given[name] for name in self.input_names}
+        )
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def logits_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
+        outputs = self.outputs_from_ids(input_ids, attention_mask, token_type_ids)
+        return np.asarray(outputs["logits"], dtype=np.float32)
+
+
+def cuda_usable() -> bool:
+    """Whether PyTorch is installed and can use a CUDA device.
+
+    torch is imported only where an NVIDIA device is present (its device files or driver),
+    so the answer on a CPU-only machine, or in a bento without torch, costs no torch import.
+    """
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    if not glob.glob("/dev/nvidia[0-9]*") and not glob.glob("/proc/driver/nvidia/gpus/*"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def load_classifier(
@@ -185,9 +230,11 @@ def load_classifier(
 ) -> Classifier:
     """Load a model directory for inference with the requested runtime.
 
-    "onnx": ONNX Runtime on the directory's ONNX export (DataError if it has none).
+    "onnx": ONNX Runtime on the directory's ONNX export (DataError if it has none); imports
+    neither torch nor transformers.
     "torch": PyTorch, on CUDA when available; on the CPU with `threads` intra-op threads.
-    "auto": PyTorch on CUDA when a GPU is present, else ONNX when exported, else PyTorch.
+    "auto": PyTorch on CUDA when a GPU is usable (`cuda_usable`), else ONNX when exported,
+    else PyTorch.
 
     Args:
         threads: intra-op threads; None = `default_threads()`.
@@ -196,10 +243,14 @@ def load_classifier(
         raise ValueError(f"unknown runtime {runtime!r}; choose one of 'auto', 'torch', 'onnx'")
     threads = _threads(threads)
     if runtime == "auto":
-        use_onnx = not torch.cuda.is_available() and onnx_file(model_dir) is not None
+        use_onnx = onnx_file(model_dir) is not None and not cuda_usable()
         runtime = "onnx" if use_onnx else "torch"
     if runtime == "onnx":
         return OnnxClassifier(model_dir, threads=threads)
+    import torch
+
+    from textgate.model import TextClassifier
+
     classifier = TextClassifier(model_dir)
     if classifier.device.type == "cpu":
         torch.set_num_threads(threads)

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import logsumexp
-from scipy.stats import binomtest
+
+# scipy is imported by the functions that need it: serving needs only softmax.
 
 Labels = Sequence[int] | np.ndarray
 BootstrapMetric = Literal["accuracy", "macro_f1"]
@@ -72,6 +71,9 @@ def fit_temperature(
 
     The search is a bounded scalar minimisation over log T (deterministic).
     """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
     z = np.asarray(logits, dtype=np.float64)
     if z.size == 0 or np.size(y_true) == 0:
         raise ValueError("cannot fit a temperature: no examples")
@@ -175,6 +177,8 @@ def mcnemar_p_value(y_true: Labels, pred_a: Labels, pred_b: Labels) -> float:
     A binomial test of how those discordant examples split between the models, against 50/50;
     1.0 when the models are right and wrong on exactly the same examples.
     """
+    from scipy.stats import binomtest
+
     y, a, b = _paired_labels(y_true, pred_a, pred_b, n_labels=None)
     correct_a, correct_b = a == y, b == y
     only_a = int(np.sum(correct_a & ~correct_b))

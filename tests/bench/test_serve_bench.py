@@ -138,6 +138,8 @@ def _summary(throughput: float, p99: float, errors: int = 0) -> dict[str, object
         "error_samples": ["HTTP 503: busy"] if errors else [],
         "cpu_ms_per_request": 100.0,
         "rss_mb": 500.0,
+        "processes": 3,
+        "start_s": 4.0,
     }
 
 
@@ -160,37 +162,45 @@ def _report(bento: dict, baseline: dict, soak: dict | None) -> dict:
         soak_summary=soak,
         agreement=1.0,
         config={"requests": 100},
-        machine={"cpu_count": 2, "platform": "test"},
+        machine={"cpu_count": 2, "platform": "test", "load_average": [0.5, 0.4, 0.3]},
     )
 
 
 def test_targets_met() -> None:
-    report = _report(_summary(40.0, 900.0), _summary(10.0, 1000.0), _soak(2.0))
+    report = _report(_summary(50.0, 900.0), _summary(10.0, 1000.0), _soak(2.0))
     targets = report["targets"]
-    assert report["throughput_ratio"] == pytest.approx(4.0)
+    assert report["throughput_ratio"] == pytest.approx(5.0)
     assert report["p99_ratio"] == pytest.approx(0.9)
     assert targets["passed"]
     assert set(targets) == {
         "throughput_ratio",
         "p99_ratio",
         "errors",
+        "rss_mb",
+        "start_s",
         "soak_rss_growth_pct",
         "soak_errors",
         "passed",
     }
     text = bench.format_report(report)
     assert "[FAIL]" not in text and "all targets met: yes" in text
-    assert "[pass] bento/baseline throughput: 4.00x (target >= 3.0x)" in text
+    assert "[pass] bento/baseline throughput: 5.00x (target >= 4.5x)" in text
+    assert "[pass] bento RSS, all processes: 500 MiB (target <= 700 MiB)" in text
+    assert "[pass] bento start to ready: 4.0 s (target <= 5.0 s)" in text
+    assert "load average (1/5/15 min): [0.5, 0.4, 0.3] at the start" in text
     assert "[pass] soak RSS growth: +2.0% (target < 10%)" in text
 
 
 @pytest.mark.parametrize(
     ("bento", "soak", "failed"),
     [
-        (_summary(25.0, 900.0), None, "throughput_ratio"),  # 2.5x < 3x
-        (_summary(40.0, 1100.0), None, "p99_ratio"),  # slower tail than the baseline
-        (_summary(40.0, 900.0, errors=1), None, "errors"),
-        (_summary(40.0, 900.0), _soak(12.0), "soak_rss_growth_pct"),
+        (_summary(40.0, 900.0), None, "throughput_ratio"),  # 4x < 4.5x
+        (_summary(50.0, 1100.0), None, "p99_ratio"),  # slower tail than the baseline
+        (_summary(50.0, 900.0, errors=1), None, "errors"),
+        (_summary(50.0, 900.0) | {"rss_mb": 701.0}, None, "rss_mb"),
+        (_summary(50.0, 900.0) | {"start_s": 5.1}, None, "start_s"),
+        (_summary(50.0, 900.0) | {"start_s": math.nan}, None, "start_s"),  # not measured
+        (_summary(50.0, 900.0), _soak(12.0), "soak_rss_growth_pct"),
         (_summary(0.0, math.nan, errors=100), None, "p99_ratio"),  # nothing answered
     ],
 )

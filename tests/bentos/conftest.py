@@ -6,7 +6,7 @@ torch runtime (answers are compared with the torch model offline) and a request 
 temporary directory.
 
 `guarded_server`: a model with an abstention threshold no text reaches and an int8 ONNX
-export, served with an API key, the default runtime (which picks ONNX), the former thread
+export, served with an API key, the CPU bento's own runtime (ONNX, no torch), the former thread
 variable and the default request log path.
 
 Each server gets a BentoML home of its own (a copy of the store's entries it needs): BentoML

@@ -170,9 +170,10 @@ def test_startup_logs_the_runtime_and_threads(server: Server, guarded_server: Se
     log = server.serve_log.read_text(encoding="utf-8", errors="replace")
     assert f"textgate serves {server.model_tag} with runtime torch" in log
     assert "(requested torch), 1 threads" in log
-    # "auto" picks the ONNX export; the former variable TEXTGATE_TORCH_THREADS is still read.
+    # With TEXTGATE_RUNTIME empty, the CPU bento's own argument (onnx) decides; the former
+    # variable TEXTGATE_TORCH_THREADS is still read.
     guarded_log = guarded_server.serve_log.read_text(encoding="utf-8", errors="replace")
-    assert "with runtime onnx-int8 (requested auto), 1 threads" in guarded_log
+    assert "with runtime onnx-int8 (requested onnx), 1 threads" in guarded_log
 
 
 @slow

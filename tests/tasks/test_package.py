@@ -44,6 +44,7 @@ def test_each_bento_is_pinned_to_its_own_model(packaged_twice, params: Params) -
         # The bento arguments the service reads when the bento is served: params' values.
         assert bento.info.args == {
             "model_tag": result.model_tag,
+            "runtime": "torch",  # the tiny model has no ONNX export (package.runtime: auto)
             "model_name": params.package.model_name,
             "max_text_chars": params.validate_.max_text_chars,
             "batch_size": params.evaluate.batch_size,

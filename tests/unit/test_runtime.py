@@ -119,9 +119,12 @@ def test_int8_export_keeps_only_the_file_serving_loads(int8_export: dict) -> Non
 
 
 def test_onnx_inputs_are_the_tokenizer_inputs_with_dynamic_axes(fp32_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
     classifier = OnnxClassifier(fp32_dir)
     inputs = classifier.session.get_inputs()
-    assert [node.name for node in inputs] == list(classifier.tokenizer.model_input_names)
+    expected = AutoTokenizer.from_pretrained(fp32_dir).model_input_names
+    assert [node.name for node in inputs] == list(expected)
     assert all(node.shape == ["batch", "sequence"] for node in inputs)
     assert [node.name for node in classifier.session.get_outputs()] == ["logits"]
 
@@ -389,3 +392,58 @@ def test_an_explanation_answers_exactly_what_prediction_answers(
         explanation = classifier.explain(text)
         explained = (explanation.label, explanation.score, explanation.abstained)
         assert explained == (prediction.label, prediction.score, prediction.abstained), text
+
+
+# --- the ONNX runtime without transformers --------------------------------------------------
+
+
+def test_onnx_answers_exactly_as_with_the_transformers_tokenizer(int8_export: dict) -> None:
+    """The ONNX runtime's own tokenizer (tokenizers on tokenizer.json) changes no answer."""
+    from transformers import AutoTokenizer
+
+    from textgate.tokenizer import FastTokenizer
+
+    model_dir = _copy(int8_export["model_dir"], int8_export["model_dir"].parent / "swapped")
+    lean, reference = OnnxClassifier(model_dir), OnnxClassifier(model_dir)
+    assert isinstance(lean.tokenizer, FastTokenizer)
+    reference.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [*TEXTS[:4], *TEXTS[5:], "Ünïcödé café 東京 😀", "[MASK] my card"]
+    np.testing.assert_array_equal(
+        lean.predict_logits(texts, batch_size=64), reference.predict_logits(texts, batch_size=64)
+    )
+    assert lean.predict(texts, batch_size=64) == reference.predict(texts, batch_size=64)
+    for text in texts:
+        assert lean.explain(text) == reference.explain(text), text
+
+
+def test_onnx_outputs_are_returned_by_name(int8_export: dict) -> None:
+    classifier = OnnxClassifier(int8_export["model_dir"])
+    ids = np.array([[101, 2026, 4003, 102]])
+    outputs = classifier.outputs_from_ids(ids, np.ones_like(ids))
+    assert list(outputs) == classifier.output_names == ["logits"]
+    np.testing.assert_array_equal(
+        outputs["logits"], classifier.logits_from_ids(ids, np.ones_like(ids))
+    )
+
+
+def test_cuda_is_not_asked_of_torch_without_an_nvidia_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import textgate.runtime as runtime
+
+    monkeypatch.setattr(runtime.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("torch was asked"))
+    assert runtime.cuda_usable() is False
+    monkeypatch.setattr(runtime.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.cuda_usable() is True
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert runtime.cuda_usable() is False
+
+
+def test_predicting_cleaned_texts_answers_as_predicting_raw_ones(int8_export: dict) -> None:
+    classifier = OnnxClassifier(int8_export["model_dir"])
+    texts = [*TEXTS[:4], "mail jo@example.com or call +44 20 7946 0958"]
+    cleaned = classifier.clean(texts)
+    assert cleaned[-1] != texts[-1]  # redacted
+    assert classifier.predict(cleaned, 64, cleaned=True) == classifier.predict(texts, 64)

@@ -1,0 +1,36 @@
+"""Smoke test of the ONNX Runtime options benchmark on a tiny exported model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import onnx_options
+
+pytestmark = pytest.mark.slow  # exports a model to ONNX
+
+
+def test_every_variant_is_measured_against_the_serving_options(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from textgate.export import export_onnx
+    from textgate.runtime import OnnxClassifier
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    export_onnx(model_dir)
+    classifier = OnnxClassifier(model_dir, threads=1)
+    texts = ["my card was stolen", "refund", "I cannot sign in at all today", "hi"] * 20
+    ids = onnx_options.encode(classifier, texts)
+    rows = onnx_options.compare_options(classifier.onnx_path, ids, repeats=1)
+    names = [row["variant"] for row in rows]
+    assert names[0] == "serving options" and rows[0]["ratio"] == 1.0
+    assert rows[0]["max_logit_change"] == 0.0 and rows[0]["same_label_share"] == 1.0
+    assert set(onnx_options.VARIANTS) < set(names) and any("micro-batches" in n for n in names)
+    for row in rows:
+        assert row["texts_per_s"] > 0 and row["load_s"] > 0
+        assert 0.0 <= row["same_label_share"] <= 1.0
+    # Options that only change how memory is managed must not change any answer.
+    unchanged = {row["variant"]: row["max_logit_change"] for row in rows}
+    assert unchanged["memory arena off"] == unchanged["memory patterns off"] == 0.0
