@@ -491,6 +491,7 @@ class TextgateService:
                     best_label=prediction.best_label,
                     score=prediction.score,
                     abstained=prediction.abstained,
+                    margin=prediction.margin,
                 )
             )
         self.request_log.append(records)

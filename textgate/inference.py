@@ -59,6 +59,7 @@ class Prediction:
     score: float
     abstained: bool = False
     best_label: str = ""
+    margin: float | None = None  # top-1 minus top-2 probability (the labelling loop's "close call")
 
     def __post_init__(self) -> None:
         if not self.best_label:
@@ -153,16 +154,19 @@ def make_predictions(
     `abstained=True`; None never abstains.
     """
     best = probabilities.argmax(axis=1)
+    top2 = -np.partition(-probabilities, 1, axis=1)[:, :2] if probabilities.shape[1] > 1 else None
     predictions = []
     for row, i in enumerate(best):
         score = float(probabilities[row, i])
         abstained = abstain_threshold is not None and score < abstain_threshold
+        margin = 1.0 if top2 is None else float(top2[row, 0] - top2[row, 1])
         predictions.append(
             Prediction(
                 label=UNKNOWN_LABEL if abstained else labels[i],
                 score=score,
                 abstained=abstained,
                 best_label=labels[i],
+                margin=margin,
             )
         )
     return predictions

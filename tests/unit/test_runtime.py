@@ -447,3 +447,16 @@ def test_predicting_cleaned_texts_answers_as_predicting_raw_ones(int8_export: di
     cleaned = classifier.clean(texts)
     assert cleaned[-1] != texts[-1]  # redacted
     assert classifier.predict(cleaned, 64, cleaned=True) == classifier.predict(texts, 64)
+
+
+def test_predictions_carry_the_margin_between_the_two_most_probable_labels() -> None:
+    import numpy as np
+
+    from textgate.inference import make_predictions
+
+    probabilities = np.array([[0.1, 0.6, 0.3], [0.45, 0.1, 0.45]])
+    first, second = make_predictions(probabilities, ["a", "b", "c"], abstain_threshold=0.5)
+    assert first.margin == pytest.approx(0.3) and not first.abstained
+    assert second.margin == pytest.approx(0.0) and second.abstained
+    (only,) = make_predictions(np.array([[1.0]]), ["a"])
+    assert only.margin == 1.0
