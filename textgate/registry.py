@@ -1,12 +1,12 @@
 """The production pointer and its history: one JSON file, or a shared PostgreSQL table.
 
-The file (the default, for one machine) holds every release in order (append-only); the last entry is what production
-serves. Each release says how it came about: `promote` (the pipeline, after the gate),
-`manual` (a person promoting a bento by hand) or `rollback`. A rollback is an undo: replaying
-the history as a stack (promote and manual push, rollback pops), it goes back to the entry
-below the top, and is itself appended, so the history shows it. A missing file is an empty
-registry; a corrupt or wrongly shaped file is an error, never a silent reset, because
-resetting would forget what production runs.
+The file (the default, for one machine) holds every release in order (append-only); the
+last entry is what production serves. Each release says how it came about: `promote` (the
+pipeline, after the gate), `manual` (a person promoting a bento by hand) or `rollback`. A
+rollback is an undo: replaying the history as a stack (promote and manual push, rollback
+pops), it goes back to the entry below the top, and is itself appended, so the history shows
+it. A missing file is an empty registry; a corrupt or wrongly shaped file is an error, never
+a silent reset, because resetting would forget what production runs.
 
 Several machines share one registry through PostgreSQL: set `TEXTGATE_REGISTRY` to a
 `postgresql://` URL (textgate/registry_postgres.py). The API is the same; promotions then
