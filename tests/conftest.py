@@ -122,3 +122,26 @@ def postgres_url(postgres_server) -> str:
     from tests.shared_state import fresh_database
 
     return fresh_database(postgres_server)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto's) on loopback for the session; skips without moto."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra)")
+    from tests.shared_state import moto_s3
+
+    with moto_s3(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """This process's AWS environment pointed at the session's S3 server, with a new bucket;
+    yields (server, bucket name)."""
+    import uuid
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"team-{uuid.uuid4().hex[:10]}"
+    s3_server.make_bucket(bucket)
+    return s3_server, bucket

@@ -1,0 +1,128 @@
+"""The shared S3 store on a real (moto) S3 server: `textgate remote add`, the reachability
+check, `dvc push`/`pull`, and bento export/import with clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tests.shared_state import S3_SECRET_KEY
+from tasks import remote as remote_tasks
+from tasks.remote import Remote, RemoteError
+
+
+def _git_dvc_repo(path: Path) -> Path:
+    path.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True)
+    (path / "params.yaml").write_text("{}\n")
+    return path
+
+
+def test_remote_add_writes_the_default_remote_to_dvc_config(s3_env, tmp_path: Path, capsys):
+    server, bucket = s3_env
+    repo = _git_dvc_repo(tmp_path / "repo")
+
+    code = main(
+        ["remote", "add", f"s3://{bucket}/team", "--endpoint-url", server.endpoint,
+         "--params", str(repo / "params.yaml")]
+    )  # fmt: skip
+
+    assert code == 0
+    config = (repo / ".dvc" / "config").read_text()
+    assert f"url = s3://{bucket}/team" in config and server.endpoint in config
+    assert "secret" not in config.lower() and "access" not in config.lower()
+    assert remote_tasks.read_remote(repo) == Remote(
+        "storage", f"s3://{bucket}/team", server.endpoint
+    )
+    out = capsys.readouterr()
+    assert S3_SECRET_KEY not in out.out + out.err
+
+
+@pytest.mark.parametrize("url", ["/local/dir", "s3://", "gs://bucket/x"])
+def test_remote_add_refuses_what_is_not_an_s3_url(tmp_path: Path, url: str, capsys) -> None:
+    repo = _git_dvc_repo(tmp_path / "repo")
+    assert main(["remote", "add", url, "--params", str(repo / "params.yaml")]) == 2
+    assert "s3://bucket/prefix" in capsys.readouterr().err
+    assert "storage" not in (repo / ".dvc" / "config").read_text()
+
+
+def test_an_unreachable_store_is_named_and_no_secret_shown(s3_env) -> None:
+    from textgate.process import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    remote = Remote("storage", "s3://nowhere/x", endpoint)
+
+    with pytest.raises(RemoteError) as caught:
+        remote_tasks.check_remote(remote)
+
+    message = str(caught.value)
+    assert "cannot be reached" in message and endpoint in message and "s3://nowhere/x" in message
+    assert S3_SECRET_KEY not in message
+
+
+def test_a_missing_bucket_is_refused_by_name(s3_env) -> None:
+    server, _ = s3_env
+    with pytest.raises(RemoteError, match="bucket 'no-such-bucket'"):
+        remote_tasks.check_remote(Remote("storage", "s3://no-such-bucket/x", server.endpoint))
+
+
+def test_dvc_push_then_pull_restores_data_in_a_fresh_clone(s3_env, tmp_path: Path) -> None:
+    server, bucket = s3_env
+    origin = _git_dvc_repo(tmp_path / "origin")
+    remote_tasks.add_remote(origin, f"s3://{bucket}/data", server.endpoint)
+    (origin / "data.txt").write_text("hello shared world\n")
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.txt"], cwd=origin, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=origin, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data"],
+        cwd=origin,
+        check=True,
+    )
+    remote_tasks.sync(origin, "push", print)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    assert not (clone / "data.txt").exists()
+
+    remote_tasks.sync(clone, "pull", print)
+
+    assert (clone / "data.txt").read_text() == "hello shared world\n"
+
+
+def test_a_bento_exported_to_the_store_imports_into_an_empty_store(
+    s3_env, packaged_twice, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import bentoml
+
+    server, bucket = s3_env
+    remote = Remote("storage", f"s3://{bucket}/team", server.endpoint)
+    first, _ = packaged_twice
+    remote_tasks.export_bento(remote, first.bento_tag)
+    bentoml.bentos.delete(first.bento_tag)
+    bentoml.models.delete(first.model_tag)
+
+    remote_tasks.import_bento(remote, first.bento_tag)
+
+    bento = bentoml.bentos.get(first.bento_tag)
+    assert [str(model.tag) for model in bento.info.all_models] == [first.model_tag]
+    from tasks.promote import ensure_servable
+    from textgate.registry import Release
+
+    release = Release.create(bento_tag=first.bento_tag, model_tag=first.model_tag, reason="t")
+    ensure_servable(release)  # the model is back in the model store too
+
+
+def test_a_bento_missing_from_the_store_is_a_clear_error(s3_env) -> None:
+    server, bucket = s3_env
+    remote = Remote("storage", f"s3://{bucket}/team", server.endpoint)
+
+    with pytest.raises(RemoteError) as caught:
+        remote_tasks.import_bento(remote, "textgate:nosuchversion")
+
+    message = str(caught.value)
+    assert "textgate:nosuchversion is not in the store" in message
+    assert f"s3://{bucket}/team/bentos/textgate/nosuchversion.bento" in message
