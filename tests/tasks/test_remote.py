@@ -126,3 +126,62 @@ def test_a_bento_missing_from_the_store_is_a_clear_error(s3_env) -> None:
     message = str(caught.value)
     assert "textgate:nosuchversion is not in the store" in message
     assert f"s3://{bucket}/team/bentos/textgate/nosuchversion.bento" in message
+
+
+def _workspace_with_remote(tmp_path: Path, s3_env, releases: int) -> tuple[Path, Path]:
+    """A git+DVC workspace whose remote is the test bucket and whose registry holds
+    `releases` releases of bentos that exist nowhere; its params file and registry."""
+    from datetime import UTC, datetime
+
+    import yaml
+
+    from tests.helpers import merge, raw_params
+    from textgate.registry import Registry, Release
+
+    server, bucket = s3_env
+    repo = _git_dvc_repo(tmp_path / "ws")
+    remote_tasks.add_remote(repo, f"s3://{bucket}/team", server.endpoint)
+    registry_path = repo / ".textgate" / "registry.json"
+    params_file = repo / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump(merge(raw_params(), {"registry": {"path": str(registry_path)}}))
+    )
+    for n in range(1, releases + 1):
+        Registry(registry_path).promote(
+            Release.create(
+                bento_tag=f"textgate:gone{n}",
+                model_tag=f"textgate-classifier:gone{n}",
+                reason=f"release {n}",
+                now=datetime(2026, 1, n, tzinfo=UTC),
+            )
+        )
+    return params_file, registry_path
+
+
+def test_a_rollback_to_a_bento_missing_everywhere_leaves_production_unchanged(
+    s3_env, tmp_path: Path, capsys
+) -> None:
+    params_file, registry_path = _workspace_with_remote(tmp_path, s3_env, releases=2)
+    before = registry_path.read_bytes()
+
+    code = main(["rollback", "--reason", "bad", "--params", str(params_file)])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot roll back: bento textgate:gone1 is not in the store" in err
+    assert "production is unchanged" in err and S3_SECRET_KEY not in err
+    assert registry_path.read_bytes() == before
+
+
+def test_serving_a_production_bento_missing_from_the_store_is_a_clear_error(
+    s3_env, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params_file, registry_path = _workspace_with_remote(tmp_path, s3_env, releases=1)
+    monkeypatch.setenv("TEXTGATE_API_KEY", "k")
+    before = registry_path.read_bytes()
+
+    code = main(["serve", "--port", "1", "--params", str(params_file)])
+
+    assert code == 2
+    assert "bento textgate:gone1 is not in the store" in capsys.readouterr().err
+    assert registry_path.read_bytes() == before
