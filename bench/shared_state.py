@@ -66,12 +66,12 @@ def size_mb(path: Path) -> float:
 
 PRODUCTION = (
     "from textgate.registry import Registry; "
-    "print(Registry('.textgate/registry.json').production().bento_tag)"
+    "print('TAG', Registry('.textgate/registry.json').production().bento_tag)"
 )
 IMPORT = (
     "import sys; from tasks.remote import read_remote, import_bento; from pathlib import Path; "
 )
-IMPORT += "print(import_bento(read_remote(Path.cwd()), sys.argv[1]))"
+IMPORT += "print('SECONDS', import_bento(read_remote(Path.cwd()), sys.argv[1]))"
 EXPORT_LOCAL = "import sys, bentoml; bentoml.export_bento(sys.argv[1], sys.argv[2])"
 
 
@@ -97,9 +97,9 @@ def run(work: Path, endpoint: str, registry_url: str) -> dict[str, Any]:
     log("B: dvc pull, bento import")
     figures["b_dvc_pull_s"], _ = timed([sys.executable, "-m", "dvc", "pull"], b, env_b)
     _, tag = timed([sys.executable, "-c", PRODUCTION], b, env_b)
-    tag = tag.strip().splitlines()[-1]
+    tag = re.search(r"^TAG (\S+)$", tag, re.M).group(1)
     _, seconds = timed([sys.executable, "-c", IMPORT, tag], b, env_b)
-    figures["b_bento_import_s"] = float(seconds.strip().splitlines()[-1])
+    figures["b_bento_import_s"] = float(re.search(r"^SECONDS (\S+)$", seconds, re.M).group(1))
     archive = work / "local.bento"
     figures["local_export_s"], _ = timed([sys.executable, "-c", EXPORT_LOCAL, tag, str(archive)],
                                          a, env_a)  # fmt: skip
