@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.remote import add_remote
 from tests.flows.conftest import git, make_workspace
 from tests.shared_state import S3_SECRET_KEY
-from tasks.remote import add_remote
 from textgate.process import free_port
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tests.shared_state import S3_SECRET_KEY
 from tasks import remote as remote_tasks
 from tasks.remote import Remote, RemoteError
+from tests.shared_state import S3_SECRET_KEY
 
 
 def _git_dvc_repo(path: Path) -> Path:
