@@ -185,3 +185,28 @@ def test_serving_a_production_bento_missing_from_the_store_is_a_clear_error(
     assert code == 2
     assert "bento textgate:gone1 is not in the store" in capsys.readouterr().err
     assert registry_path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("tag", "url", "key"),
+    [
+        ("textgate:abc", "s3://bucket/team/x", "team/x/bentos/textgate/abc.bento"),
+        ("textgate:abc", "s3://bucket", "bentos/textgate/abc.bento"),
+        ("textgate:abc", "s3://bucket/", "bentos/textgate/abc.bento"),
+    ],
+)
+def test_bento_keys_sit_under_the_remote_prefix(tag: str, url: str, key: str) -> None:
+    assert Remote("storage", url).bento_key(tag) == key
+
+
+def test_no_default_remote_means_none(tmp_path: Path) -> None:
+    assert remote_tasks.read_remote(_git_dvc_repo(tmp_path / "repo")) is None
+
+
+def test_a_default_remote_that_is_not_s3_is_refused_by_name(tmp_path: Path) -> None:
+    repo = _git_dvc_repo(tmp_path / "repo")
+    (repo / ".dvc" / "config").write_text(
+        "[core]\n    remote = local\n['remote \"local\"']\n    url = /mnt/dvc-store\n"
+    )
+    with pytest.raises(RemoteError, match="'local' is /mnt/dvc-store: textgate needs s3://"):
+        remote_tasks.read_remote(repo)
