@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export BENTOML_DO_NOT_TRACK ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-fast serve ui deploy worker monitor lint lock clean
+.PHONY: venv run test test-fast serve ui ui-db-stop deploy worker monitor lint lock clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,15 +45,32 @@ serve: venv  ## serve the production bento on $(PORT)
 # `make ui` also points the Prefect CLI (and textgate) at that server: it makes a Prefect
 # profile `textgate` with PREFECT_API_URL and makes it the active one. Go back to a
 # temporary server per run with `prefect profile use ephemeral`.
-UI_API_URL := http://127.0.0.1:4200/api
+UI_PORT ?= 4200
+UI_API_URL := http://127.0.0.1:$(UI_PORT)/api
+# `make ui DB=postgres`: the server's database is a local PostgreSQL in PG_DIR, started here
+# (initialised on first use) and left running for the next `make ui`; `make ui-db-stop`.
+DB ?= sqlite
+PG_DIR ?= .textgate/postgres
 
-ui: venv  ## a local Prefect server and UI on http://127.0.0.1:4200 (SQLite in ~/.prefect)
+ui: venv  ## a local Prefect server and UI on http://127.0.0.1:4200 (SQLite in ~/.prefect, or DB=postgres)
 	-@$(BIN)/prefect profile create textgate >/dev/null 2>&1
 	@$(BIN)/prefect --profile textgate config set PREFECT_API_URL=$(UI_API_URL) \
 		PREFECT_SERVER_ANALYTICS_ENABLED=false >/dev/null
 	-@$(BIN)/prefect profile use textgate >/dev/null 2>&1
 	@echo "Prefect profile 'textgate' is active: PREFECT_API_URL=$(UI_API_URL)"
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+ifeq ($(DB),postgres)
+	@url=$$($(BIN)/python -m textgate.pglocal start $(PG_DIR) --driver postgresql+asyncpg) \
+		&& echo "Prefect's database: PostgreSQL in $(PG_DIR) ($$url)" \
+		&& PREFECT_API_DATABASE_CONNECTION_URL=$$url \
+		exec $(BIN)/prefect server start --host 127.0.0.1 --port $(UI_PORT)
+else ifeq ($(DB),sqlite)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(UI_PORT)
+else
+	$(error DB=$(DB): use DB=sqlite (the default) or DB=postgres)
+endif
+
+ui-db-stop:  ## stop the PostgreSQL that `make ui DB=postgres` started
+	$(BIN)/python -m textgate.pglocal stop $(PG_DIR)
 
 deploy: venv  ## register the nightly pipeline and the drift monitor (needs `make ui` running)
 	$(BIN)/textgate deploy

@@ -347,18 +347,31 @@ def cmd_promote(args: argparse.Namespace) -> int:
     before = registry.production()
     from tasks.promote import promote_existing
 
+    if ":" in args.bento_tag:
+        _import_if_missing(args.params, args.bento_tag)
     release = promote_existing(params, args.bento_tag, reason=args.reason)
     print(f"production was: {_label(before)}")
     print(f"production now: {_label(release)}")
     return 0
 
 
-def _servable(target: Release) -> None:
+def _import_if_missing(params_path: str, bento_tag: str) -> None:
+    """Import `bento_tag` from the workspace's remote store when the local store lacks it."""
+    from tasks.remote import ensure_local_bento
+
+    ensure_local_bento(Path(params_path).resolve().parent, bento_tag, print)
+
+
+def _servable(target: Release, params_path: str = PARAMS_FILE) -> None:
     """The rollback's check; BentoML is imported only when there is a target to check."""
     from tasks.promote import PromotionError, ensure_servable
+    from tasks.remote import RemoteError
 
     try:
+        _import_if_missing(params_path, target.bento_tag)
         ensure_servable(target)
+    except RemoteError as error:
+        raise TextgateError(f"cannot roll back: {error}; production is unchanged") from None
     except PromotionError as error:
         raise TextgateError(f"cannot roll back: {error}; production is unchanged") from None
 
@@ -369,7 +382,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     before = registry.production()
     if registry.rollback_target() is not None:
         import tasks.promote  # noqa: F401  (BentoML takes seconds to import: not under the lock)
-    release = registry.rollback(args.reason, check=_servable)
+    release = registry.rollback(args.reason, check=lambda t: _servable(t, args.params))
     print(f"rolled back production from {_label(before)}")
     print(f"                         to {_label(release)}")
     return 0
@@ -381,7 +394,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     production = registry.production()
     if production is None:
         raise TextgateError("no production model to serve: run `textgate run` first")
-    api_key_from_env(os.environ)  # a blank key is an error here, before BentoML's tracebacks
+    api_key_from_env(os.environ)
+    _import_if_missing(
+        args.params, production.bento_tag
+    )  # a blank key is an error here, before BentoML's tracebacks
     # The bento records serve.request_log_* as packaged; the current params.yaml's win.
     env = {
         **os.environ,
@@ -402,6 +418,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(" ".join(command[1:]), flush=True)
     os.execve(sys.executable, command, env)
     return 0  # not reached
+
+
+def cmd_remote_add(args: argparse.Namespace) -> int:
+    """Make an S3 bucket the team's store: the default DVC remote for data (in .dvc/config,
+    to commit) and the place bentos are exported to. Credentials come from the AWS
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or a profile), never from here."""
+    from tasks.remote import add_remote, check_remote
+
+    root = Path(args.params).resolve().parent
+    remote = add_remote(root, args.url, args.endpoint_url)
+    print(f"the default DVC remote is now {remote.describe()}; commit .dvc/config to share it")
+    check_remote(remote)
+    print(f"bucket {remote.bucket!r} answers; bentos go to {args.url.rstrip('/')}/bentos/")
+    return 0
+
+
+def _add_remote_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    remote = commands.add_parser("remote", help="the shared S3 store for data and bentos")
+    actions = remote.add_subparsers(dest="remote_command", required=True)
+    add = actions.add_parser("add", help=cmd_remote_add.__doc__, parents=[common])
+    add.add_argument("url", metavar="URL", help="s3://bucket/prefix")
+    add.add_argument("--endpoint-url", default=None, help="an S3-compatible server (not AWS)")
+    add.set_defaults(func=cmd_remote_add)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("--name", default=None, help="block name (default: notify.block)")
     notify.add_argument("--test", action="store_true", help="send a test alert")
     notify.set_defaults(func=cmd_notify_setup)
+    _add_remote_parser(commands, common)
     from flows.label import add_parser as add_label_parser
 
     add_label_parser(commands, common)

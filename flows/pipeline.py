@@ -28,6 +28,7 @@ from flows.runs import PipelineFailed, alert, failed_state, run_info
 from flows.server import check_approval_possible
 from tasks import gate as gate_tasks
 from tasks import publish, stages
+from tasks import remote as remote_tasks
 from tasks.params import apply_params
 from tasks.stages import DVC_STAGES, StageError, StageRun
 from textgate.config import PARAMS_FILE, Params, load_params, resolve_paths
@@ -63,6 +64,18 @@ def publish_validation(params: Params) -> None:
         )
 
 
+@task(name="shared-state", cache_policy=NO_CACHE)
+def prepare_shared_state(root: Path, params: Params) -> remote_tasks.Remote | None:
+    """Before any stage: the registry answers; a DVC remote answers and data is pulled."""
+    return remote_tasks.prepare_run(root, params.registry.path, get_run_logger().info)
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE)
+def push_data(root: Path) -> None:
+    """`dvc push` what the run produced to the DVC remote."""
+    remote_tasks.sync(root, "push", get_run_logger().info)
+
+
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(params: Params, model_md5: str | None) -> Verdict:
     """Every offline check: floors, the production model, intents, calibration, behaviour."""
@@ -80,7 +93,10 @@ def package(root: Path, params: Params, lineage: dict[str, Any]) -> PackageResul
     """Save the model with its lineage to the BentoML store and build the bento."""
     from tasks.package import package_candidate
 
-    return package_candidate(root, params, lineage)
+    packaged = package_candidate(root, params, lineage)
+    # Exported before promotion: production never names a bento the store lacks.
+    remote_tasks.export_if_remote(root, packaged.bento_tag, get_run_logger().info)
+    return packaged
 
 
 @task(name="check-served-bento", cache_policy=NO_CACHE)
@@ -136,10 +152,15 @@ def pipeline(params_path: str = PARAMS_FILE, repo_dir: str = ".") -> dict[str, A
                 PARAMS_FILE,
             )
         declared = load_params(root / PARAMS_FILE)
-        return _run_pipeline(root, declared, resolve_paths(declared, root))
+        params = resolve_paths(declared, root)
+        remote = prepare_shared_state(root, params)
+        state = _run_pipeline(root, declared, params)
+        if remote is not None and state.is_completed():
+            push_data(root)
+        return state
 
 
-def _run_pipeline(root: Path, declared: Params, params: Params) -> Any:
+def _run_pipeline(root: Path, declared: Params, params: Params) -> State:
     """The pipeline's steps, under the workspace lock."""
     from tasks.lineage import collect_lineage
 

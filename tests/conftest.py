@@ -95,3 +95,53 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Pa
     out = tmp_path_factory.mktemp("tiny-model") / "model"
     metadata = {"max_length": 32, "redact_pii": True, "base_model": str(tiny_base_model)}
     return save_classifier(model, tokenizer, labels, metadata, out)
+
+
+@pytest.fixture(autouse=True)
+def _file_registry_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TEXTGATE_REGISTRY in the caller's shell would point every test at a real database."""
+    monkeypatch.delenv("TEXTGATE_REGISTRY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL for the session (tests/shared_state.py); skips without one."""
+    from tests.shared_state import local_postgres
+    from textgate import pglocal
+
+    missing = pglocal.missing_binaries()
+    if missing:
+        pytest.skip(f"PostgreSQL programs not on PATH: {', '.join(missing)}")
+    with local_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL."""
+    from tests.shared_state import fresh_database
+
+    return fresh_database(postgres_server)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto's) on loopback for the session; skips without moto."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (the dev extra)")
+    from tests.shared_state import moto_s3
+
+    with moto_s3(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """This process's AWS environment pointed at the session's S3 server, with a new bucket;
+    yields (server, bucket name)."""
+    import uuid
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"team-{uuid.uuid4().hex[:10]}"
+    s3_server.make_bucket(bucket)
+    return s3_server, bucket

@@ -1,12 +1,16 @@
-"""The production pointer and its history, kept as one JSON file.
+"""The production pointer and its history: one JSON file, or a shared PostgreSQL table.
 
-The file holds every release in order (append-only); the last entry is what production
-serves. Each release says how it came about: `promote` (the pipeline, after the gate),
-`manual` (a person promoting a bento by hand) or `rollback`. A rollback is an undo: replaying
-the history as a stack (promote and manual push, rollback pops), it goes back to the entry
-below the top, and is itself appended, so the history shows it. A missing file is an empty
-registry; a corrupt or wrongly shaped file is an error, never a silent reset, because
-resetting would forget what production runs.
+The file (the default, for one machine) holds every release in order (append-only); the
+last entry is what production serves. Each release says how it came about: `promote` (the
+pipeline, after the gate), `manual` (a person promoting a bento by hand) or `rollback`. A
+rollback is an undo: replaying the history as a stack (promote and manual push, rollback
+pops), it goes back to the entry below the top, and is itself appended, so the history shows
+it. A missing file is an empty registry; a corrupt or wrongly shaped file is an error, never
+a silent reset, because resetting would forget what production runs.
+
+Several machines share one registry through PostgreSQL: set `TEXTGATE_REGISTRY` to a
+`postgresql://` URL (textgate/registry_postgres.py). The API is the same; promotions then
+serialise across machines in one transaction each, and the table only grows.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +36,9 @@ from textgate.io import atomic_path
 SCHEMA_VERSION = 1
 
 Action = Literal["promote", "rollback", "manual"]
+
+# A `postgresql://` URL here makes every `Registry` the shared one (its `path` is then unused).
+REGISTRY_URL_ENV = "TEXTGATE_REGISTRY"
 
 
 class RegistryError(TextgateError):
@@ -111,48 +118,52 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class Registry:
-    """The registry file at `path` (`params.registry.path`)."""
+class RegistryWriter(Protocol):
+    """What a store gives inside its lock (or transaction): read, then append one release."""
 
-    def __init__(self, path: str | Path) -> None:
+    def load(self) -> RegistryState: ...
+
+    def append(self, state: RegistryState, release: Release) -> RegistryState: ...
+
+
+class RegistryStore(Protocol):
+    """Where the releases live: `load` reads a consistent state; `locked` serialises writers."""
+
+    location: str
+
+    def load(self) -> RegistryState: ...
+
+    def locked(self) -> AbstractContextManager[RegistryWriter]: ...
+
+
+class Registry:
+    """The production pointer: the file at `path` (`params.registry.path`), or the shared
+    PostgreSQL registry at `url` (default: the `TEXTGATE_REGISTRY` environment variable)."""
+
+    def __init__(self, path: str | Path, url: str | None = None) -> None:
         self.path = Path(path)
+        chosen = (url if url is not None else os.environ.get(REGISTRY_URL_ENV, "")).strip()
+        self.url = chosen or None
+        self._store: RegistryStore
+        if self.url:
+            from textgate.registry_postgres import PostgresStore
+
+            self._store = PostgresStore(self.url)
+        else:
+            self._store = FileStore(self.path)
+
+    @property
+    def location(self) -> str:
+        """The file, or the database URL without its password: for messages."""
+        return self._store.location
 
     def load(self) -> RegistryState:
-        """Read and validate the file; a missing file is an empty registry.
+        """Read and validate every release; an empty file or table is an empty registry.
 
         Raises:
-            RegistryError: the file is unreadable, not JSON, or not a registry.
+            RegistryError: the registry is unreadable, unreachable, corrupt or misshapen.
         """
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return RegistryState()
-        except OSError as error:
-            raise RegistryError(f"registry {self.path} cannot be read: {error}") from None
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RegistryError(
-                f"registry {self.path} is corrupt (not valid JSON: {error}); "
-                "restore it from a backup or fix it by hand; it was left unchanged"
-            ) from None
-        if not isinstance(payload, dict):
-            raise RegistryError(
-                f"registry {self.path} has the wrong shape: expected an object with "
-                f"'releases', got {type(payload).__name__}"
-            )
-        version = payload.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise RegistryError(
-                f"registry {self.path} has schema_version {version!r}; "
-                f"this textgate reads version {SCHEMA_VERSION}"
-            )
-        try:
-            return RegistryState.model_validate(payload)
-        except ValidationError as error:
-            raise RegistryError(
-                f"registry {self.path} has the wrong shape: {_describe(error)}"
-            ) from None
+        return self._store.load()
 
     def production(self) -> Release | None:
         """The release production serves (the last one), or None before the first."""
@@ -170,13 +181,14 @@ class Registry:
     def promote(self, release: Release) -> RegistryState:
         """Append `release` and make it production, atomically.
 
-        The new state goes to a temporary file in the same directory, is fsynced and then
-        renamed over the old file, so a crash leaves the old or the new registry, never
-        neither. Concurrent promotions are serialised by a lock on the directory, so none is
-        lost. A corrupt existing file raises RegistryError and is left as it is.
+        File: the new state goes to a temporary file in the same directory, is fsynced and
+        then renamed over the old file, so a crash leaves the old or the new registry, never
+        neither; a lock on the directory serialises writers on this machine. PostgreSQL: one
+        transaction under an advisory lock serialises writers on every machine. None is lost;
+        a corrupt existing registry raises RegistryError and is left as it is.
         """
-        with self._locked():
-            return self._append(self.load(), release)
+        with self._store.locked() as writer:
+            return writer.append(writer.load(), release)
 
     def rollback(
         self,
@@ -187,8 +199,8 @@ class Registry:
     ) -> Release:
         """Undo the latest promotion: append a copy of the release below it, as a rollback.
 
-        Target and append happen under the same lock, so a concurrent promotion cannot slip
-        in between. Written like `promote`.
+        Target and append happen under the same lock (or transaction), so a concurrent
+        promotion cannot slip in between. Written like `promote`.
 
         Args:
             reason: why, for the history (must not be blank).
@@ -201,12 +213,12 @@ class Registry:
 
         Raises:
             RegistryError: the reason is blank, there is nothing to roll back to, or the
-                file is corrupt; the file is left unchanged.
+                registry is corrupt; it is left unchanged.
         """
         if not reason.strip():
             raise RegistryError("a rollback needs a reason (it was blank)")
-        with self._locked():
-            state = self.load()
+        with self._store.locked() as writer:
+            state = writer.load()
             target = _rollback_target(state.releases)
             if target is None:
                 raise RegistryError(f"nothing to roll back to: {_why_no_target(state.releases)}")
@@ -222,10 +234,35 @@ class Registry:
                 actor=actor,
                 action="rollback",
             )
-            self._append(state, release)
+            writer.append(state, release)
         return release
 
-    def _append(self, state: RegistryState, release: Release) -> RegistryState:
+
+class FileStore:
+    """The registry as one JSON file (the embedded default, for one machine)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+
+    def load(self) -> RegistryState:
+        """Read and validate the file; a missing file is an empty registry."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return RegistryState()
+        except OSError as error:
+            raise RegistryError(f"registry {self.path} cannot be read: {error}") from None
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RegistryError(
+                f"registry {self.path} is corrupt (not valid JSON: {error}); "
+                "restore it from a backup or fix it by hand; it was left unchanged"
+            ) from None
+        return validate_state(payload, str(self.path))
+
+    def append(self, state: RegistryState, release: Release) -> RegistryState:
         """Write `state` plus `release`; the caller holds the lock and loaded `state`."""
         new_state = RegistryState(releases=[*state.releases, release])
         text = json.dumps(new_state.model_dump(mode="json"), indent=2) + "\n"
@@ -254,15 +291,38 @@ class Registry:
             pass  # best effort: the registry itself is written; a later write tries again
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[FileStore]:
         # Lock the directory itself rather than a lock file, so no extra file is left behind.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            yield self
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+def validate_state(payload: Any, where: str) -> RegistryState:
+    """A registry state from its JSON form; `where` names the file or database in errors.
+
+    Raises:
+        RegistryError: the payload is not a registry of this schema version.
+    """
+    if not isinstance(payload, dict):
+        raise RegistryError(
+            f"registry {where} has the wrong shape: expected an object with "
+            f"'releases', got {type(payload).__name__}"
+        )
+    version = payload.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RegistryError(
+            f"registry {where} has schema_version {version!r}; "
+            f"this textgate reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return RegistryState.model_validate(payload)
+    except ValidationError as error:
+        raise RegistryError(f"registry {where} has the wrong shape: {_describe(error)}") from None
 
 
 def _rollback_target(releases: list[Release]) -> Release | None:
