@@ -7,11 +7,13 @@ import argparse
 import json
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flows.processes import stop_on_signals
-from textgate.artifacts import verdict_outputs
+from textgate.artifacts import evaluate_outputs, verdict_outputs
 from textgate.config import PARAMS_FILE, Params, api_key_from_env, load_params
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
@@ -261,8 +263,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     production = history[-1] if history else None
     target = registry.rollback_target()
     verdict = _last_verdict(params)
+    from flows.serving import read_serve_states
+
+    serving = read_serve_states(registry.path.parent)
     if args.json:
         payload = {
+            "serving": serving,
             "production": production.model_dump(mode="json") if production else None,
             "rollback_target": target.model_dump(mode="json") if target else None,
             "history": [release.model_dump(mode="json") for release in history],
@@ -281,9 +287,23 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  {release.promoted_at}  {release.action:<8}  {release.bento_tag}  "
                 f"{release.reason}"
             )
+    for state in serving:
+        _print_serving(state, production)
     if verdict is not None:
         _print_verdict(verdict)
     return 0
+
+
+def _print_serving(state: dict[str, Any], production: Release | None) -> None:
+    """One running `textgate serve`: what it serves, and why not production if it does not."""
+    print(
+        f"served on port {state.get('port')} (textgate serve, pid {state.get('pid')}): "
+        f"{state.get('serving') or '(nothing yet)'} since {state.get('since')}"
+    )
+    if production is not None and state.get("serving") != production.bento_tag:
+        print(f"  WARNING: production is {production.bento_tag}, but it is not served")
+    if state.get("problem"):
+        print(f"  PROBLEM at {state.get('problem_at')}: {state['problem']}")
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
@@ -353,32 +373,72 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the production bento with `bentoml serve` (replaces this process)."""
+    """Serve the production bento and follow the registry: a promotion or rollback switches
+    live traffic to the new bento once it answers as offline (until stopped with Ctrl-C)."""
     params, registry = _registry(args.params)
-    production = registry.production()
-    if production is None:
+    if registry.production() is None:
         raise TextgateError("no production model to serve: run `textgate run` first")
     api_key_from_env(os.environ)  # a blank key is an error here, before BentoML's tracebacks
-    # The bento records serve.request_log_* as packaged; the current params.yaml's win.
-    env = {
-        **os.environ,
-        MAX_BYTES_ENV: str(params.serve.request_log_max_bytes),
-        BACKUPS_ENV: str(params.serve.request_log_backups),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        production.bento_tag,
-        "--port",
-        str(args.port),
-        "--host",
-        args.host,
-    ]
-    print(" ".join(command[1:]), flush=True)
-    os.execve(sys.executable, command, env)
-    return 0  # not reached
+    from flows.serving import ServeOptions, Supervisor
+
+    serve = params.serve
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        registry=registry,
+        state_dir=registry.path.parent,
+        # The bento records serve.request_log_* as packaged; the current params.yaml's win.
+        env={
+            **os.environ,
+            MAX_BYTES_ENV: str(serve.request_log_max_bytes),
+            BACKUPS_ENV: str(serve.request_log_backups),
+        },
+        golden_file=_golden_file(params, Path(args.params).resolve().parent),
+        score_tolerance=params.gate.served_score_tolerance,
+        poll_s=serve.follow_poll_s,
+        ready_timeout_s=serve.switch_ready_timeout_s,
+        drain_timeout_s=serve.drain_timeout_s,
+    )
+    Supervisor(options, alert=_alerter(params.notify.block), servable=_switchable).run(
+        on_ready=lambda line: print(line, flush=True)
+    )
+    return 0
+
+
+def _golden_file(params: Params, base: Path) -> Path:
+    path = evaluate_outputs(params).golden
+    return path if path.is_absolute() else base / path
+
+
+def _switchable(release: Release) -> None:
+    """The switch's first check: the bento and its model are in the BentoML store."""
+    from tasks.promote import PromotionError, ensure_servable
+
+    try:
+        ensure_servable(release)
+    except PromotionError as error:
+        raise TextgateError(str(error)) from None
+
+
+def _alerter(block: str | None) -> Callable[[str, str], None]:
+    """Send an alert through the notification block, in the background; without a Prefect
+    server configured (PREFECT_API_URL) it is only printed."""
+
+    def alert(subject: str, body: str) -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        if block is None or not PREFECT_API_URL.value():
+            print(
+                f"textgate: alert not sent (notify.block or PREFECT_API_URL unset): {subject}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        from flows.notify import send_alert
+
+        threading.Thread(target=send_alert, args=(block, subject, body), daemon=True).start()
+
+    return alert
 
 
 def build_parser() -> argparse.ArgumentParser:

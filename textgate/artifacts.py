@@ -123,6 +123,8 @@ class RequestRecord(BaseModel):
     best_label: str = Field(min_length=1)
     score: float = Field(ge=0, le=1)
     abstained: bool
+    # The bento that answered (its X-Textgate-Model header); "" in lines written before it was.
+    bento_tag: str = ""
 
 
 def request_record(
@@ -135,6 +137,7 @@ def request_record(
     best_label: str,
     score: float,
     abstained: bool,
+    bento_tag: str = "",
 ) -> dict[str, Any]:
     """A request log line's JSON object, with `RequestRecord`'s fields in its order.
 
@@ -149,6 +152,7 @@ def request_record(
         "best_label": best_label,
         "score": score,
         "abstained": abstained,
+        "bento_tag": bento_tag,
     }
 
 

@@ -188,6 +188,10 @@ class ServeConfig(_Section):
     request_log_backups: int = Field(ge=1)  # 0 would let the file grow without bound
     max_concurrency: int = Field(ge=1)  # API requests in flight per serving worker
     retry_after_s: int = Field(ge=1)  # Retry-After of a request refused as overload
+    # `textgate serve` follows the registry (flows/serving.py).
+    follow_poll_s: float = Field(gt=0)
+    switch_ready_timeout_s: float = Field(gt=0)
+    drain_timeout_s: float = Field(ge=0)
 
 
 class DeployConfig(_Section):

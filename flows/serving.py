@@ -1,0 +1,494 @@
+"""`textgate serve`: serve the production bento and follow the registry, switching live.
+
+The supervisor owns the public port through textgate.proxy (uvicorn in a thread) and runs
+each bento with `bentoml serve` on a private loopback port. Every `serve.follow_poll_s` it
+reads the registry; when production changes (a pipeline promotion, `textgate promote`,
+`textgate rollback`) it switches:
+
+1. the bento is looked up in the BentoML store (tasks.promote.ensure_servable);
+2. it is started beside the serving one and must answer `/readyz` within
+   `serve.switch_ready_timeout_s`;
+3. the golden requests (evaluate's golden.json texts) must be answered as the bento's model
+   answers them offline (computed once per bento, in a child process, while it starts),
+   within `gate.served_score_tolerance`;
+4. the proxy sends new requests to it; the old one drains (at most `serve.drain_timeout_s`)
+   and is stopped.
+
+A candidate that fails any step is stopped, the old bento goes on serving, an alert goes to
+the notification block, and the state file (read by `textgate status`) records the problem;
+the supervisor tries again when production changes again. A corrupt registry is reported
+the same way and the serving bento stays. If the serving bento dies, it is started again.
+
+No orphans: the supervisor holds `serve-<port>.lock` (a second `textgate serve` on the
+port is refused, naming the first), each bento gets SIGTERM from the kernel when the
+supervisor dies (PR_SET_PDEATHSIG), and every bento process and worker is recorded in the
+state file, so the next start stops whatever a supervisor killed with SIGKILL left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from flows.processes import die_with_parent
+from tasks.served import GoldenCase, ServedCheckError, load_golden, replay
+from textgate.errors import TextgateError
+from textgate.io import write_json
+from textgate.process import (
+    ManagedProcess,
+    ProcessStartError,
+    free_port,
+    start_process,
+    stop,
+    terminate_then_kill,
+    url_ready,
+    wait_ready,
+)
+from textgate.proxy import Backend, Proxy
+from textgate.registry import Registry, RegistryError, Release
+
+STOP_GRACE_S = 20.0
+# Texts for the switch check when the workspace has no golden.json (no evaluation yet).
+FALLBACK_TEXTS = ["hello", "I lost my card", "please refund my order", "I cannot log in"]
+
+
+class SwitchError(TextgateError):
+    """A candidate bento cannot take traffic: missing, not starting, or answering wrongly."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `textgate serve` was asked for, resolved from params and the command line."""
+
+    host: str
+    port: int
+    registry: Registry
+    state_dir: Path
+    env: dict[str, str]  # the bentos' environment
+    golden_file: Path
+    score_tolerance: float
+    poll_s: float
+    ready_timeout_s: float
+    drain_timeout_s: float
+
+
+@dataclass(eq=False)
+class Served:
+    """A running `bentoml serve` of one bento, with the workers it started."""
+
+    release: Release
+    process: ManagedProcess
+    backend: Backend
+    workers: dict[int, psutil.Process] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return self.release.bento_tag
+
+    def note_workers(self) -> None:
+        """Remember the server's descendants (its workers leave its process group)."""
+        with suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self.workers.setdefault(child.pid, child)
+
+    def record(self) -> dict[str, Any]:
+        """The processes to stop after a crash of the supervisor: pid and start time each."""
+        processes = [self.process.pid, *self.workers]
+        return {"tag": self.tag, "processes": [[pid, _started(pid)] for pid in processes]}
+
+    def stop(self) -> None:
+        stop(self.process, STOP_GRACE_S)
+        terminate_then_kill([w for w in self.workers.values() if w.is_running()], STOP_GRACE_S)
+
+
+def _started(pid: int) -> float | None:
+    with suppress(psutil.Error):
+        return psutil.Process(pid).create_time()
+    return None
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def start_bento(release: Release, options: ServeOptions, workdir: Path) -> Served:
+    """Start `bentoml serve` of the release's bento on a free loopback port; wait until ready.
+
+    Raises:
+        SwitchError: it exited or was not ready in time (with the end of its log).
+    """
+    port = free_port()
+    env = {**options.env, "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("PYTHONPATH", None)  # a bento is self-contained
+    command = [sys.executable, "-m", "bentoml", "serve", release.bento_tag]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = start_process(
+        command,
+        env=env,
+        cwd=workdir,
+        log_path=workdir / f"bentoml-serve-{port}.log",
+        name=f"bentoml serve {release.bento_tag}",
+        preexec_fn=die_with_parent(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    served = Served(release, process, Backend(release.bento_tag, url))
+
+    def ready() -> bool:
+        served.note_workers()
+        return url_ready(f"{url}/readyz")
+
+    try:
+        wait_ready(process, ready, options.ready_timeout_s)
+    except ProcessStartError as error:
+        served.stop()
+        raise SwitchError(str(error)) from None
+    served.note_workers()
+    return served
+
+
+def golden_texts(options: ServeOptions) -> list[str]:
+    """The texts a candidate must answer as offline: golden.json's, else a few fixed ones."""
+    if not options.golden_file.is_file():
+        return list(FALLBACK_TEXTS)
+    return [case.text for case in load_golden(options.golden_file)]
+
+
+def offline_answers_command(bento_tag: str, texts: Path, out: Path) -> list[str]:
+    """The child process that writes the bento's model's offline answers (see `main`)."""
+    return [sys.executable, "-m", "flows.serving", bento_tag, str(texts), str(out)]
+
+
+@contextmanager
+def offline_answers(bento_tag: str, options: ServeOptions, cache: Path) -> Iterator[Callable]:
+    """Start computing the golden cases of `bento_tag` in a child; yield a function that
+    waits for them (cached in `cache` per bento, so a rollback computes nothing)."""
+    out = cache / f"{bento_tag.replace(':', '-')}.json"
+    if out.is_file():
+        yield lambda: load_golden(out)
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    texts = cache / f".{out.stem}.texts.json"
+    write_json(texts, golden_texts(options))
+    env = {**options.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = start_process(
+        offline_answers_command(bento_tag, texts, out),
+        env=env,
+        log_path=cache / f".{out.stem}.log",
+        name=f"offline answers of {bento_tag}",
+        preexec_fn=die_with_parent(),
+    )
+
+    def wait() -> list[GoldenCase]:
+        code = process.popen.wait(timeout=options.ready_timeout_s)
+        if code != 0 or not out.is_file():
+            raise SwitchError(f"{process.name} failed (exit {code}); {process.log_tail()}")
+        return load_golden(out)
+
+    try:
+        yield wait
+    finally:
+        stop(process, 1.0)
+
+
+def check_answers(served: Served, golden: list[GoldenCase], tolerance: float) -> None:
+    """Replay the golden cases on the candidate; SwitchError unless every one matches."""
+    report = replay(served.backend.url, golden, score_tolerance=tolerance, bento_tag=served.tag)
+    if not report.passed:
+        problems = [*report.errors, *(json.dumps(m) for m in report.mismatches)]
+        raise SwitchError(
+            f"{served.tag} answered {report.matched}/{report.n} golden requests as offline "
+            f"(tolerance gate.served_score_tolerance={tolerance}); first: {problems[:2]}"
+        )
+
+
+class ServeState:
+    """`<state_dir>/serve-<port>.json`: what this supervisor serves, its processes, problems.
+
+    `textgate status` reads it; the next `textgate serve` on the port reads `bentos` to stop
+    what a killed supervisor left.
+    """
+
+    def __init__(self, state_dir: Path, port: int) -> None:
+        self.path = state_dir / f"serve-{port}.json"
+        self.data: dict[str, Any] = {"pid": os.getpid(), "port": port, "serving": None}
+        self.data.update(since=None, problem=None, problem_at=None, bentos=[])
+
+    def write(self, **changes: Any) -> None:
+        self.data.update(changes)
+        write_json(self.path, self.data)
+
+
+def read_serve_states(state_dir: Path) -> list[dict[str, Any]]:
+    """The state of every `textgate serve` whose supervisor is alive, for `textgate status`."""
+    states = []
+    for path in sorted(state_dir.glob("serve-*.json")):
+        with suppress(OSError, ValueError):
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(state, dict) and psutil.pid_exists(int(state.get("pid", 0))):
+                states.append(state)
+    return states
+
+
+@contextmanager
+def port_lock(state_dir: Path, port: int) -> Iterator[None]:
+    """Hold `serve-<port>.lock` for the block; TextgateError if another supervisor holds it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / f"serve-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise TextgateError(
+                f"another `textgate serve` (pid {holder}) already serves port {port}: stop it, "
+                "or pass --port (serve.port) to serve on another"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def stop_leftovers(state: ServeState) -> int:
+    """Stop the bento processes a killed supervisor recorded (same pid and start time)."""
+    try:
+        old = json.loads(state.path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    left = []
+    for bento in old.get("bentos", []) if isinstance(old, dict) else []:
+        for pid, started in bento.get("processes", []):
+            with suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if started is not None and abs(process.create_time() - started) < 0.01:
+                    left.append(process)
+    terminate_then_kill(left, STOP_GRACE_S)
+    return len(left)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The public socket, bound before any bento starts (a busy port fails first)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise TextgateError(
+            f"cannot listen on {host}:{port}: {error.strerror}; another program uses the port: "
+            "stop it, or pass --port (serve.port)"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+class ProxyThread:
+    """uvicorn running the proxy on the public socket, in a thread with its own loop."""
+
+    def __init__(self, proxy: Proxy, sock: socket.socket) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            proxy, lifespan="off", log_level="warning", access_log=False, timeout_keep_alive=30
+        )
+        self.server = uvicorn.Server(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self._run, args=(sock,), name="textgate-proxy", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, sock: socket.socket) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve(sockets=[sock]))
+
+    def call(self, coroutine: Any, timeout_s: float | None = None) -> Any:
+        """Run `coroutine` in the proxy's loop; its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+Alert = Callable[[str, str], None]
+CheckServable = Callable[[Release], None]
+
+
+class Supervisor:
+    """Serves production through the proxy and follows the registry (module docstring)."""
+
+    def __init__(self, options: ServeOptions, alert: Alert, servable: CheckServable) -> None:
+        self.options = options
+        self.alert = alert
+        self.servable = servable
+        self.proxy = Proxy()
+        self.state = ServeState(options.state_dir, options.port)
+        self.workdir = Path(tempfile.mkdtemp(prefix="textgate-serve-"))
+        self.serving: Served | None = None
+        self.candidates: list[Served] = []
+        self.tried: tuple[str, str] | None = None  # the release last switched to, or tried
+        self.problem: str | None = None
+
+    def run(self, on_ready: Callable[[str], None] = print) -> None:
+        """Serve until a signal; TextgateError if the first production bento cannot serve."""
+        options = self.options
+        with port_lock(options.state_dir, options.port):
+            stopped = stop_leftovers(self.state)
+            if stopped:
+                on_ready(f"stopped {stopped} bento process(es) a killed `textgate serve` left")
+            self.state.write()
+            sock = listen(options.host, options.port)
+            proxy_thread = ProxyThread(self.proxy, sock)
+            try:
+                self._serve(proxy_thread, on_ready)
+            finally:
+                proxy_thread.stop()
+                sock.close()
+                for served in [*self.candidates, *([self.serving] if self.serving else [])]:
+                    served.stop()
+                self.state.write(serving=None, bentos=[])
+
+    def _serve(self, proxy_thread: ProxyThread, on_ready: Callable[[str], None]) -> None:
+        self.proxy_thread = proxy_thread
+        release = self.options.registry.production()
+        if release is None:
+            raise TextgateError("no production model to serve: run `textgate run` first")
+        self.switch(release)
+        if self.serving is None:
+            raise TextgateError(f"cannot serve production {release.bento_tag}: {self.problem}")
+        where = f"http://{self.options.host}:{self.options.port}"
+        on_ready(f"textgate serves {self.serving.tag} on {where}, following the registry")
+        while True:
+            time.sleep(self.options.poll_s)
+            self.follow()
+
+    def follow(self) -> None:
+        """One poll: restart a dead serving bento; switch if production changed."""
+        if self.serving is not None and not self.serving.process.running():
+            dead, self.serving = self.serving, None
+            self._fail(dead.release, f"{dead.tag} exited (code {dead.process.popen.returncode})")
+            self.tried = None  # start it again below
+        try:
+            release = self.options.registry.production()
+        except RegistryError as error:
+            if self.problem != str(error):
+                self._fail(None, f"{error}; still serving {self._serving_tag()}")
+            return
+        if release is not None and _key(release) != self.tried:
+            self.switch(release)
+
+    def switch(self, release: Release) -> bool:
+        """Start `release`'s bento, check it, send traffic to it, drain and stop the old one."""
+        self.tried = _key(release)
+        if self.serving is not None and self.serving.tag == release.bento_tag:
+            self.serving.release = release
+            return True
+        started = time.monotonic()
+        try:
+            candidate = self._start_checked(release)
+        except (TextgateError, OSError) as error:
+            self._fail(release, f"{error}; still serving {self._serving_tag()}")
+            return False
+        previous = self.serving
+        self.serving = candidate
+        old = self.proxy_thread.call(self.proxy.switch(candidate.backend))
+        self._record(problem=None)
+        if old is not None:  # a dead bento's pool is closed too
+            self.proxy_thread.call(self.proxy.drain(old, self.options.drain_timeout_s))
+        if previous is not None:
+            previous.stop()
+        self._record()
+        print(
+            f"textgate: now serving {release.bento_tag} "
+            f"({time.monotonic() - started:.1f} s after the registry change was seen)",
+            flush=True,
+        )
+        return True
+
+    def _start_checked(self, release: Release) -> Served:
+        """The release's bento, started and checked; SwitchError (and nothing left) if not."""
+        try:
+            self.servable(release)
+        except TextgateError as error:
+            raise SwitchError(str(error)) from None
+        cache = self.options.state_dir / "serve-golden"
+        with offline_answers(release.bento_tag, self.options, cache) as golden:
+            served = start_bento(release, self.options, self.workdir)
+            self.candidates.append(served)
+            self._record()
+            try:
+                check_answers(served, golden(), self.options.score_tolerance)
+            except (TextgateError, ServedCheckError, OSError, ValueError) as error:
+                served.stop()
+                raise SwitchError(str(error)) from None
+            finally:
+                self.candidates.remove(served)
+        return served
+
+    def _fail(self, release: Release | None, problem: str) -> None:
+        self.problem = problem
+        print(f"textgate: serve: {problem}", file=sys.stderr, flush=True)
+        subject = f"textgate serve: {release.bento_tag if release else 'registry'} not served"
+        self.alert(subject, problem)
+        self._record(problem=problem, problem_at=now())
+
+    def _serving_tag(self) -> str:
+        return self.serving.tag if self.serving else "nothing"
+
+    def _record(self, **changes: Any) -> None:
+        if "problem" in changes:
+            self.problem = changes["problem"]
+        running = [*self.candidates, *([self.serving] if self.serving else [])]
+        serving = self.serving.tag if self.serving else None
+        if serving != self.state.data.get("serving"):
+            changes["since"] = now()
+        self.state.write(serving=serving, bentos=[s.record() for s in running], **changes)
+
+
+def _key(release: Release) -> tuple[str, str]:
+    return (release.bento_tag, release.promoted_at.isoformat())
+
+
+def main(argv: list[str]) -> int:
+    """`python -m flows.serving BENTO_TAG TEXTS_JSON OUT_JSON`: the bento's model's offline
+    answer to each text, one at a time (as the switch check sends them), as a golden file."""
+    import bentoml
+
+    from tasks.served import write_golden
+    from textgate.runtime import load_classifier
+
+    bento_tag, texts_path, out = argv
+    texts = json.loads(Path(texts_path).read_text(encoding="utf-8"))
+    model_tag = str(bentoml.bentos.get(bento_tag).info.all_models[0].tag)
+    runtime = os.environ.get("TEXTGATE_RUNTIME", "").strip() or "auto"
+    classifier = load_classifier(bentoml.models.get(model_tag).path, runtime=runtime, threads=1)
+    cases = []
+    for text in texts:
+        prediction = classifier.predict([text], batch_size=1)[0]
+        cases.append(GoldenCase(text=text, label=prediction.label, score=prediction.score))
+    write_golden(out, cases)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
