@@ -109,7 +109,8 @@ class Served:
     def record(self) -> dict[str, Any]:
         """The processes to stop after a crash of the supervisor: pid and start time each."""
         processes = [self.process.pid, *self.workers]
-        return {"tag": self.tag, "processes": [[pid, _started(pid)] for pid in processes]}
+        processes_started = [[pid, _started(pid)] for pid in processes]
+        return {"tag": self.tag, "url": self.backend.url, "processes": processes_started}
 
     def stop(self) -> None:
         stop(self.process, STOP_GRACE_S)
@@ -302,31 +303,30 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class ProxyThread:
-    """uvicorn running the proxy on the public socket, in a thread with its own loop."""
+    """The proxy's aiohttp server on the public socket, in a thread with its own loop."""
 
     def __init__(self, proxy: Proxy, sock: socket.socket) -> None:
-        import uvicorn
+        from aiohttp import web
 
-        config = uvicorn.Config(
-            proxy, lifespan="off", log_level="warning", access_log=False, timeout_keep_alive=30
-        )
-        self.server = uvicorn.Server(config)
+        self.proxy = proxy
         self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.SockSite(self.runner, sock).start())
         self.thread = threading.Thread(
-            target=self._run, args=(sock,), name="textgate-proxy", daemon=True
+            target=self.loop.run_forever, name="textgate-proxy", daemon=True
         )
         self.thread.start()
-
-    def _run(self, sock: socket.socket) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve(sockets=[sock]))
 
     def call(self, coroutine: Any, timeout_s: float | None = None) -> Any:
         """Run `coroutine` in the proxy's loop; its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        with suppress(Exception):  # stopping: what is left goes with the process
+            self.call(self.runner.cleanup(), timeout_s=10)
+            self.call(self.proxy.close(), timeout_s=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 
 
