@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -54,6 +57,7 @@ KEEPALIVE_S = 2.0
 REQUEST_TIMEOUT_S = 60.0
 RETRY_WAIT_S = 0.2
 RETRIES = 10  # about 2 s of waiting for a backend after a refused connection
+SHADOWED_ROUTE = "/classify"
 
 
 @dataclass(eq=False)
@@ -88,6 +92,7 @@ class Proxy:
         self.current: Backend | None = None
         self.api_routes = frozenset(api_routes)
         self.requests = 0
+        self.shadow: Shadow | None = None
 
     def app(self) -> web.Application:
         """The aiohttp application: every method and path goes to `forward`."""
@@ -128,11 +133,15 @@ class Proxy:
             if backend is None:
                 return _error(503, "no model is served yet: retry", retry_after=True)
             backend.in_flight += 1
+            started = time.perf_counter()
             try:
                 async with backend.open().request(
                     request.method, request.rel_url, headers=headers, data=body
                 ) as response:
                     content = await response.read()
+                    if self.shadow is not None and request.path == SHADOWED_ROUTE:
+                        elapsed_ms = (time.perf_counter() - started) * 1000
+                        self.shadow.mirror(backend.tag, body, headers, content, elapsed_ms)
                     return self._answer(request, response, content, backend)
             except aiohttp.ClientConnectorError as error:
                 if attempt == RETRIES:
@@ -157,6 +166,97 @@ class Proxy:
         if request.path in self.api_routes and MODEL_HEADER not in response.headers:
             headers.append((MODEL_HEADER, backend.tag))
         return web.Response(status=response.status, body=content, headers=headers)
+
+
+class Shadow:
+    """A shadow candidate: gets a copy of sampled `/classify` requests once production has
+    answered them; both answers go to `sink` as a textgate.shadow record, never to clients.
+
+    At most `max_in_flight` copies are in flight: beyond, a request is not mirrored (the
+    candidate must not slow production down by queueing work on the same CPUs).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        sink: Callable[[dict[str, Any]], None],
+        sample_rate: float,
+        max_in_flight: int = 8,
+        seed: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.sink = sink
+        self.sample_rate = sample_rate
+        self.max_in_flight = max_in_flight
+        self.random = random.Random(seed)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def mirror(
+        self, production: str, body: bytes, headers: dict[str, str], answer: bytes, ms: float
+    ) -> None:
+        """Send a copy of the request to the candidate, in the background (when sampled)."""
+        ours = shadow_answers(answer)
+        if ours is None or self.random.random() >= self.sample_rate:
+            return
+        if self.backend.in_flight >= self.max_in_flight:
+            return
+        task = asyncio.create_task(self._send(production, ours, body, headers, ms))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(
+        self,
+        production: str,
+        ours: tuple[list[str], list[bool]],
+        body: bytes,
+        headers: dict[str, str],
+        production_ms: float,
+    ) -> None:
+        record: dict[str, Any] = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "production": production,
+            "candidate": self.backend.tag,
+            "production_ms": round(production_ms, 3),
+            "candidate_ms": None,
+            "production_labels": ours[0],
+            "production_abstained": ours[1],
+        }
+        self.backend.in_flight += 1
+        started = time.perf_counter()
+        try:
+            async with self.backend.open().post(
+                SHADOWED_ROUTE, headers=headers, data=body
+            ) as response:
+                content = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as error:
+            record["candidate_error"] = type(error).__name__
+        else:
+            record["candidate_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            theirs = shadow_answers(content) if status == 200 else None
+            if theirs is None:
+                record["candidate_error"] = f"HTTP {status}"
+            else:
+                record["candidate_labels"], record["candidate_abstained"] = theirs
+        finally:
+            self.backend.in_flight -= 1
+        self.sink(record)
+
+
+def shadow_answers(content: bytes) -> tuple[list[str], list[bool]] | None:
+    """The labels and abstentions of a `/classify` answer body, or None."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(body, list) or not all(
+        isinstance(item, dict)
+        and isinstance(item.get("label"), str)
+        and isinstance(item.get("abstained"), bool)
+        for item in body
+    ):
+        return None
+    return [item["label"] for item in body], [item["abstained"] for item in body]
 
 
 def _error(status: int, message: str, retry_after: bool = False) -> web.Response:
