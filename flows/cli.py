@@ -395,6 +395,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         },
         golden_file=_golden_file(params, Path(args.params).resolve().parent),
         score_tolerance=params.gate.served_score_tolerance,
+        shadow=serve.shadow,
+        shadow_sample_rate=params.shadow.sample_rate,
         poll_s=serve.follow_poll_s,
         ready_timeout_s=serve.switch_ready_timeout_s,
         drain_timeout_s=serve.drain_timeout_s,
@@ -441,6 +443,76 @@ def _alerter(block: str | None) -> Callable[[str, str], None]:
     return alert
 
 
+def cmd_shadow(args: argparse.Namespace) -> int:
+    """Serve a candidate bento in shadow: `textgate serve` (serve.shadow: true) mirrors a
+    sample of live requests to it and logs both answers; --stop ends it."""
+    params, registry = _registry(args.params)
+    from flows.serving import SHADOW_LOG, write_shadow_target
+
+    state_dir = registry.path.parent
+    if args.stop:
+        write_shadow_target(state_dir, None)
+        print("no shadow candidate now")
+        return 0
+    if args.bento_tag is None:
+        raise TextgateError("name the candidate bento (or pass --stop)")
+    import bentoml
+
+    from tasks.promote import PromotionError, ensure_servable
+
+    try:
+        bento = bentoml.bentos.get(args.bento_tag)
+        release = Release.create(
+            bento_tag=str(bento.tag),
+            model_tag=str(bento.info.all_models[0].tag),
+            reason="shadow candidate",
+        )
+        ensure_servable(release)
+    except (bentoml.exceptions.NotFound, PromotionError, IndexError) as error:
+        raise TextgateError(f"cannot shadow {args.bento_tag}: {error}") from None
+    (state_dir / SHADOW_LOG).unlink(missing_ok=True)  # evidence is about this candidate only
+    write_shadow_target(state_dir, release)
+    if not params.serve.shadow:
+        print("note: serve.shadow is false: `textgate serve` mirrors nothing until it is true")
+    print(f"shadow candidate: {release.bento_tag}; `textgate shadow-check` compares it")
+    return 0
+
+
+def cmd_shadow_check(args: argparse.Namespace) -> int:
+    """Compare the shadow candidate with production on the mirrored requests; exit 0 if the
+    shadow checks pass, 1 if not (or not enough evidence yet). --promote promotes it then."""
+    params, registry = _registry(args.params)
+    from datetime import UTC, datetime
+
+    from flows.serving import SHADOW_LOG, read_shadow_target
+    from textgate.shadow import read_shadow_log, shadow_checks, summarise
+
+    state_dir = registry.path.parent
+    target = read_shadow_target(state_dir)
+    if target is None:
+        raise TextgateError("no shadow candidate: name one with `textgate shadow BENTO_TAG`")
+    summary = summarise(read_shadow_log(state_dir / SHADOW_LOG, target.bento_tag))
+    waited = (datetime.now(UTC) - target.promoted_at).total_seconds() / 3600
+    checks = shadow_checks(summary, params.shadow, waited)
+    verdict = {
+        "passed": all(check.passed for check in checks),
+        "checks": [check.model_dump(mode="json") for check in checks],
+        "shadow": {"candidate": target.bento_tag, **vars(summary)},
+    }
+    if args.json:
+        print(json.dumps(verdict, indent=2))
+    else:
+        print(f"shadow candidate {target.bento_tag}: {summary.requests} mirrored requests")
+        _print_verdict(verdict)
+    if verdict["passed"] and args.promote:
+        from tasks.promote import promote_existing
+
+        reason = args.reason or "passed the shadow checks"
+        release = promote_existing(params, target.bento_tag, reason=reason, verdict=verdict)
+        print(f"production now: {_label(release)}")
+    return 0 if verdict["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=PARAMS_FILE, help="path to params.yaml")
@@ -462,6 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="default: serve.port in params")
     serve.add_argument("--host", default="127.0.0.1", help="use 0.0.0.0 to listen on all")
     serve.set_defaults(func=cmd_serve)
+    shadow = commands.add_parser("shadow", help=cmd_shadow.__doc__, parents=[common])
+    shadow.add_argument("bento_tag", metavar="BENTO_TAG", nargs="?", help="the candidate")
+    shadow.add_argument("--stop", action="store_true", help="stop shadowing")
+    shadow.set_defaults(func=cmd_shadow)
+    check = commands.add_parser("shadow-check", help=cmd_shadow_check.__doc__, parents=[common])
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--promote", action="store_true", help="promote it if the checks pass")
+    check.add_argument("--reason", type=_reason, default=None, help="why, for the history")
+    check.set_defaults(func=cmd_shadow_check)
     deploy = commands.add_parser("deploy", help=cmd_deploy.__doc__, parents=[common])
     deploy.set_defaults(func=cmd_deploy)
     worker = commands.add_parser("worker", help=cmd_worker.__doc__, parents=[common])

@@ -59,7 +59,7 @@ from textgate.process import (
     url_ready,
     wait_ready,
 )
-from textgate.proxy import Backend, Proxy
+from textgate.proxy import Backend, Proxy, Shadow
 from textgate.registry import Registry, RegistryError, Release
 
 STOP_GRACE_S = 20.0
@@ -85,6 +85,8 @@ class ServeOptions:
     poll_s: float
     ready_timeout_s: float
     drain_timeout_s: float
+    shadow: bool = False  # serve.shadow: follow shadow.json too
+    shadow_sample_rate: float = 1.0
 
 
 @dataclass(eq=False)
@@ -218,6 +220,50 @@ def check_answers(served: Served, golden: list[GoldenCase], tolerance: float) ->
         )
 
 
+SHADOW_TARGET = "shadow.json"
+SHADOW_LOG = "shadow.jsonl"
+
+
+def read_shadow_target(state_dir: Path) -> Release | None:
+    """The candidate `textgate shadow` named (`<state_dir>/shadow.json`), or None.
+
+    Raises:
+        TextgateError: the file is not a release.
+    """
+    path = state_dir / SHADOW_TARGET
+    try:
+        return Release.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise TextgateError(
+            f"{path} is not a shadow candidate ({error}); set one with `textgate shadow TAG`"
+        ) from None
+
+
+def write_shadow_target(state_dir: Path, release: Release | None) -> None:
+    """Name the shadow candidate (None: no shadow); a new candidate starts a new log."""
+    path = state_dir / SHADOW_TARGET
+    if release is None:
+        path.unlink(missing_ok=True)
+        return
+    write_json(path, release.model_dump(mode="json"))
+
+
+def shadow_sink(path: Path) -> Callable[[dict[str, Any]], None]:
+    """Append each shadow record to `path` as one JSON line (one writer: the proxy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(record: dict[str, Any]) -> None:
+        try:
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            print(f"textgate: serve: cannot append to {path}: {error}", file=sys.stderr)
+
+    return append
+
+
 class ServeState:
     """`<state_dir>/serve-<port>.json`: what this supervisor serves, its processes, problems.
 
@@ -348,6 +394,8 @@ class Supervisor:
         self.candidates: list[Served] = []
         self.tried: tuple[str, str] | None = None  # the release last switched to, or tried
         self.problem: str | None = None
+        self.shadowing: Served | None = None
+        self.shadow_tried: tuple[str, str] | None = None
 
     def run(self, on_ready: Callable[[str], None] = print) -> None:
         """Serve until a signal; TextgateError if the first production bento cannot serve."""
@@ -364,7 +412,7 @@ class Supervisor:
             finally:
                 proxy_thread.stop()
                 sock.close()
-                for served in [*self.candidates, *([self.serving] if self.serving else [])]:
+                for served in self._running():
                     served.stop()
                 self.state.write(serving=None, bentos=[])
 
@@ -396,6 +444,42 @@ class Supervisor:
             return
         if release is not None and _key(release) != self.tried:
             self.switch(release)
+        if self.options.shadow:
+            self.follow_shadow()
+
+    def follow_shadow(self) -> None:
+        """Start the shadow candidate `textgate shadow` named, or stop the one no longer named."""
+        try:
+            target = read_shadow_target(self.options.state_dir)
+        except TextgateError as error:
+            target = None
+            if self.problem != str(error):
+                self._fail(None, str(error))
+        key = _key(target) if target is not None else None
+        if key == self.shadow_tried:
+            return
+        self.shadow_tried = key
+        if self.shadowing is not None:
+            old, self.shadowing = self.shadowing, None
+            self.proxy_thread.call(self._set_shadow(None))
+            old.stop()
+        if target is None:
+            return
+        try:
+            self.shadowing = self._start_checked(target)
+        except (TextgateError, OSError) as error:
+            self._fail(target, f"shadow candidate not started: {error}")
+            return
+        sink = shadow_sink(self.options.state_dir / SHADOW_LOG)
+        shadow = Shadow(self.shadowing.backend, sink, self.options.shadow_sample_rate)
+        self.proxy_thread.call(self._set_shadow(shadow))
+        self._record()
+        print(f"textgate: {target.bento_tag} answers in shadow", flush=True)
+
+    async def _set_shadow(self, shadow: Shadow | None) -> None:
+        previous, self.proxy.shadow = self.proxy.shadow, shadow
+        if previous is not None:
+            await self.proxy.drain(previous.backend, self.options.drain_timeout_s)
 
     def switch(self, release: Release) -> bool:
         """Start `release`'s bento, check it, send traffic to it, drain and stop the old one."""
@@ -455,10 +539,15 @@ class Supervisor:
     def _serving_tag(self) -> str:
         return self.serving.tag if self.serving else "nothing"
 
+    def _running(self) -> list[Served]:
+        others = [s for s in (self.serving, self.shadowing) if s is not None]
+        return [*self.candidates, *others]
+
     def _record(self, **changes: Any) -> None:
         if "problem" in changes:
             self.problem = changes["problem"]
-        running = [*self.candidates, *([self.serving] if self.serving else [])]
+        running = self._running()
+        changes["shadow"] = self.shadowing.tag if self.shadowing else None
         serving = self.serving.tag if self.serving else None
         if serving != self.state.data.get("serving"):
             changes["since"] = now()
