@@ -129,11 +129,10 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def start_bento(release: Release, options: ServeOptions, workdir: Path) -> Served:
-    """Start `bentoml serve` of the release's bento on a free loopback port; wait until ready.
+def launch_bento(release: Release, options: ServeOptions, workdir: Path) -> Served:
+    """Start `bentoml serve` of the release's bento on a free loopback port (not yet ready).
 
-    Raises:
-        SwitchError: it exited or was not ready in time (with the end of its log).
+    It gets SIGTERM from the kernel if this process dies (start it from the main thread).
     """
     port = free_port()
     env = {**options.env, "BENTOML_DO_NOT_TRACK": "True"}
@@ -149,20 +148,25 @@ def start_bento(release: Release, options: ServeOptions, workdir: Path) -> Serve
         name=f"bentoml serve {release.bento_tag}",
         preexec_fn=die_with_parent(),
     )
-    url = f"http://127.0.0.1:{port}"
-    served = Served(release, process, Backend(release.bento_tag, url))
+    return Served(release, process, Backend(release.bento_tag, f"http://127.0.0.1:{port}"))
+
+
+def wait_bento_ready(served: Served, timeout_s: float) -> None:
+    """Wait until the bento answers `/readyz`, noting its workers as they start.
+
+    Raises:
+        SwitchError: it exited or was not ready in time (with the end of its log).
+    """
 
     def ready() -> bool:
         served.note_workers()
-        return url_ready(f"{url}/readyz")
+        return url_ready(f"{served.backend.url}/readyz")
 
     try:
-        wait_ready(process, ready, options.ready_timeout_s)
+        wait_ready(served.process, ready, timeout_s)
     except ProcessStartError as error:
-        served.stop()
         raise SwitchError(str(error)) from None
     served.note_workers()
-    return served
 
 
 def golden_texts(options: ServeOptions) -> list[str]:
@@ -439,9 +443,13 @@ class Supervisor:
         try:
             release = self.options.registry.production()
         except RegistryError as error:
-            if self.problem != str(error):
-                self._fail(None, f"{error}; still serving {self._serving_tag()}")
+            problem = f"{error}; still serving {self._serving_tag()}"
+            if self.problem != problem:
+                self._fail(None, problem)
             return
+        if self.problem is not None and self.problem.startswith("registry "):
+            print("textgate: serve: the registry is readable again", flush=True)
+            self._record(problem=None)
         if release is not None and _key(release) != self.tried:
             self.switch(release)
         if self.options.shadow:
@@ -486,6 +494,7 @@ class Supervisor:
         self.tried = _key(release)
         if self.serving is not None and self.serving.tag == release.bento_tag:
             self.serving.release = release
+            self._record(problem=None)  # production is served (again)
             return True
         started = time.monotonic()
         try:
@@ -517,10 +526,12 @@ class Supervisor:
             raise SwitchError(str(error)) from None
         cache = self.options.state_dir / "serve-golden"
         with offline_answers(release.bento_tag, self.options, cache) as golden:
-            served = start_bento(release, self.options, self.workdir)
-            self.candidates.append(served)
+            served = launch_bento(release, self.options, self.workdir)
+            self.candidates.append(served)  # recorded at once: a crash here leaves no orphan
             self._record()
             try:
+                wait_bento_ready(served, self.options.ready_timeout_s)
+                self._record()  # with its workers
                 check_answers(served, golden(), self.options.score_tolerance)
             except (TextgateError, ServedCheckError, OSError, ValueError) as error:
                 served.stop()
