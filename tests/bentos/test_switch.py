@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ class Bentos:
     a: Release
     b: Release
     broken: Release
+    twin: Release  # A's weights, packaged again
+    shuffled: Release  # A's weights with its labels permuted
 
 
 def release_of(packaged: object, reason: str) -> Release:
@@ -50,8 +53,15 @@ def release_of(packaged: object, reason: str) -> Release:
 
 
 @pytest.fixture(scope="module")
-def bentos(bentoml_home: Path, decisive_model_dir: Path, tiny_model_dir: Path) -> Bentos:
+def bentos(
+    bentoml_home: Path,
+    decisive_model_dir: Path,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Bentos:
     import bentoml
+
+    from textgate.artifacts import LABEL_MAP_FILE
 
     from tasks.package import package_model
 
@@ -61,7 +71,20 @@ def bentos(bentoml_home: Path, decisive_model_dir: Path, tiny_model_dir: Path) -
     broken = package_model(tiny_model_dir, params=params, metrics={}, lineage={})
     service = Path(bentoml.bentos.get(broken.bento_tag).path) / "src" / "bentos" / "service.py"
     service.write_text(service.read_text() + "\nraise RuntimeError('broken on purpose')\n")
-    return Bentos(release_of(a, "A"), release_of(b, "B"), release_of(broken, "broken"))
+    twin = package_model(decisive_model_dir, params=params, metrics={}, lineage={})
+    shuffled_dir = tmp_path_factory.mktemp("shuffled") / "model"
+    shutil.copytree(decisive_model_dir, shuffled_dir)
+    label_map = shuffled_dir / LABEL_MAP_FILE
+    labels = json.loads(label_map.read_text())["labels"]
+    label_map.write_text(json.dumps({"labels": labels[1:] + labels[:1]}))
+    shuffled = package_model(shuffled_dir, params=params, metrics={}, lineage={})
+    return Bentos(
+        release_of(a, "A"),
+        release_of(b, "B"),
+        release_of(broken, "broken"),
+        release_of(twin, "twin"),
+        release_of(shuffled, "shuffled"),
+    )
 
 
 @dataclass
@@ -83,7 +106,8 @@ def start_serve(tmp: Path, port: int, log_name: str = "serve.log") -> Serve:
         overrides = {
             "registry": {"path": str(tmp / "state" / "registry.json")},
             "evaluate": {"output_dir": str(tmp / "evaluate")},  # no golden.json: fixed texts
-            "serve": {"follow_poll_s": 0.5, "drain_timeout_s": 10},
+            "serve": {"follow_poll_s": 0.5, "drain_timeout_s": 10, "shadow": True},
+            "shadow": {"min_requests": 20},
         }
         params_file.write_text(yaml.safe_dump(merge(raw_params(), overrides)))
     env = {
@@ -290,3 +314,33 @@ def test_a_second_serve_on_the_port_is_refused_and_kill_9_leaves_no_orphans(
             stop_serve(third)
     finally:
         stop_serve(first)
+
+
+@pytest.mark.parametrize(("candidate", "passes"), [("twin", True), ("shuffled", False)])
+def test_the_shadow_check_passes_a_twin_and_fails_a_model_with_shuffled_labels(
+    serving: Serve, bentos: Bentos, candidate: str, passes: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    release = getattr(bentos, candidate)
+    params = ["--params", str(serving.params_file)]
+    assert main(["shadow", release.bento_tag, *params]) == 0
+    deadline = time.monotonic() + SWITCH_TIMEOUT_S
+    while f"{release.bento_tag} answers in shadow" not in serving.output():
+        assert time.monotonic() < deadline, serving.output()
+        time.sleep(0.5)
+    texts = ["I lost my card yesterday", "please refund my order", "cannot sign in to the app"]
+    with httpx.Client(timeout=30) as client:
+        for index in range(30):
+            body = {"texts": [texts[index % 3], texts[(index + 1) % 3]]}
+            response = client.post(f"{serving.url}/classify", json=body)
+            assert response.headers["x-textgate-model"] == bentos.a.bento_tag  # never the shadow
+    time.sleep(2)  # the last copies
+    capsys.readouterr()
+    assert main(["shadow-check", "--json", *params]) == (0 if passes else 1)
+    verdict = json.loads(capsys.readouterr().out)
+    print(json.dumps(verdict, indent=2))  # shown with -s: the closing note quotes it
+    failed = {check["name"] for check in verdict["checks"] if not check["passed"]}
+    assert failed == (set() if passes else {"shadow_agreement"})
+    assert verdict["shadow"]["requests"] >= 20
+    main(["shadow", "--stop", *params])
