@@ -47,7 +47,9 @@ import psutil
 
 from flows.processes import die_with_parent
 from tasks.served import GoldenCase, ServedCheckError, load_golden, replay
+from textgate.config import ShadowConfig
 from textgate.errors import TextgateError
+from textgate.gate import Check
 from textgate.io import write_json
 from textgate.process import (
     ManagedProcess,
@@ -61,6 +63,7 @@ from textgate.process import (
 )
 from textgate.proxy import Backend, Proxy, Shadow
 from textgate.registry import Registry, RegistryError, Release
+from textgate.shadow import read_shadow_log, shadow_checks, summarise
 
 STOP_GRACE_S = 20.0
 # Texts for the switch check when the workspace has no golden.json (no evaluation yet).
@@ -266,6 +269,37 @@ def shadow_sink(path: Path) -> Callable[[dict[str, Any]], None]:
             print(f"textgate: serve: cannot append to {path}: {error}", file=sys.stderr)
 
     return append
+
+
+def shadow_evidence(
+    state_dir: Path,
+    release: Release,
+    config: ShadowConfig,
+    log: Callable[[str], None],
+    poll_s: float = 30.0,
+) -> list[Check]:
+    """Serve `release` in shadow until `config.min_requests` mirrored requests (or
+    `config.max_hours`), then the shadow checks; the shadow is ended either way.
+
+    Needs a `textgate serve` with serve.shadow on, which mirrors to the candidate named here.
+    """
+    (state_dir / SHADOW_LOG).unlink(missing_ok=True)
+    write_shadow_target(state_dir, release)
+    started = time.monotonic()
+    try:
+        while True:
+            records = read_shadow_log(state_dir / SHADOW_LOG, release.bento_tag)
+            waited_hours = (time.monotonic() - started) / 3600
+            if len(records) >= config.min_requests or waited_hours >= config.max_hours:
+                return shadow_checks(summarise(records), config, waited_hours)
+            log(
+                f"waiting for shadow evidence on {release.bento_tag}: {len(records)}/"
+                f"{config.min_requests} mirrored requests after {waited_hours:.2f} h "
+                f"(shadow.max_hours={config.max_hours})"
+            )
+            time.sleep(poll_s)
+    finally:
+        write_shadow_target(state_dir, None)
 
 
 class ServeState:

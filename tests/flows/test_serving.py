@@ -62,3 +62,58 @@ def test_status_reads_the_state_of_live_supervisors_only(tmp_path: Path) -> None
     (tmp_path / "serve-3001.json").write_text(json.dumps({"pid": dead.pid, "serving": "x"}))
     (tmp_path / "serve-3002.json").write_text("{torn")
     assert [state["serving"] for state in read_serve_states(tmp_path)] == ["textgate:a"]
+
+
+def shadow_line(labels: list[str], theirs: list[str]) -> str:
+    return json.dumps(
+        {
+            "ts": "2026-01-01T00:00:00+00:00",
+            "production": "textgate:a",
+            "candidate": "textgate:b",
+            "production_ms": 10.0,
+            "candidate_ms": 11.0,
+            "production_labels": labels,
+            "production_abstained": [False] * len(labels),
+            "candidate_labels": theirs,
+            "candidate_abstained": [False] * len(theirs),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("theirs", "failed"), [(["refund"], set()), (["login"], {"shadow_agreement"})]
+)
+def test_the_pipeline_waits_for_shadow_evidence_then_checks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, theirs: list[str], failed: set[str]
+) -> None:
+    from flows import serving
+    from tests.helpers import make_params
+    from textgate.registry import Release
+
+    config = make_params({}).shadow.model_copy(update={"min_requests": 3})
+    candidate = Release.create(bento_tag="textgate:b", model_tag="m:b", reason="shadow")
+    named: list[object] = []
+    waits: list[str] = []
+
+    def traffic(seconds: float) -> None:  # while the pipeline waits, serve mirrors requests
+        named.append(serving.read_shadow_target(tmp_path))
+        with (tmp_path / serving.SHADOW_LOG).open("a") as log:
+            log.write(shadow_line(["refund"], theirs) + "\n")
+
+    monkeypatch.setattr(serving.time, "sleep", traffic)
+    checks = serving.shadow_evidence(tmp_path, candidate, config, waits.append)
+    assert {check.name for check in checks if not check.passed} == failed
+    assert len(waits) == 3 and "0/3 mirrored requests" in waits[0]
+    assert named[0] == candidate  # `textgate serve` was told which bento to shadow
+    assert serving.read_shadow_target(tmp_path) is None  # and the shadow ended
+
+
+def test_without_evidence_by_max_hours_the_shadow_check_fails(tmp_path: Path) -> None:
+    from flows import serving
+    from tests.helpers import make_params
+    from textgate.registry import Release
+
+    config = make_params({}).shadow.model_copy(update={"max_hours": 1e-9})
+    candidate = Release.create(bento_tag="textgate:b", model_tag="m:b", reason="shadow")
+    checks = serving.shadow_evidence(tmp_path, candidate, config, print, poll_s=0)
+    assert not next(check for check in checks if check.name == "shadow").passed
