@@ -45,8 +45,10 @@ import yaml
 
 from bench.common import json_line, log, machine_info, positive_int
 from bench.workspace import build_tiny_bert, merge
+from textgate.config import PARAMS_FILE
 from textgate.process import free_port
 from textgate.registry import Registry, Release
+from textgate.requestlog import REQUEST_LOG_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW_S = 5.0
@@ -113,7 +115,7 @@ def build_bentos(work: Path) -> list[Release]:
     from textgate.config import load_params
     from textgate.model import build_classifier, save_classifier
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / PARAMS_FILE)
     releases = []
     for seed in (0, 1):
         base = build_tiny_bert(work / f"tiny-bert-{seed}", seed=seed)
@@ -132,18 +134,18 @@ def build_bentos(work: Path) -> list[Release]:
 
 
 def start_serve(work: Path, port: int) -> subprocess.Popen[bytes]:
-    params_file = work / "params.yaml"
+    params_file = work / PARAMS_FILE
     overrides = {
         "registry": {"path": str(work / "state" / "registry.json")},
         "evaluate": {"output_dir": str(work / "evaluate")},
     }
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    raw = yaml.safe_load((ROOT / PARAMS_FILE).read_text(encoding="utf-8"))
     params_file.write_text(yaml.safe_dump(merge(raw, overrides)), encoding="utf-8")
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "TEXTGATE_API_KEY": "",
-        "TEXTGATE_REQUEST_LOG": str(work / "requests.jsonl"),
+        REQUEST_LOG_ENV: str(work / "requests.jsonl"),
         "PREFECT_API_URL": "",
     }
     command = [sys.executable, "-m", "flows.cli", "serve", "--params", str(params_file)]
