@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -205,7 +206,13 @@ def offline_answers(bento_tag: str, options: ServeOptions, cache: Path) -> Itera
     )
 
     def wait() -> list[GoldenCase]:
-        code = process.popen.wait(timeout=options.ready_timeout_s)
+        try:
+            code = process.popen.wait(timeout=options.ready_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise SwitchError(
+                f"{process.name} took over serve.switch_ready_timeout_s="
+                f"{options.ready_timeout_s:g} s; {process.log_tail()}"
+            ) from None
         if code != 0 or not out.is_file():
             raise SwitchError(f"{process.name} failed (exit {code}); {process.log_tail()}")
         return load_golden(out)
