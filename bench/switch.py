@@ -109,13 +109,19 @@ def percentiles(answers: list[Answer]) -> dict[str, float | int | None]:
 # --- the workspace ---------------------------------------------------------------------------
 
 
-def build_bentos(work: Path) -> list[Release]:
-    """Two tiny bentos (different random encoders) in the current BENTOML_HOME."""
+def build_bentos(work: Path, clients: int) -> list[Release]:
+    """Two tiny bentos (different random encoders) in the current BENTOML_HOME.
+
+    Their serve.max_concurrency is `clients`: the benchmark is about switching, not about
+    the overload answer that more clients than 8 per worker would get.
+    """
     from tasks.package import package_model
     from textgate.config import load_params
     from textgate.model import build_classifier, save_classifier
 
     params = load_params(ROOT / PARAMS_FILE)
+    serve = params.serve.model_copy(update={"max_concurrency": clients})
+    params = params.model_copy(update={"serve": serve})
     releases = []
     for seed in (0, 1):
         base = build_tiny_bert(work / f"tiny-bert-{seed}", seed=seed)
@@ -412,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["BENTOML_HOME"] = str(work / "bentoml")  # before BentoML is imported
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
     log(f"building two tiny bentos in {work}")
-    releases = build_bentos(work)
+    releases = build_bentos(work, args.clients)
     registry = Registry(work / "state" / "registry.json")
     registry.promote(releases[0])
     port = free_port()
