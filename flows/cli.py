@@ -400,6 +400,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         poll_s=serve.follow_poll_s,
         ready_timeout_s=serve.switch_ready_timeout_s,
         drain_timeout_s=serve.drain_timeout_s,
+        standby_s=serve.standby_s,
     )
     Supervisor(options, alert=_alerter(params.notify.block), servable=_switchable).run(
         on_ready=lambda line: print(line, flush=True)

@@ -12,7 +12,8 @@ reads the registry; when production changes (a pipeline promotion, `textgate pro
    answers them offline (computed once per bento, in a child process, while it starts),
    within `gate.served_score_tolerance`;
 4. the proxy sends new requests to it; the old one drains (at most `serve.drain_timeout_s`)
-   and is stopped.
+   and stays on standby for `serve.standby_s`: if the new bento dies meanwhile (a crash
+   under load), traffic goes straight back to the old one, with an alert; then it is stopped.
 
 A candidate that fails any step is stopped, the old bento goes on serving, an alert goes to
 the notification block, and the state file (read by `textgate status`) records the problem;
@@ -89,6 +90,7 @@ class ServeOptions:
     poll_s: float
     ready_timeout_s: float
     drain_timeout_s: float
+    standby_s: float = 0.0  # how long the old bento stays ready to take traffic back
     shadow: bool = False  # serve.shadow: follow shadow.json too
     shadow_sample_rate: float = 1.0
 
@@ -441,6 +443,8 @@ class Supervisor:
         self.problem: str | None = None
         self.shadowing: Served | None = None
         self.shadow_tried: tuple[str, str] | None = None
+        self.standby: Served | None = None
+        self.standby_until = 0.0
 
     def run(self, on_ready: Callable[[str], None] = print) -> None:
         """Serve until a signal; TextgateError if the first production bento cannot serve."""
@@ -476,11 +480,13 @@ class Supervisor:
             self.follow()
 
     def follow(self) -> None:
-        """One poll: restart a dead serving bento; switch if production changed."""
+        """One poll: replace a dead serving bento; switch if production changed."""
         if self.serving is not None and not self.serving.process.running():
-            dead, self.serving = self.serving, None
-            self._fail(dead.release, f"{dead.tag} exited (code {dead.process.popen.returncode})")
-            self.tried = None  # start it again below
+            self._serving_died()
+        if self.standby is not None and time.monotonic() >= self.standby_until:
+            self.standby.stop()
+            self.standby = None
+            self._record()
         try:
             release = self.options.registry.production()
         except RegistryError as error:
@@ -495,6 +501,21 @@ class Supervisor:
             self.switch(release)
         if self.options.shadow:
             self.follow_shadow()
+
+    def _serving_died(self) -> None:
+        """Back to the standby bento if there is one (the release that died is not tried
+        again until production changes); else start production again."""
+        dead, self.serving = self.serving, None
+        assert dead is not None
+        why = f"{dead.tag} exited (code {dead.process.popen.returncode})"
+        standby, self.standby = self.standby, None
+        if standby is not None and standby.process.running():
+            self.serving = standby
+            self.proxy_thread.call(self.proxy.switch(standby.backend))
+            self._fail(dead.release, f"{why}; back to serving {standby.tag}")
+            return
+        self._fail(dead.release, why)
+        self.tried = None  # start production again
 
     def follow_shadow(self) -> None:
         """Start the shadow candidate `textgate shadow` named, or stop the one no longer named."""
@@ -549,8 +570,9 @@ class Supervisor:
         self._record(problem=None)
         if old is not None:  # a dead bento's pool is closed too
             self.proxy_thread.call(self.proxy.drain(old, self.options.drain_timeout_s))
-        if previous is not None:
-            previous.stop()
+        if self.standby is not None:
+            self.standby.stop()
+        self.standby, self.standby_until = previous, time.monotonic() + self.options.standby_s
         self._record()
         print(
             f"textgate: now serving {release.bento_tag} "
@@ -592,7 +614,7 @@ class Supervisor:
         return self.serving.tag if self.serving else "nothing"
 
     def _running(self) -> list[Served]:
-        others = [s for s in (self.serving, self.shadowing) if s is not None]
+        others = [s for s in (self.serving, self.shadowing, self.standby) if s is not None]
         return [*self.candidates, *others]
 
     def _record(self, **changes: Any) -> None:

@@ -192,6 +192,7 @@ class ServeConfig(_Section):
     follow_poll_s: float = Field(gt=0)
     switch_ready_timeout_s: float = Field(gt=0)
     drain_timeout_s: float = Field(ge=0)
+    standby_s: float = Field(ge=0)
     shadow: bool  # mirror sampled live requests to a shadow candidate (shadow section)
 
 

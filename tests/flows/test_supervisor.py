@@ -4,6 +4,7 @@ their own, answering like a bento (`/readyz`, `/classify` with the model header)
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -24,12 +25,17 @@ from textgate.registry import Registry, Release
 FAKE_BENTO = """
 import os, sys
 from aiohttp import web
-tag, label = sys.argv[1], sys.argv[2]
+tag, label, crash_after = sys.argv[1], sys.argv[2], int(sys.argv[4])
 if label == "crash":
     sys.exit(3)
+answered = 0
 async def ready(request):
     return web.Response(text="ok")
 async def classify(request):
+    global answered
+    answered += 1
+    if answered > crash_after:
+        os._exit(4)
     texts = (await request.json())["texts"]
     body = [{"label": label, "score": 0.5, "abstained": False} for _ in texts]
     return web.json_response(body, headers={"X-Textgate-Model": tag})
@@ -39,14 +45,21 @@ app.router.add_post("/classify", classify)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[3]), print=None)
 """
 # What each stand-in bento answers, and what its model answers offline.
-ANSWERS = {"textgate:a": "refund", "textgate:b": "login", "textgate:crash": "crash"}
-OFFLINE = {"textgate:a": "refund", "textgate:b": "login", "textgate:crash": "crash"}
+ANSWERS = {
+    "textgate:a": "refund",
+    "textgate:b": "login",
+    "textgate:crash": "crash",
+    "textgate:fragile": "login",  # crashes once the golden requests (7) and 3 more answered
+}
+OFFLINE = dict(ANSWERS)
+CRASH_AFTER = {"textgate:fragile": 10}
 
 
 def launch(release: Release, options: serving.ServeOptions, workdir: Path) -> serving.Served:
     port = free_port()
     command = [sys.executable, "-c", FAKE_BENTO, release.bento_tag]
-    command += [ANSWERS[release.bento_tag], str(port)]
+    crash_after = CRASH_AFTER.get(release.bento_tag, 1 << 30)
+    command += [ANSWERS[release.bento_tag], str(port), str(crash_after)]
     process = start_process(command, log_path=workdir / f"fake-{port}.log")
     backend = Backend(release.bento_tag, f"http://127.0.0.1:{port}")
     return serving.Served(release, process, backend)
@@ -130,7 +143,9 @@ def test_a_promotion_switches_traffic_and_stops_the_old_bento(
     thread.join()
     assert errors == []
     assert answered_by(supervisor) == "textgate:b"
-    assert old is not None and not old.process.running()
+    assert old is not None and supervisor.standby is old  # ready to take traffic back
+    supervisor.follow()  # serve.standby_s (0 here) is over
+    assert not old.process.running()
     state = serving.read_serve_states(supervisor.options.state_dir)[0]
     assert state["serving"] == "textgate:b" and state["problem"] is None
     assert [bento["tag"] for bento in state["bentos"]] == ["textgate:b"]
@@ -202,3 +217,27 @@ def test_a_serving_bento_that_dies_is_started_again(supervisor: serving.Supervis
     assert supervisor.serving is not first
     assert answered_by(supervisor) == "textgate:a"
     assert "textgate:a exited" in supervisor.alerts[0][1]  # type: ignore[attr-defined]
+
+
+def test_a_new_bento_crashing_under_load_hands_traffic_back_to_the_standby(
+    supervisor: serving.Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        supervisor,
+        "options",
+        dataclasses.replace(supervisor.options, standby_s=60.0),
+    )
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    registry.promote(release("textgate:fragile"))
+    supervisor.follow()
+    assert [answered_by(supervisor) for _ in range(3)] == ["textgate:fragile"] * 3
+    with pytest.raises(AssertionError):  # the fourth crashes it: that request fails (502)
+        answered_by(supervisor)
+    time.sleep(0.2)
+    supervisor.follow()
+    assert answered_by(supervisor) == "textgate:a"
+    assert "textgate:fragile exited (code 4); back to serving textgate:a" in supervisor.problem
+    supervisor.follow()  # the release that crashed is not tried again
+    assert answered_by(supervisor) == "textgate:a"
