@@ -604,11 +604,10 @@ class Supervisor:
         return served
 
     def _fail(self, release: Release | None, problem: str) -> None:
-        self.problem = problem
+        self._record(problem=problem, problem_at=now())  # first: status says so at once
         print(f"textgate: serve: {problem}", file=sys.stderr, flush=True)
         subject = f"textgate serve: {release.bento_tag if release else 'registry'} not served"
         self.alert(subject, problem)
-        self._record(problem=problem, problem_at=now())
 
     def _serving_tag(self) -> str:
         return self.serving.tag if self.serving else "nothing"
