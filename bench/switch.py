@@ -189,13 +189,14 @@ def wait_serving(url: str, tag: str, serve: subprocess.Popen[bytes], timeout_s: 
 # --- the overhead of following: direct vs through textgate serve ----------------------------
 
 
-def tree_cpu_s(pids: list[int]) -> float:
-    """CPU seconds (user + system) used so far by `pids` and all their descendants."""
+def tree_cpu_s(pids: list[int], alone: tuple[int, ...] = ()) -> float:
+    """CPU seconds (user + system) used so far by `pids` and all their descendants, plus by
+    the processes `alone` without theirs (the supervisor: its children are the bentos)."""
     total = 0.0
-    for pid in pids:
+    for pid in [*pids, *alone]:
         try:
             root = psutil.Process(pid)
-            processes = [root, *root.children(recursive=True)]
+            processes = [root, *([] if pid in alone else root.children(recursive=True))]
         except psutil.Error:
             continue
         for process in processes:
@@ -207,10 +208,12 @@ def tree_cpu_s(pids: list[int]) -> float:
     return total
 
 
-async def timed_round(url: str, clients: int, seconds: float, pids: list[int]) -> dict[str, float]:
+async def timed_round(
+    url: str, clients: int, seconds: float, pids: list[int], alone: tuple[int, ...]
+) -> dict[str, float]:
     stop = asyncio.Event()
     traffic = Traffic()
-    cpu_before = tree_cpu_s(pids)
+    cpu_before = tree_cpu_s(pids, alone)
     task = asyncio.create_task(drive(url, clients, stop, traffic))
     await asyncio.sleep(seconds)
     stop.set()
@@ -220,7 +223,7 @@ async def timed_round(url: str, clients: int, seconds: float, pids: list[int]) -
         "ok": ok,
         "errors": len(traffic.answers) - ok,
         "wall_s": seconds,
-        "cpu_s": tree_cpu_s(pids) - cpu_before,
+        "cpu_s": tree_cpu_s(pids, alone) - cpu_before,
     }
 
 
@@ -232,14 +235,14 @@ async def overhead(
         "direct": dict.fromkeys(("ok", "errors", "wall_s", "cpu_s"), 0.0),
         "textgate_serve": dict.fromkeys(("ok", "errors", "wall_s", "cpu_s"), 0.0),
     }
-    await timed_round(direct, args.clients, 3, [bento_pid])  # warm-up, untimed
+    await timed_round(direct, args.clients, 3, [bento_pid], ())  # warm-up, untimed
     for index in range(args.overhead_rounds):
         order = [
-            ("direct", direct, [bento_pid]),
-            ("textgate_serve", proxied, [bento_pid, supervisor_pid]),
+            ("direct", direct, ()),
+            ("textgate_serve", proxied, (supervisor_pid,)),  # the proxy runs in it
         ]
-        for name, url, pids in order if index % 2 == 0 else order[::-1]:
-            result = await timed_round(url, args.clients, args.round_s, pids)
+        for name, url, alone in order if index % 2 == 0 else order[::-1]:
+            result = await timed_round(url, args.clients, args.round_s, [bento_pid], alone)
             for key, value in result.items():
                 totals[name][key] += value
     out: dict[str, Any] = {}
