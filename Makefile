@@ -39,7 +39,7 @@ test: venv  ## every test, the slow end-to-end ones included
 test-fast: venv  ## everything but the end-to-end tests
 	$(BIN)/pytest -m "not slow"
 
-serve: venv  ## serve the production bento on $(PORT)
+serve: venv  ## serve production on $(PORT), following the registry (live switch)
 	$(BIN)/textgate serve --port $(PORT)
 
 # `make ui` also points the Prefect CLI (and textgate) at that server: it makes a Prefect

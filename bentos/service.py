@@ -64,7 +64,12 @@ The request log is the contract with the drift monitor: one JSON object per clas
   replaced by placeholders when the model was trained with PII redaction (as the training
   data was), so the log holds no more personal data than the training set;
 - `label`: the answer ("unknown" when abstained); `best_label`: the most probable label;
-- `score`: the probability of `best_label`; `abstained`: true or false.
+- `score`: the probability of `best_label`; `abstained`: true or false;
+- `bento_tag`: the bento that answered, as in the `X-Textgate-Model` header.
+
+Which bento answered: every `/classify` and `/explain` response has the header
+`X-Textgate-Model: <bento tag>` (as `textgate status --json` names it in
+`production.bento_tag`); served from source, without a bento, it is `source:<model tag>`.
 
 The log and its backups are owner-only (0600). A batch's lines are written at once under a
 lock shared by the workers, which also rotate the file by size under it
@@ -134,6 +139,7 @@ from textgate.text import normalise_text  # noqa: E402
 logger = logging.getLogger("bentoml.textgate")
 
 MODEL_TAG_ENV = "TEXTGATE_MODEL_TAG"
+MODEL_HEADER = b"x-textgate-model"
 RUNTIME_ENV = "TEXTGATE_RUNTIME"
 WORKERS_ENV = "TEXTGATE_WORKERS"
 # Serving from source, the settings that a bento records come from here.
@@ -326,6 +332,12 @@ def _check_recorded_in_bento(tag: str) -> None:
         )
 
 
+def served_bento_tag() -> str:
+    """The tag of the bento being served (`source:<model tag>` when serving from source)."""
+    bento = TextgateService.bento  # set by BentoML when serving a built bento, else None
+    return str(bento.tag) if bento is not None else f"source:{configured_model_tag()}"
+
+
 class RequestLog:
     """Appends JSON lines to the rotating, owner-only request log; never raises."""
 
@@ -441,6 +453,7 @@ class TextgateService:
         stored = self.model_ref  # resolved from the model store: a bentoml Model
         self.model_tag = str(stored.tag)
         _check_recorded_in_bento(self.model_tag)
+        self.bento_tag = served_bento_tag()
         threads = default_threads(_positive_env_int(WORKERS_ENV, default_workers()))
         runtime = configured_runtime()
         self.classifier = load_classifier(stored.path, runtime=runtime, threads=threads)
@@ -492,6 +505,7 @@ class TextgateService:
                     score=prediction.score,
                     abstained=prediction.abstained,
                     margin=prediction.margin,
+                    bento_tag=self.bento_tag,
                 )
             )
         self.request_log.append(records)
@@ -578,6 +592,30 @@ async def _send_route_error(send: Send, scope: Scope, start: Message) -> None:
     allow = _header({"headers": start.get("headers", ())}, b"allow") or b""
     message = f"method not allowed: {method} {path}; allowed: {allow.decode('latin-1')}"
     await _send_json_error(send, 405, message, [(b"allow", allow)] if allow else [])
+
+
+class ModelHeaderMiddleware:
+    """Name the bento that computed each API answer in `X-Textgate-Model`."""
+
+    def __init__(self, app: ASGIApp, routes: Collection[str]) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+        self.header: tuple[bytes, bytes] | None = None  # built at the first request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.routes:
+            await self.app(scope, receive, send)
+            return
+        if self.header is None:
+            self.header = (MODEL_HEADER, served_bento_tag().encode("latin-1"))
+        header = self.header
+
+        async def with_model(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        await self.app(scope, receive, with_model)
 
 
 class OverloadMiddleware:
@@ -801,6 +839,7 @@ API_ROUTES = [api.route for api in TextgateService.apis.values()]
 TextgateService.add_asgi_middleware(JsonErrorsMiddleware)
 TextgateService.add_asgi_middleware(OpenApiSecurityMiddleware, routes=API_ROUTES)
 TextgateService.add_asgi_middleware(ApiKeyMiddleware)
+TextgateService.add_asgi_middleware(ModelHeaderMiddleware, routes=API_ROUTES)
 TextgateService.add_asgi_middleware(
     OverloadMiddleware,
     routes=API_ROUTES,

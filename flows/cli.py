@@ -7,11 +7,13 @@ import argparse
 import json
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flows.processes import stop_on_signals
-from textgate.artifacts import verdict_outputs
+from textgate.artifacts import evaluate_outputs, verdict_outputs
 from textgate.config import PARAMS_FILE, Params, api_key_from_env, load_params, resolve_paths
 from textgate.errors import TextgateError
 from textgate.registry import Registry, Release
@@ -262,8 +264,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     target = registry.rollback_target()
     verdict = _last_verdict(params)
     live, live_line = _live_accuracy(args.params)
+    from flows.serving import read_serve_states
+
+    serving = read_serve_states(registry.path.parent)
     if args.json:
         payload = {
+            "serving": serving,
             "production": production.model_dump(mode="json") if production else None,
             "live_accuracy": live,
             "rollback_target": target.model_dump(mode="json") if target else None,
@@ -284,6 +290,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{release.reason}"
             )
         print(live_line)
+    for state in serving:
+        _print_serving(state, production)
     if verdict is not None:
         _print_verdict(verdict)
     return 0
@@ -307,6 +315,18 @@ def _live_accuracy(params_path: str) -> tuple[dict[str, Any] | None, str]:
         "model_tag": estimate.model_tag,
     }
     return payload, line
+
+
+def _print_serving(state: dict[str, Any], production: Release | None) -> None:
+    """One running `textgate serve`: what it serves, and why not production if it does not."""
+    print(
+        f"served on port {state.get('port')} (textgate serve, pid {state.get('pid')}): "
+        f"{state.get('serving') or '(nothing yet)'} since {state.get('since')}"
+    )
+    if production is not None and state.get("serving") != production.bento_tag:
+        print(f"  WARNING: production is {production.bento_tag}, but it is not served")
+    if state.get("problem"):
+        print(f"  PROBLEM at {state.get('problem_at')}: {state['problem']}")
 
 
 def _format_metrics(metrics: dict[str, Any]) -> str:
@@ -389,35 +409,152 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the production bento with `bentoml serve` (replaces this process)."""
+    """Serve the production bento and follow the registry: a promotion or rollback switches
+    live traffic to the new bento once it answers as offline (until stopped with Ctrl-C)."""
     params, registry = _registry(args.params)
-    production = registry.production()
-    if production is None:
+    if registry.production() is None:
         raise TextgateError("no production model to serve: run `textgate run` first")
-    api_key_from_env(os.environ)
-    _import_if_missing(
-        args.params, production.bento_tag
-    )  # a blank key is an error here, before BentoML's tracebacks
-    # The bento records serve.request_log_* as packaged; the current params.yaml's win.
-    env = {
-        **os.environ,
-        MAX_BYTES_ENV: str(params.serve.request_log_max_bytes),
-        BACKUPS_ENV: str(params.serve.request_log_backups),
+    api_key_from_env(os.environ)  # a blank key is an error here, before BentoML's tracebacks
+    # A serving machine of a team imports production from the shared store if it lacks it.
+    _import_if_missing(args.params, registry.production().bento_tag)
+    from flows.serving import ServeOptions, Supervisor
+
+    serve = params.serve
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        registry=registry,
+        state_dir=registry.path.parent,
+        # The bento records serve.request_log_* as packaged; the current params.yaml's win.
+        env={
+            **os.environ,
+            MAX_BYTES_ENV: str(serve.request_log_max_bytes),
+            BACKUPS_ENV: str(serve.request_log_backups),
+        },
+        golden_file=_golden_file(params, Path(args.params).resolve().parent),
+        score_tolerance=params.gate.served_score_tolerance,
+        shadow=serve.shadow,
+        shadow_sample_rate=params.shadow.sample_rate,
+        poll_s=serve.follow_poll_s,
+        ready_timeout_s=serve.switch_ready_timeout_s,
+        drain_timeout_s=serve.drain_timeout_s,
+        standby_s=serve.standby_s,
+    )
+    Supervisor(
+        options,
+        alert=_alerter(params.notify.block),
+        servable=lambda release: _switchable(release, args.params),
+    ).run(on_ready=lambda line: print(line, flush=True))
+    return 0
+
+
+def _golden_file(params: Params, base: Path) -> Path:
+    path = evaluate_outputs(params).golden
+    return path if path.is_absolute() else base / path
+
+
+def _switchable(release: Release, params_path: str = PARAMS_FILE) -> None:
+    """The switch's first check: the bento and its model are in the BentoML store (imported
+    from the team's shared store first when one is configured and the local store lacks it)."""
+    from tasks.promote import PromotionError, ensure_servable
+    from tasks.remote import RemoteError
+
+    try:
+        _import_if_missing(params_path, release.bento_tag)
+        ensure_servable(release)
+    except (PromotionError, RemoteError) as error:
+        raise TextgateError(str(error)) from None
+
+
+def _alerter(block: str | None) -> Callable[[str, str], None]:
+    """Send an alert through the notification block, in the background; without a Prefect
+    server configured (PREFECT_API_URL) it is only printed."""
+
+    def alert(subject: str, body: str) -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        if block is None or not PREFECT_API_URL.value():
+            print(
+                f"textgate: alert not sent (notify.block or PREFECT_API_URL unset): {subject}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        from flows.notify import send_alert
+
+        threading.Thread(target=send_alert, args=(block, subject, body), daemon=True).start()
+
+    return alert
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    """Serve a candidate bento in shadow: `textgate serve` (serve.shadow: true) mirrors a
+    sample of live requests to it and logs both answers; --stop ends it."""
+    params, registry = _registry(args.params)
+    from flows.serving import SHADOW_LOG, write_shadow_target
+
+    state_dir = registry.path.parent
+    if args.stop:
+        write_shadow_target(state_dir, None)
+        print("no shadow candidate now")
+        return 0
+    if args.bento_tag is None:
+        raise TextgateError("name the candidate bento (or pass --stop)")
+    import bentoml
+
+    from tasks.promote import PromotionError, ensure_servable
+
+    try:
+        bento = bentoml.bentos.get(args.bento_tag)
+        release = Release.create(
+            bento_tag=str(bento.tag),
+            model_tag=str(bento.info.all_models[0].tag),
+            reason="shadow candidate",
+        )
+        ensure_servable(release)
+    except (bentoml.exceptions.NotFound, PromotionError, IndexError) as error:
+        raise TextgateError(f"cannot shadow {args.bento_tag}: {error}") from None
+    (state_dir / SHADOW_LOG).unlink(missing_ok=True)  # evidence is about this candidate only
+    write_shadow_target(state_dir, release)
+    if not params.serve.shadow:
+        print("note: serve.shadow is false: `textgate serve` mirrors nothing until it is true")
+    print(f"shadow candidate: {release.bento_tag}; `textgate shadow-check` compares it")
+    return 0
+
+
+def cmd_shadow_check(args: argparse.Namespace) -> int:
+    """Compare the shadow candidate with production on the mirrored requests; exit 0 if the
+    shadow checks pass, 1 if not (or not enough evidence yet). --promote promotes it then."""
+    params, registry = _registry(args.params)
+    from datetime import UTC, datetime
+
+    from flows.serving import SHADOW_LOG, read_shadow_target
+    from textgate.shadow import read_shadow_log, shadow_checks, summarise
+
+    state_dir = registry.path.parent
+    target = read_shadow_target(state_dir)
+    if target is None:
+        raise TextgateError("no shadow candidate: name one with `textgate shadow BENTO_TAG`")
+    summary = summarise(read_shadow_log(state_dir / SHADOW_LOG, target.bento_tag))
+    waited = (datetime.now(UTC) - target.promoted_at).total_seconds() / 3600
+    checks = shadow_checks(summary, params.shadow, waited)
+    verdict = {
+        "passed": all(check.passed for check in checks),
+        "checks": [check.model_dump(mode="json") for check in checks],
+        "shadow": {"candidate": target.bento_tag, **vars(summary)},
     }
-    command = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        production.bento_tag,
-        "--port",
-        str(args.port),
-        "--host",
-        args.host,
-    ]
-    print(" ".join(command[1:]), flush=True)
-    os.execve(sys.executable, command, env)
-    return 0  # not reached
+    if args.json:
+        print(json.dumps(verdict, indent=2))
+    else:
+        print(f"shadow candidate {target.bento_tag}: {summary.requests} mirrored requests")
+        _print_verdict(verdict)
+    if verdict["passed"] and args.promote:
+        from tasks.promote import promote_existing
+
+        reason = args.reason or "passed the shadow checks"
+        release = promote_existing(params, target.bento_tag, reason=reason, verdict=verdict)
+        print(f"production now: {_label(release)}")
+    return 0 if verdict["passed"] else 1
 
 
 def cmd_remote_add(args: argparse.Namespace) -> int:
@@ -464,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="default: serve.port in params")
     serve.add_argument("--host", default="127.0.0.1", help="use 0.0.0.0 to listen on all")
     serve.set_defaults(func=cmd_serve)
+    shadow = commands.add_parser("shadow", help=cmd_shadow.__doc__, parents=[common])
+    shadow.add_argument("bento_tag", metavar="BENTO_TAG", nargs="?", help="the candidate")
+    shadow.add_argument("--stop", action="store_true", help="stop shadowing")
+    shadow.set_defaults(func=cmd_shadow)
+    check = commands.add_parser("shadow-check", help=cmd_shadow_check.__doc__, parents=[common])
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--promote", action="store_true", help="promote it if the checks pass")
+    check.add_argument("--reason", type=_reason, default=None, help="why, for the history")
+    check.set_defaults(func=cmd_shadow_check)
     deploy = commands.add_parser("deploy", help=cmd_deploy.__doc__, parents=[common])
     deploy.set_defaults(func=cmd_deploy)
     worker = commands.add_parser("worker", help=cmd_worker.__doc__, parents=[common])

@@ -107,6 +107,20 @@ def check_served(params: Params, packaged: PackageResult) -> list[Check]:
     return served_gate_checks(params, packaged.bento_tag, get_run_logger().info)
 
 
+@task(name="shadow-evidence", cache_policy=NO_CACHE)
+def shadow(params: Params, packaged: PackageResult) -> list[Check]:
+    """Serve the candidate in shadow beside production (`textgate serve`, serve.shadow) and
+    wait for shadow.min_requests mirrored requests, or shadow.max_hours; the shadow checks."""
+    from flows.serving import shadow_evidence
+    from textgate.registry import Release
+
+    candidate = Release.create(
+        bento_tag=packaged.bento_tag, model_tag=packaged.model_tag, reason="shadow candidate"
+    )
+    logger = get_run_logger()
+    return shadow_evidence(params.registry.path.parent, candidate, params.shadow, logger.info)
+
+
 @task(name="promote", cache_policy=NO_CACHE)
 def promote(
     params: Params, packaged: PackageResult, lineage: dict[str, Any], verdict: Verdict
@@ -244,6 +258,11 @@ def _release(
         return failed_state(
             f"{verdict.summary()}\nbento {packaged.bento_tag} was built but not promoted", summary
         )
+    if params.serve.shadow and verdict.passed:
+        verdict = verdict.with_checks(shadow(params, packaged))
+        if not verdict.passed:
+            _finish(params, verdict, lineage, summary, bento_tag=packaged.bento_tag, promoted=False)
+            return failed_state(f"{verdict.summary()}\nthe shadow checks failed", summary)
     if params.gate.require_approval:
         verdict = verdict.with_checks([request_approval(verdict, params)])
         if not verdict.passed:

@@ -81,7 +81,12 @@ def promote_passed(
 
 
 def promote_existing(
-    params: Params, bento_tag: str, *, reason: str, actor: str | None = None
+    params: Params,
+    bento_tag: str,
+    *,
+    reason: str,
+    actor: str | None = None,
+    verdict: dict[str, Any] | None = None,
 ) -> Release:
     """Promote by hand a textgate bento that is already in the BentoML store (action "manual").
 
@@ -119,6 +124,7 @@ def promote_existing(
         lineage=_section(metadata, "lineage"),
         action="manual",
         actor=actor,
+        verdict=verdict,
     )
     registry.promote(release)
     return release

@@ -125,6 +125,8 @@ class RequestRecord(BaseModel):
     abstained: bool
     # Top-1 minus top-2 probability (logged since the labelling loop; None in older lines).
     margin: float | None = Field(default=None, ge=0, le=1)
+    # The bento that answered (its X-Textgate-Model header); "" in lines written before it was.
+    bento_tag: str = ""
 
 
 def request_record(
@@ -138,6 +140,7 @@ def request_record(
     score: float,
     abstained: bool,
     margin: float | None = None,
+    bento_tag: str = "",
 ) -> dict[str, Any]:
     """A request log line's JSON object, with `RequestRecord`'s fields in its order.
 
@@ -153,6 +156,7 @@ def request_record(
         "score": score,
         "abstained": abstained,
         "margin": margin,
+        "bento_tag": bento_tag,
     }
 
 

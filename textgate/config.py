@@ -217,6 +217,24 @@ class ServeConfig(_Section):
     request_log_backups: int = Field(ge=1)  # 0 would let the file grow without bound
     max_concurrency: int = Field(ge=1)  # API requests in flight per serving worker
     retry_after_s: int = Field(ge=1)  # Retry-After of a request refused as overload
+    # `textgate serve` follows the registry (flows/serving.py).
+    follow_poll_s: float = Field(gt=0)
+    switch_ready_timeout_s: float = Field(gt=0)
+    drain_timeout_s: float = Field(ge=0)
+    standby_s: float = Field(ge=0)
+    shadow: bool  # mirror sampled live requests to a shadow candidate (shadow section)
+
+
+class ShadowConfig(_Section):
+    """Shadow evaluation of a candidate on live traffic (textgate.shadow; `serve.shadow`)."""
+
+    min_requests: int = Field(ge=1)
+    max_hours: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    min_agreement: Rate
+    max_abstention_increase: Rate
+    max_p95_latency_ratio: float = Field(gt=0)
+    max_error_rate: Rate
 
 
 class DeployConfig(_Section):
@@ -305,6 +323,7 @@ class Params(_Section):
     package: PackageConfig
     registry: RegistryConfig
     serve: ServeConfig
+    shadow: ShadowConfig
     deploy: DeployConfig
     monitor: MonitorConfig
     label: LabelConfig

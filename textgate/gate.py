@@ -41,6 +41,7 @@ CheckKind = Literal[
     "behaviour",
     "served",
     "approval",
+    "shadow",
 ]
 Relation = Literal[">=", "<="]
 

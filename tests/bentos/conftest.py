@@ -155,6 +155,7 @@ def server(
             serve_log=workdir / "bentoml-serve.log",
             served=offline,
             newer_model_tag=newer.model_tag,
+            bento_tag=served.bento_tag,
         )
 
 

@@ -56,7 +56,17 @@ slow = pytest.mark.slow
 # scores by up to about 1e-4 here; a result routed to the wrong text is off by far more.
 BATCHED_TOLERANCE = 1e-3
 TEXTS = PROBE_TEXTS
-LOG_FIELDS = {"ts", "request_id", "model_tag", "text", "label", "best_label", "score", "abstained"}
+LOG_FIELDS = {
+    "ts",
+    "request_id",
+    "model_tag",
+    "text",
+    "label",
+    "best_label",
+    "score",
+    "abstained",
+    "bento_tag",
+}
 UNKNOWN = "unknown"
 # Far from every intent the tiny models were built around (refund, lost card, login).
 OFF_TOPIC = "what is the weather like on the moon"
@@ -356,7 +366,10 @@ def test_request_log_has_one_line_per_classified_text(server: Server) -> None:
     texts = ["please refund my order", "cannot sign in to the app", "mail me at a.b@example.com"]
     response = classify(server.url, {"texts": texts})
     assert response.status_code == 200, response.text
-    explain(server.url, {"text": "not logged"})  # /explain is not traffic to monitor
+    explained = explain(server.url, {"text": "not logged"})  # /explain is not traffic to monitor
+    # Which bento answered: the header on both routes, the same tag in the log.
+    assert response.headers["x-textgate-model"] == server.bento_tag
+    assert explained.headers["x-textgate-model"] == server.bento_tag
     # The log holds what the model saw: PII redacted, as in the training data.
     seen = [*texts[:2], "mail me at [EMAIL]"]
 
@@ -367,6 +380,7 @@ def test_request_log_has_one_line_per_classified_text(server: Server) -> None:
         assert set(line) == LOG_FIELDS
         assert line["request_id"] == request_id
         assert line["model_tag"] == server.model_tag
+        assert line["bento_tag"] == server.bento_tag
         assert line["text"] == text
         assert line["label"] == line["best_label"] == result["label"]
         assert line["score"] == result["score"]

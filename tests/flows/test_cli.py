@@ -78,15 +78,16 @@ def test_serve_passes_the_port_and_the_request_log_rotation_from_params(params_f
     promote(params_file, "textgate:a", 0.91, 1)
     started = {}
 
-    def execve(path, argv, env):
-        started.update(argv=argv, env=env)
+    def run(self, on_ready=print):
+        started.update(options=self.options)
 
-    monkeypatch.setattr("flows.cli.os.execve", execve)
+    monkeypatch.setattr("flows.serving.Supervisor.run", run)
     assert main(["serve", "--params", str(params_file)]) == 0
-    assert started["argv"][1:6] == ["-m", "bentoml", "serve", "textgate:a", "--port"]
-    assert started["argv"][6] == str(params["serve"]["port"])
-    assert started["env"]["TEXTGATE_REQUEST_LOG_MAX_BYTES"] == "2000000"
-    assert started["env"]["TEXTGATE_REQUEST_LOG_BACKUPS"] == "3"
+    options = started["options"]
+    assert (options.host, options.port) == ("127.0.0.1", params["serve"]["port"])
+    assert options.poll_s == params["serve"]["follow_poll_s"]
+    assert options.env["TEXTGATE_REQUEST_LOG_MAX_BYTES"] == "2000000"
+    assert options.env["TEXTGATE_REQUEST_LOG_BACKUPS"] == "3"
 
 
 def test_serve_with_a_blank_api_key_is_a_clear_error_before_bentoml(
@@ -94,7 +95,7 @@ def test_serve_with_a_blank_api_key_is_a_clear_error_before_bentoml(
 ):
     promote(params_file, "textgate:a", 0.91, 1)
     monkeypatch.setenv("TEXTGATE_API_KEY", "   ")
-    monkeypatch.setattr("flows.cli.os.execve", lambda *a: pytest.fail("bentoml was started"))
+    monkeypatch.setattr("flows.serving.Supervisor.run", lambda *a: pytest.fail("it was served"))
     assert main(["serve", "--params", str(params_file)]) == 2
     assert "TEXTGATE_API_KEY is set but blank" in capsys.readouterr().err
 

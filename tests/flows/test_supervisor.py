@@ -1,0 +1,243 @@
+"""The supervisor's switch logic with stand-in bentos: small aiohttp servers in processes of
+their own, answering like a bento (`/readyz`, `/classify` with the model header). The real
+`bentoml serve` path is tests/bentos/test_switch.py (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows import serving
+from tasks.served import GoldenCase
+from textgate.errors import TextgateError
+from textgate.process import free_port, start_process
+from textgate.proxy import Backend
+from textgate.registry import Registry, Release
+
+FAKE_BENTO = """
+import os, sys
+from aiohttp import web
+tag, label, crash_after = sys.argv[1], sys.argv[2], int(sys.argv[4])
+if label == "crash":
+    sys.exit(3)
+answered = 0
+async def ready(request):
+    return web.Response(text="ok")
+async def classify(request):
+    global answered
+    answered += 1
+    if answered > crash_after:
+        os._exit(4)
+    texts = (await request.json())["texts"]
+    body = [{"label": label, "score": 0.5, "abstained": False} for _ in texts]
+    return web.json_response(body, headers={"X-Textgate-Model": tag})
+app = web.Application()
+app.router.add_get("/readyz", ready)
+app.router.add_post("/classify", classify)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[3]), print=None)
+"""
+# What each stand-in bento answers, and what its model answers offline.
+ANSWERS = {
+    "textgate:a": "refund",
+    "textgate:b": "login",
+    "textgate:crash": "crash",
+    "textgate:fragile": "login",  # crashes once the golden requests (7) and 3 more answered
+}
+OFFLINE = dict(ANSWERS)
+CRASH_AFTER = {"textgate:fragile": 10}
+
+
+def launch(release: Release, options: serving.ServeOptions, workdir: Path) -> serving.Served:
+    port = free_port()
+    command = [sys.executable, "-c", FAKE_BENTO, release.bento_tag]
+    crash_after = CRASH_AFTER.get(release.bento_tag, 1 << 30)
+    command += [ANSWERS[release.bento_tag], str(port), str(crash_after)]
+    process = start_process(command, log_path=workdir / f"fake-{port}.log")
+    backend = Backend(release.bento_tag, f"http://127.0.0.1:{port}")
+    return serving.Served(release, process, backend)
+
+
+@contextmanager
+def offline(bento_tag: str, options: serving.ServeOptions, cache: Path) -> Iterator:
+    label = OFFLINE[bento_tag]
+    yield lambda: [GoldenCase(text, label, 0.5) for text in serving.FALLBACK_TEXTS]
+
+
+def servable(release: Release) -> None:
+    if release.bento_tag not in ANSWERS:
+        raise TextgateError(f"{release.bento_tag} cannot be served: no such bento in the store")
+
+
+def release(tag: str) -> Release:
+    return Release.create(bento_tag=tag, model_tag=f"m-{tag}", reason="test")
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[serving.Supervisor]:
+    monkeypatch.setattr(serving, "launch_bento", launch)
+    monkeypatch.setattr(serving, "offline_answers", offline)
+    options = serving.ServeOptions(
+        host="127.0.0.1",
+        port=free_port(),
+        registry=Registry(tmp_path / "registry.json"),
+        state_dir=tmp_path,
+        env={},
+        golden_file=tmp_path / "none.json",
+        score_tolerance=0.01,
+        poll_s=0.1,
+        ready_timeout_s=30,
+        drain_timeout_s=5,
+    )
+    alerts: list[tuple[str, str]] = []
+    supervisor = serving.Supervisor(options, lambda *alert: alerts.append(alert), servable)
+    supervisor.alerts = alerts  # type: ignore[attr-defined]
+    sock = serving.listen(options.host, options.port)
+    supervisor.proxy_thread = serving.ProxyThread(supervisor.proxy, sock)
+    try:
+        yield supervisor
+    finally:
+        supervisor.proxy_thread.stop()
+        sock.close()
+        for served in supervisor._running():
+            served.stop()
+
+
+def answered_by(supervisor: serving.Supervisor) -> str | None:
+    url = f"http://127.0.0.1:{supervisor.options.port}/classify"
+    response = httpx.post(url, json={"texts": ["hi"]}, timeout=10, trust_env=False)
+    assert response.status_code == 200, response.text
+    return response.headers.get("x-textgate-model")
+
+
+def test_a_promotion_switches_traffic_and_stops_the_old_bento(
+    supervisor: serving.Supervisor,
+) -> None:
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    assert answered_by(supervisor) == "textgate:a"
+    old = supervisor.serving
+    registry.promote(release("textgate:b"))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                answered_by(supervisor)
+            except (AssertionError, httpx.HTTPError) as error:
+                errors.append(str(error))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    supervisor.follow()
+    stop.set()
+    thread.join()
+    assert errors == []
+    assert answered_by(supervisor) == "textgate:b"
+    assert old is not None and supervisor.standby is old  # ready to take traffic back
+    supervisor.follow()  # serve.standby_s (0 here) is over
+    assert not old.process.running()
+    state = serving.read_serve_states(supervisor.options.state_dir)[0]
+    assert state["serving"] == "textgate:b" and state["problem"] is None
+    assert [bento["tag"] for bento in state["bentos"]] == ["textgate:b"]
+
+
+@pytest.mark.parametrize(
+    ("tag", "problem"),
+    [
+        ("textgate:gone", "no such bento in the store"),
+        ("textgate:crash", "exited with code 3 before it was ready"),
+    ],
+)
+def test_a_candidate_that_cannot_serve_leaves_production_serving_and_alerts(
+    supervisor: serving.Supervisor, tag: str, problem: str
+) -> None:
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    registry.promote(release(tag))
+    supervisor.follow()
+    assert answered_by(supervisor) == "textgate:a"
+    [(subject, body)] = supervisor.alerts  # type: ignore[attr-defined]
+    assert tag in subject and problem in body and "still serving textgate:a" in body
+    state = serving.read_serve_states(supervisor.options.state_dir)[0]
+    assert state["serving"] == "textgate:a" and problem in state["problem"]
+    supervisor.follow()  # the same release is not tried again every poll
+    assert len(supervisor.alerts) == 1  # type: ignore[attr-defined]
+
+
+def test_a_candidate_answering_unlike_offline_gets_no_traffic(
+    supervisor: serving.Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(OFFLINE, "textgate:b", "refund")  # offline it says refund, served login
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    registry.promote(release("textgate:b"))
+    supervisor.follow()
+    assert answered_by(supervisor) == "textgate:a"
+    assert "answered 0/4 golden requests as offline" in supervisor.problem
+    assert supervisor.candidates == []
+
+
+def test_a_corrupt_registry_keeps_serving_then_clears_once_readable(
+    supervisor: serving.Supervisor,
+) -> None:
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    good = registry.path.read_bytes()
+    registry.path.write_text('{"schema_version": 1, "releases": [')
+    supervisor.follow()
+    assert "is corrupt" in supervisor.problem and answered_by(supervisor) == "textgate:a"
+    registry.path.write_bytes(good)
+    supervisor.follow()
+    assert supervisor.problem is None
+
+
+def test_a_serving_bento_that_dies_is_started_again(supervisor: serving.Supervisor) -> None:
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    first = supervisor.serving
+    assert first is not None
+    first.process.popen.kill()
+    first.process.popen.wait()
+    time.sleep(0.1)
+    supervisor.follow()
+    assert supervisor.serving is not first
+    assert answered_by(supervisor) == "textgate:a"
+    assert "textgate:a exited" in supervisor.alerts[0][1]  # type: ignore[attr-defined]
+
+
+def test_a_new_bento_crashing_under_load_hands_traffic_back_to_the_standby(
+    supervisor: serving.Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        supervisor,
+        "options",
+        dataclasses.replace(supervisor.options, standby_s=60.0),
+    )
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    registry.promote(release("textgate:fragile"))
+    supervisor.follow()
+    assert [answered_by(supervisor) for _ in range(3)] == ["textgate:fragile"] * 3
+    with pytest.raises(AssertionError):  # the fourth crashes it: that request fails (502)
+        answered_by(supervisor)
+    time.sleep(0.2)
+    supervisor.follow()
+    assert answered_by(supervisor) == "textgate:a"
+    assert "textgate:fragile exited (code 4); back to serving textgate:a" in supervisor.problem
+    supervisor.follow()  # the release that crashed is not tried again
+    assert answered_by(supervisor) == "textgate:a"
