@@ -110,6 +110,8 @@ def read_training(data: Any) -> pd.DataFrame:
     Raises:
         DataError: a file is missing or unreadable, or no file matched at all.
     """
+    import pandas as pd
+
     paths = data.train_paths()
     if not paths:
         raise DataError(f"data.train_file {data.train_patterns} matches no file in {data.raw_dir}")

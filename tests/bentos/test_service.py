@@ -65,6 +65,7 @@ LOG_FIELDS = {
     "best_label",
     "score",
     "abstained",
+    "margin",
     "bento_tag",
 }
 UNKNOWN = "unknown"
@@ -385,6 +386,7 @@ def test_request_log_has_one_line_per_classified_text(server: Server) -> None:
         assert line["label"] == line["best_label"] == result["label"]
         assert line["score"] == result["score"]
         assert line["abstained"] is False
+        assert line["margin"] is None or 0.0 <= line["margin"] <= 1.0
         ts = datetime.fromisoformat(line["ts"])
         assert ts.utcoffset().total_seconds() == 0
         assert abs((datetime.now(UTC) - ts).total_seconds()) < 120
