@@ -187,7 +187,13 @@ def read_labelled(
     Raises:
         DataError: a required column is missing or the table has no rows.
     """
-    frame = read_table(path, encoding)
+    return select_labelled(read_table(path, encoding), path, text_column, label_column)
+
+
+def select_labelled(
+    frame: pd.DataFrame, path: str | Path, text_column: str, label_column: str
+) -> pd.DataFrame:
+    """The `text` and `label` columns of a table read from `path`, as `read_labelled`."""
     missing = [column for column in (text_column, label_column) if column not in frame.columns]
     if missing:
         raise DataError(
