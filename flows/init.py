@@ -33,7 +33,9 @@ CERTAIN_ENCODINGS = {None, "utf-8", "utf-8-sig", "utf-16", "utf-32"}
 MUST_PASS_TEMPLATE = """\
 # Must-pass cases: each one must be answered exactly as written, or the gate refuses the model
 # (gate.behaviour.must_pass). One case per line: a text, a comma, its label, which must be one
-# of the data's labels ({labels}). Quote a text with a comma in it:
+# of the data's labels:
+#   {labels}
+# Quote a text with a comma in it:
 #   "yes, cancel it please",{example}
 # Lines starting with # are comments. With no cases the check does not apply: add the
 # messages that must never be misrouted before the first release.

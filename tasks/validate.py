@@ -449,10 +449,11 @@ def _labels_known_check(name: str, table: str, labels: list[str], what: str, fix
     def summarise(result: Result, frames: Frames) -> str:
         found = sorted(set(frames[table][v.LABEL].dropna()) - set(labels))
         unknown = f" (unknown: {', '.join(map(repr, found[:EXAMPLES]))})" if found else ""
-        return (
+        summary = (
             f"{result.get('unexpected_count', 0)} of {len(frames[table])} {what} name a label "
-            f"that is not in the data's label set{unknown}; allowed: 0. {fix}"
+            f"that is not in the data's label set{unknown}; allowed: 0."
         )
+        return summary if result["success"] else f"{summary} {fix}"
 
     def examples(result: Result, frames: Frames) -> Examples:
         index = result.get("partial_unexpected_index_list") or []

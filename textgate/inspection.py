@@ -158,6 +158,8 @@ class Limits:
 
 def _sizes(sizes: dict[str, int], shown: int = 5) -> str:
     items = list(sizes.items())
+    if len(set(sizes.values())) == 1:
+        return f"each {items[0][1]} rows"
     head = ", ".join(f"{label} {n}" for label, n in items[:shown])
     tail = ", ".join(f"{label} {n}" for label, n in items[-shown:])
     return head if len(items) <= 2 * shown else f"largest {head}; smallest {tail}"
@@ -211,7 +213,7 @@ def describe_facts(facts: DataFacts, limits: Limits) -> list[str]:
 
 # The comment each key of the `data:` section is written with.
 DATA_COMMENTS = {
-    "raw_dir": "the data files' folder; a DVC dependency of `validate` and `prepare`",
+    "raw_dir": "immutable input; a DVC dependency of `validate` and `prepare`",
     "train_file": "CSV, TSV, JSON lines, Parquet or Excel inside raw_dir",
     "test_file": "optional fixed test file inside raw_dir; null = split one off",
     "text_column": None,
