@@ -268,12 +268,12 @@ def replace_section(text: str, name: str, section: str) -> str:
     start = next((i for i, line in enumerate(lines) if re.match(rf"{name}\s*:", line)), None)
     if start is None:
         raise DataError(f"the params file has no top-level `{name}:` section")
-    while start > 0 and lines[start - 1].startswith(INIT_MARK):  # init's own header
-        start -= 1
     end = next(
         (i for i in range(start + 1, len(lines)) if _TOP_LEVEL_KEY.match(lines[i])), len(lines)
     )
     # Comments and blank lines right above the next section belong to it.
     while end > start + 1 and (lines[end - 1].startswith("#") or not lines[end - 1].strip()):
         end -= 1
+    while start > 0 and lines[start - 1].startswith(INIT_MARK):  # init's own header
+        start -= 1
     return "".join(lines[:start]) + section + "".join(lines[end:])
