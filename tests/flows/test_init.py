@@ -278,3 +278,17 @@ def test_a_test_file_without_the_label_column_is_refused_naming_it(workspace):
         Exception, match=r"test\.csv: missing required column\(s\) \['label'\].*data\.label_column"
     ):
         validate.run(params.model_copy(update={"data": data}))
+
+
+def test_the_prefect_validation_artifact_counts_the_repairs(workspace):
+    from tasks.publish import validation_markdown
+
+    rows = make_rows(per_class=8)
+    write_shape("plain", workspace / "data" / "train.csv", rows + rows[:4])
+    params = load_params(workspace / "params.yaml")
+    data = params.data.model_copy(update={"on_duplicates": "drop"})
+    params = params.model_copy(update={"data": data})
+    validate.run(params)
+    markdown = validation_markdown(params)
+    assert "Repairs (data.label_aliases, data.on_duplicates, data.on_test_overlap): " in markdown
+    assert "duplicates dropped: 4." in markdown
