@@ -123,7 +123,9 @@ def decode(raw: bytes, path: Path, encoding: str | None) -> tuple[str, str]:
 def _read_text_table(text: str, fmt: str) -> tuple[pd.DataFrame, str | None]:
     """A decoded CSV/TSV/JSON table, every value as a string; and the CSV delimiter."""
     if fmt in ("jsonl", "json"):
-        frame = pd.read_json(io.StringIO(text), lines=fmt == "jsonl", dtype=False)
+        frame = pd.read_json(
+            io.StringIO(text), lines=fmt == "jsonl", dtype=False, convert_dates=False
+        )
         frame.columns = [str(column) for column in frame.columns]
         return frame, None
     delimiter = "\t" if fmt == "tsv" else sniff_delimiter(text)
