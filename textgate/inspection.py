@@ -125,7 +125,10 @@ def gather_facts(
         class_sizes=dict(labels.value_counts().items()),
         duplicates=int(train.duplicated(["text", "label"]).sum()),
         conflicting_texts=int((per_text > 1).sum()),
-        label_aliases=suggest_label_aliases(labels),
+        # Over both files: a variant may be spelt only in the test file.
+        label_aliases=suggest_label_aliases(
+            [*labels, *([] if test is None else test["label"].dropna().astype(str))]
+        ),
         scripts=script_shares(keys),
         token_lengths=lengths,
     )

@@ -292,3 +292,14 @@ def test_the_prefect_validation_artifact_counts_the_repairs(workspace):
     markdown = validation_markdown(params)
     assert "Repairs (data.label_aliases, data.on_duplicates, data.on_test_overlap): " in markdown
     assert "duplicates dropped: 4." in markdown
+
+
+def test_a_label_variant_only_in_the_test_file_is_merged_too(workspace):
+    train = write_shape("plain", workspace / "data" / "train.csv", make_rows(per_class=8))
+    test_rows = [(t, "Refund " if lab == "refund" else lab) for t, lab in make_rows(6, seed=1)]
+    test = write_shape("plain", workspace / "data" / "test.csv", test_rows)
+    assert init(workspace, train, test) == 0
+    params = load_params(workspace / "params.yaml")
+    assert params.data.label_aliases == {"Refund ": "refund"}
+    assert validate.run(params).success
+    assert report(workspace)["repairs"]["test_relabelled"] == 6
