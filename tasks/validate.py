@@ -347,7 +347,7 @@ def _dataset_checks(params: Params, has_test: bool, repairs: Repairs) -> list[_C
     return checks
 
 
-# The repair params, the rows each one drops, and what setting it to `drop` does.
+# Each repairable check: its policy param, and the rows `drop` removes.
 OVERLAP = ("data.on_test_overlap", "train rows that were also in the test file")
 DUPLICATES = ("data.on_duplicates", "exact duplicate train rows")
 
