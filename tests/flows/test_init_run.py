@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
@@ -25,7 +24,7 @@ def test_a_run_on_the_params_init_wrote_trains_and_counts_the_repairs(
         overrides={"train": {"epochs": 1}, "evaluate": {"golden_requests": 5}},
     )
     rows = make_rows(per_class=20, seed=3)
-    # GB18030 with semicolons and CRLF; one label with a trailing space and another case.
+    # GB18030 with semicolons and CRLF; some labels with a trailing space and a capital.
     rows = [(f"{text} {CHINESE}", label) for text, label in rows]
     rows = [
         (t, "Refund " if i % 5 == 0 and lab == "refund" else lab) for i, (t, lab) in enumerate(rows)
@@ -54,7 +53,3 @@ def test_a_run_on_the_params_init_wrote_trains_and_counts_the_repairs(
     assert report["repairs"]["test_overlap_dropped"] == 2
     stats = json.loads((workspace / "data" / "prepare" / "stats.json").read_text())
     assert stats["repairs"] == report["repairs"]
-    status = subprocess.run(
-        ["git", "diff", "--stat", "params.yaml"], cwd=workspace, capture_output=True
-    )
-    assert status.returncode == 0
