@@ -580,11 +580,28 @@ def _add_remote_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     add.set_defaults(func=cmd_remote_add)
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Inspect your data file and write the params that read it (see README)."""
+    from flows.init import cmd_init as init
+
+    return init(args)
+
+
+def _add_init(commands: Any, common: argparse.ArgumentParser) -> None:
+    init = commands.add_parser("init", help=cmd_init.__doc__, parents=[common])
+    init.add_argument("--data", required=True, metavar="FILE", help="the training data file")
+    init.add_argument("--test", metavar="FILE", help="a fixed test file (same columns)")
+    init.add_argument("--text-column", metavar="C", help="default: found by name or content")
+    init.add_argument("--label-column", metavar="L", help="default: found by name or content")
+    init.set_defaults(func=cmd_init)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default=PARAMS_FILE, help="path to params.yaml")
     parser = argparse.ArgumentParser(prog="textgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_init(commands, common)
     run = commands.add_parser("run", help=cmd_run.__doc__, parents=[common])
     run.set_defaults(func=cmd_run)
     status = commands.add_parser("status", help=cmd_status.__doc__, parents=[common])

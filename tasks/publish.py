@@ -17,6 +17,7 @@ from textgate.artifacts import (
     validate_outputs,
 )
 from textgate.config import Params
+from textgate.validation import describe_repairs
 
 
 def validation_markdown(params: Params) -> str | None:
@@ -33,7 +34,8 @@ def validation_markdown(params: Params) -> str | None:
     return "\n".join(
         [
             f"## Data validation: {outcome}",
-            f"{report.n_rows} rows, {len(report.labels)} labels ({report.label_source}).",
+            f"{report.n_rows} rows, {len(report.labels)} labels ({report.label_source}). "
+            + describe_repairs(report.repairs),
             "",
             "| check | result | detail |",
             "|---|---|---|",

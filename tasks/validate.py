@@ -7,6 +7,7 @@ when any check fails.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from tasks.common import StageFailed, stage_main
 from textgate import validation as v
 from textgate.artifacts import ValidationReport, validate_outputs, write_artifact
 from textgate.config import Params
-from textgate.io import atomic_path, read_labelled, read_training
+from textgate.errors import ConfigError, DataError
+from textgate.io import atomic_path, read_cases, read_labelled, read_training
+from textgate.repair import Repairs, repair_data
 
 EXAMPLES = 5  # offending rows or classes kept per check in report.json
 
@@ -29,6 +32,8 @@ TRAIN_CLASSES = "train_classes"  # v.class_features of the train rows, declared 
 TRAIN_TEXTS = "train_texts"  # v.text_conflicts of the train rows
 TEST_ROWS = "test_rows"  # v.row_features of the test file
 TEST_CLASSES = "test_classes"  # v.class_features of the test rows
+MUST_PASS = "must_pass"  # the cases of evaluate.must_pass_file (text, label)
+RECALL_FLOORS = "recall_floors"  # one row per label of gate.class_recall_floors
 
 Frames = dict[str, pd.DataFrame]
 Result = dict[str, Any]  # the `result` dict of one Great Expectations expectation result
@@ -131,7 +136,8 @@ def _labels_in_set_check(table: str, rows: str, labels: list[str], set_name: str
         total = result.get("element_count", len(frames[table]))
         return (
             f"{result.get('unexpected_count', 0)} of {total} {rows} have a label outside the "
-            f"{set_name} [{', '.join(labels)}]{seen}; allowed: 0."
+            f"{set_name} [{', '.join(labels)}]{seen}; allowed: 0. Map variants to a label "
+            "with data.label_aliases, or list every label in data.labels."
         )
 
     return _Check(
@@ -214,7 +220,8 @@ def _min_examples_check(params: Params) -> _Check:
             f"{result.get('unexpected_count', 0)} of {len(classes)} classes have fewer than {need} "
             f"distinct texts (smallest: {smallest[v.LABEL]!r} with "
             f"{smallest[v.N_DISTINCT_TEXTS]} in {smallest[v.N_EXAMPLES]} rows); required: at "
-            f"least {need} per class (prepare drops repeated texts, then splits each class)."
+            f"least {need} per class (validate.min_examples_per_class; prepare drops repeated "
+            "texts, then splits each class). Add examples, or merge or drop the small classes."
         )
         if 2 * len(classes) > classes[v.N_EXAMPLES].sum():
             summary += (
@@ -303,14 +310,15 @@ def _label_count(result: Result, frames: Frames) -> str:
     )
 
 
-def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
+def _dataset_checks(params: Params, has_test: bool, repairs: Repairs) -> list[_Check]:
     """Class-size, duplicate, conflict, label-count, majority-class and train/test overlap checks.
 
     Each looks at a whole file (or at train against test) rather than at single rows.
     """
+    duplicates = _duplicate_fraction_check(params)
     checks = [
         _min_examples_check(params),
-        _duplicate_fraction_check(params),
+        _with_hint(duplicates, _repair_hint(repairs.duplicates_dropped, DUPLICATES)),
         _conflicting_labels_check(params),
         _Check(
             "two_or_more_labels",
@@ -328,16 +336,43 @@ def _dataset_checks(params: Params, has_test: bool) -> list[_Check]:
     if has_test:
         if has_floor:
             checks.append(_majority_check(params, TEST_CLASSES, "test_"))
-        checks.append(
-            _row_count_check(
-                "train_test_overlap",
-                TRAIN_ROWS,
-                "ExpectColumnValuesToBeInSet",
-                {"column": v.IN_TEST, "value_set": [False]},
-                "train rows have a text that also appears in the test file",
-            )
+        overlap = _row_count_check(
+            "train_test_overlap",
+            TRAIN_ROWS,
+            "ExpectColumnValuesToBeInSet",
+            {"column": v.IN_TEST, "value_set": [False]},
+            "train rows have a text that also appears in the test file",
         )
+        checks.append(_with_hint(overlap, _repair_hint(repairs.test_overlap_dropped, OVERLAP)))
     return checks
+
+
+# Each repairable check: its policy param, and the rows `drop` removes.
+OVERLAP = ("data.on_test_overlap", "train rows that were also in the test file")
+DUPLICATES = ("data.on_duplicates", "exact duplicate train rows")
+
+
+def _repair_hint(dropped: int, repair: tuple[str, str]) -> Callable[[bool], str]:
+    """The sentence a repairable check ends with: what was dropped, or the param to set."""
+    param, rows = repair
+
+    def hint(success: bool) -> str:
+        if dropped:
+            return f" {dropped} {rows} were dropped first ({param}: drop)."
+        return "" if success else f" Set {param}: drop to drop them from training."
+
+    return hint
+
+
+def _with_hint(check: _Check, hint: Callable[[bool], str]) -> _Check:
+    """`check` with `hint(success)` appended to its summary."""
+
+    def summarise(result: Result, frames: Frames) -> str:
+        return check.summarise(result, frames) + hint(bool(result["success"]))
+
+    return _Check(
+        check.name, check.table, check.expectation, check.kwargs, summarise, check.examples
+    )
 
 
 def _majority_check(params: Params, table: str, prefix: str) -> _Check:
@@ -381,6 +416,117 @@ def _majority_check(params: Params, table: str, prefix: str) -> _Check:
         summarise,
         examples,
     )
+
+
+def _label_variants_check() -> _Check:
+    """No two train labels differ only by case or surrounding whitespace."""
+
+    def summarise(result: Result, frames: Frames) -> str:
+        rows = frames[TRAIN_ROWS]
+        aliases = v.suggest_label_aliases(rows[v.LABEL])
+        summary = (
+            f"{result.get('unexpected_count', 0)} of {len(rows)} rows have a label that differs "
+            "from another only by case or surrounding whitespace; allowed: 0."
+        )
+        if aliases:
+            shown = json.dumps(dict(list(aliases.items())[:EXAMPLES]), ensure_ascii=False)
+            summary += f" Merge them with data.label_aliases, e.g. {shown}."
+        return summary
+
+    return _Check(
+        "label_variants",
+        TRAIN_ROWS,
+        "ExpectColumnValuesToBeInSet",
+        {"column": v.LABEL_VARIANT, "value_set": [False]},
+        summarise,
+        _unexpected_rows(TRAIN_ROWS),
+    )
+
+
+def _labels_known_check(name: str, table: str, labels: list[str], what: str, fix: str) -> _Check:
+    """Every label a param names (in a file or a mapping) is one of the data's labels."""
+
+    def summarise(result: Result, frames: Frames) -> str:
+        found = sorted(set(frames[table][v.LABEL].dropna()) - set(labels))
+        unknown = f" (unknown: {', '.join(map(repr, found[:EXAMPLES]))})" if found else ""
+        summary = (
+            f"{result.get('unexpected_count', 0)} of {len(frames[table])} {what} name a label "
+            f"that is not in the data's label set{unknown}; allowed: 0."
+        )
+        return summary if result["success"] else f"{summary} {fix}"
+
+    def examples(result: Result, frames: Frames) -> Examples:
+        index = result.get("partial_unexpected_index_list") or []
+        return v.row_examples(frames[table], index, EXAMPLES)
+
+    return _Check(
+        name,
+        table,
+        "ExpectColumnValuesToBeInSet",
+        {"column": v.LABEL, "value_set": labels},
+        summarise,
+        examples,
+    )
+
+
+def _truncation_check(params: Params) -> _Check:
+    """At most validate.max_truncated_fraction of train texts exceed train.max_length tokens."""
+    allowed, max_length = params.validate_.max_truncated_fraction, params.train.max_length
+
+    def summarise(result: Result, frames: Frames) -> str:
+        rows = frames[TRAIN_ROWS]
+        cut = int(rows[v.TRUNCATED].sum())
+        summary = (
+            f"{cut} of {len(rows)} texts ({cut / max(len(rows), 1):.1%}) are longer than "
+            f"train.max_length={max_length} tokens of {params.train.base_model} and would be "
+            f"cut in training and serving; allowed: at most {allowed:.1%} "
+            "(validate.max_truncated_fraction)."
+        )
+        if not result["success"]:
+            summary += (
+                " Raise train.max_length (slower; at most the base model's own limit), or "
+                "split long texts into shorter ones before training."
+            )
+        return summary
+
+    def examples(result: Result, frames: Frames) -> Examples:
+        rows = frames[TRAIN_ROWS]
+        return v.row_examples(rows, rows.index[rows[v.TRUNCATED]], EXAMPLES)
+
+    return _Check(
+        "text_tokens",
+        TRAIN_ROWS,
+        "ExpectColumnMeanToBeBetween",
+        {"column": v.TRUNCATED, "max_value": allowed},
+        summarise,
+        examples,
+    )
+
+
+def _params_checks(params: Params, labels: list[str], tokenized: bool) -> list[_Check]:
+    """What params name that the data must match: must-pass labels, recall-floor labels, and
+    (with the base model's tokenizer) the share of texts the tokenizer would cut."""
+    must_pass = params.evaluate.must_pass_file
+    checks = [
+        _label_variants_check(),
+        _labels_known_check(
+            "must_pass_labels",
+            MUST_PASS,
+            labels,
+            f"must-pass cases in {must_pass} (evaluate.must_pass_file)",
+            "Fix those cases, or point evaluate.must_pass_file at this data's own cases.",
+        ),
+        _labels_known_check(
+            "class_recall_floor_labels",
+            RECALL_FLOORS,
+            labels,
+            "labels of gate.class_recall_floors",
+            "Name this data's labels in gate.class_recall_floors.",
+        ),
+    ]
+    if tokenized:
+        checks.append(_truncation_check(params))
+    return checks
 
 
 def _quiet_great_expectations() -> None:
@@ -443,47 +589,100 @@ def _check_result(check: _Check, result: Result, frames: Frames) -> v.CheckResul
     return v.CheckResult(check.name, result["success"], check.summarise(result, frames), examples)
 
 
+def _base_model_check(params: Params) -> tuple[Any | None, v.CheckResult]:
+    """The base model's tokenizer (None if it cannot be loaded) and the check saying so."""
+    from textgate.model import load_tokenizer
+
+    name = params.train.base_model
+    try:
+        tokenizer = load_tokenizer(name)
+    except ConfigError as error:
+        summary = (
+            f"{error}. Set train.base_model to a local model directory, a hub id this machine "
+            "can download (or has cached), or bundled:all-MiniLM-L6-v2."
+        )
+        return None, v.CheckResult("base_model_available", False, summary)
+    summary = f"train.base_model {name!r} loads (its config and tokenizer)."
+    return tokenizer, v.CheckResult("base_model_available", True, summary)
+
+
+def _read_data(params: Params) -> tuple[pd.DataFrame, pd.DataFrame | None, Repairs, int]:
+    """The train and test files with the declared repairs applied, and the train rows read."""
+    data = params.data
+    train = read_training(data)
+    test = None
+    if data.test_path is not None:
+        test = read_labelled(data.test_path, data.text_column, data.label_column, data.encoding)
+    repaired, test, repairs = repair_data(train, test, data)
+    return repaired, test, repairs, len(train)
+
+
+def _must_pass_frame(params: Params) -> pd.DataFrame:
+    path = params.evaluate.must_pass_file
+    if not path.is_file():
+        raise DataError(
+            f"evaluate.must_pass_file {path} not found: `textgate init` starts one, or point "
+            "the param at your file of must-pass cases (columns text,label)"
+        )
+    cases = read_cases(path)
+    return cases.assign(label=v.normalise_labels(cases[v.LABEL]))
+
+
+def _frames(
+    params: Params, train: pd.DataFrame, test: pd.DataFrame | None, tokenizer: Any | None
+) -> Frames:
+    """Every frame the checks run on (test ones only with a test file)."""
+    data = params.data
+    header = (data.text_column, data.label_column)
+    rows = v.row_features(train, () if test is None else test[v.TEXT], header)
+    if tokenizer is not None:
+        keys = rows[v.TEXT_KEY].fillna("").tolist()
+        lengths = pd.Series(v.token_lengths(tokenizer, keys), index=rows.index)
+        rows[v.TRUNCATED] = (lengths > params.train.max_length) & rows[v.TEXT_KEY].notna()
+    named = list(params.gate.class_recall_floors)
+    floors = pd.DataFrame({v.TEXT: ["(a recall floor)"] * len(named), v.LABEL: named}, dtype=object)
+    frames: Frames = {
+        TRAIN_ROWS: rows,
+        TRAIN_TEXTS: v.text_conflicts(rows),
+        MUST_PASS: _must_pass_frame(params),
+        RECALL_FLOORS: floors,
+    }
+    if test is not None:
+        frames[TEST_ROWS] = v.row_features(test, header=header)
+        frames[TEST_CLASSES] = v.class_features(frames[TEST_ROWS], data.labels)
+    return frames
+
+
 def run(params: Params) -> v.ValidationReport:
     """Validate the raw train (and test) data with Great Expectations; exit 1 on a failed check."""
     data, outputs = params.data, validate_outputs(params)
     # Outputs of an earlier run must not outlive a run that stops on bad input.
     for path in (outputs.report, outputs.page):
         path.unlink(missing_ok=True)
-    train = read_training(data)
-    test = None
-    if data.test_path is not None:
-        test = read_labelled(data.test_path, data.text_column, data.label_column)
-
+    train, test, repairs, n_rows = _read_data(params)
     if data.labels is not None:
         labels, label_source = list(data.labels), "declared"
     else:
         labels, label_source = v.infer_labels(train[v.LABEL]), "inferred"
-
-    header = (data.text_column, data.label_column)
-    rows = v.row_features(train, () if test is None else test[v.TEXT], header)
-    counts = v.class_features(rows, data.labels)
-    frames: Frames = {
-        TRAIN_ROWS: rows,
-        # Undeclared labels already fail `labels_in_set`; their size is not checked again.
-        TRAIN_CLASSES: counts[counts[v.LABEL].isin(labels)].reset_index(drop=True),
-        TRAIN_TEXTS: v.text_conflicts(rows),
-    }
+    tokenizer, model_check = _base_model_check(params)
+    frames = _frames(params, train, test, tokenizer)
+    counts = v.class_features(frames[TRAIN_ROWS], data.labels)
+    # Undeclared labels already fail `labels_in_set`; their size is not checked again.
+    frames[TRAIN_CLASSES] = counts[counts[v.LABEL].isin(labels)].reset_index(drop=True)
     checks = _row_checks(params, TRAIN_ROWS, labels, f"{label_source} label set")
     if test is not None:
-        frames[TEST_ROWS] = v.row_features(test, header=header)
-        frames[TEST_CLASSES] = v.class_features(frames[TEST_ROWS], data.labels)
         checks += _row_checks(params, TEST_ROWS, labels, f"training label set ({label_source})")
-    checks += _dataset_checks(params, has_test=test is not None)
-
+    checks += _dataset_checks(params, has_test=test is not None, repairs=repairs)
+    checks += _params_checks(params, labels, tokenized=tokenizer is not None)
     results = _run_expectations(checks, frames)
-
     report = v.ValidationReport(
-        n_rows=len(train),
+        n_rows=n_rows,
         n_test_rows=None if test is None else len(test),
         labels=labels,
         label_source=label_source,
         class_counts=dict(zip(counts[v.LABEL], map(int, counts[v.N_EXAMPLES]), strict=True)),
-        checks=[_check_result(check, results[check.name], frames) for check in checks],
+        checks=[_check_result(c, results[c.name], frames) for c in checks] + [model_check],
+        repairs=repairs.as_dict(),
     )
     write_artifact(ValidationReport, outputs.report, report.to_dict())
     with atomic_path(outputs.page) as tmp:

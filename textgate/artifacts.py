@@ -46,6 +46,7 @@ class ValidationReport(_Artifact):
     labels: list[str]
     label_source: str
     checks: list[ReportCheck]
+    repairs: dict[str, int] = {}
 
 
 class ValidatedLabels(_Artifact):

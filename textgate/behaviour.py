@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from textgate.config import BehaviourConfig
 from textgate.errors import DataError
-from textgate.io import read_labelled
+from textgate.io import read_cases
 
 # The behavioural tests are gate.behaviour's keys (their pass-rate floors): the must-pass
 # examples, and one invariance test per perturbation (implemented in _PERTURBERS below).
@@ -142,17 +142,18 @@ class MustPassCase:
 
 
 def load_must_pass(path: str | Path, labels: Sequence[str]) -> list[MustPassCase]:
-    """Read must-pass cases from a CSV with columns `text,label`.
+    """Read must-pass cases from a CSV with columns `text,label` (`#` lines are comments; a
+    file with no cases gives none, and the gate's must-pass check then does not apply).
 
     Raises:
-        DataError: the file is missing or has no rows, or a row has an empty text or a label
-            not in `labels`; the message names the file and each bad line (the header is line 1).
+        DataError: the file is missing, or a row has an empty text or a label not in
+            `labels`; the message names the file and each bad line (the header is line 1).
     """
-    frame = read_labelled(path, "text", "label")
+    frame = read_cases(path)
     known = set(labels)
     cases: list[MustPassCase] = []
     problems: list[str] = []
-    for line, (text, label) in enumerate(zip(frame["text"], frame["label"], strict=True), 2):
+    for line, text, label in zip(frame.index, frame["text"], frame["label"], strict=True):
         if text is None or not text.strip():
             problems.append(f"line {line}: empty text")
         elif label not in known:

@@ -51,6 +51,22 @@ class DataConfig(_Section):
     text_column: str = Field(min_length=1)
     label_column: str = Field(min_length=1)
     labels: list[str] | None
+    encoding: str | None = Field(min_length=1)  # CSV/TSV/JSON text encoding; None = detected
+    # Labels as written in the files -> the label they mean (variants by case or whitespace).
+    label_aliases: dict[str, str]
+    on_duplicates: Literal["fail", "drop"]  # exact duplicate train rows
+    on_test_overlap: Literal["fail", "drop"]  # train rows whose text is in the test file
+
+    @model_validator(mode="after")
+    def _aliases_name_declared_labels(self) -> DataConfig:
+        if self.labels is not None:
+            unknown = sorted(set(self.label_aliases.values()) - set(self.labels))
+            if unknown:
+                raise ValueError(
+                    f"label_aliases maps to {unknown}, not in data.labels: map each variant to "
+                    "a declared label"
+                )
+        return self
 
     @model_validator(mode="after")
     def _text_and_label_are_different_columns(self) -> DataConfig:
@@ -102,6 +118,8 @@ class ValidateConfig(_Section):
     min_examples_per_class: int = Field(ge=1)
     max_duplicate_fraction: float = Field(ge=0, le=1)
     max_conflicting_texts: int = Field(ge=0)
+    # Share of train texts longer than train.max_length tokens of the base model (truncated).
+    max_truncated_fraction: float = Field(ge=0, le=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -113,6 +114,20 @@ def resolve_base_model(name: str) -> str:
             )
         return str(Path(spec.origin).parent / "model")
     return name
+
+
+def load_tokenizer(base_model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of `train.base_model`, once its config has loaded too (the model is there).
+
+    Raises:
+        ConfigError: naming train.base_model and why it cannot be loaded.
+    """
+    source = resolve_base_model(base_model)
+    try:
+        AutoConfig.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train.base_model: cannot load {base_model!r}: {error}") from None
 
 
 def select_device(requested: str = "auto") -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -27,6 +28,8 @@ LABELS_PER_TEXT = "labels_per_text"  # distinct labels seen with this row's (nor
 IS_DUPLICATE = "is_duplicate"  # same text and label as an earlier row
 IN_TEST = "in_test"  # the (normalised) text also appears in the test file
 IS_HEADER = "is_header"  # text and label are the column names: a header repeated as data
+LABEL_VARIANT = "label_variant"  # the label differs from another only by case or whitespace
+TRUNCATED = "truncated"  # longer than train.max_length tokens of the base model (set by validate)
 
 # Columns of the per-class frame (`class_counts`) and the per-text frame (`text_conflicts`).
 N_EXAMPLES = "n_examples"
@@ -65,9 +68,45 @@ def normalise_labels(labels: pd.Series) -> pd.Series:
     return pd.Series(values, index=labels.index, dtype=object)
 
 
+def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text under `tokenizer` (a transformers tokenizer), special ones included."""
+    lengths: list[int] = []
+    for start in range(0, len(texts), 1024):
+        encoded = tokenizer(list(texts[start : start + 1024]), add_special_tokens=True)
+        lengths += [len(ids) for ids in encoded["input_ids"]]
+    return lengths
+
+
 def infer_labels(labels: pd.Series) -> list[str]:
     """The sorted distinct non-missing labels."""
     return sorted({str(v) for v in normalise_labels(labels) if v is not None})
+
+
+def label_variants(labels: Iterable[object]) -> dict[str, list[str]]:
+    """Labels that differ only by case or surrounding whitespace, grouped by the label the
+    group most likely means (see `suggest_label_aliases`); groups of one are left out."""
+    counts = Counter(label for label in labels if isinstance(label, str) and label.strip())
+    groups: dict[str, list[str]] = {}
+    for label in counts:
+        groups.setdefault(label.strip().casefold(), []).append(label)
+    variants = {}
+    for members in groups.values():
+        if len(members) > 1:
+            # The most frequent spelling without surrounding whitespace; ties: sorted first.
+            clean = [m for m in members if m == m.strip()] or [m.strip() for m in members]
+            target = min(clean, key=lambda m: (-counts.get(m, 0), m))
+            variants[target] = sorted(members)
+    return variants
+
+
+def suggest_label_aliases(labels: Iterable[object]) -> dict[str, str]:
+    """A `data.label_aliases` map merging each group of `label_variants` into one label."""
+    return {
+        member: target
+        for target, members in label_variants(labels).items()
+        for member in members
+        if member != target
+    }
 
 
 def row_features(
@@ -85,7 +124,7 @@ def row_features(
 
     Returns:
         One row per input row, same index, columns `TEXT, LABEL, TEXT_KEY, TEXT_CHARS,
-        TEXT_BLANK, LABELS_PER_TEXT, IS_DUPLICATE, IN_TEST, IS_HEADER`.
+        TEXT_BLANK, LABELS_PER_TEXT, IS_DUPLICATE, IN_TEST, IS_HEADER, LABEL_VARIANT`.
     """
     rows = pd.DataFrame(index=frame.index)
     rows[TEXT] = frame[TEXT].astype(object)
@@ -102,6 +141,8 @@ def row_features(
     for column in (FILE, FILE_ROW):  # several training files: where each row comes from
         if column in frame.columns:
             rows[column] = frame[column]
+    variants = {label for group in label_variants(rows[LABEL]).values() for label in group}
+    rows[LABEL_VARIANT] = rows[LABEL].isin(variants).astype(bool)
     return rows
 
 
@@ -235,6 +276,8 @@ class ValidationReport:
     label_source: LabelSource
     class_counts: dict[str, int]
     checks: list[CheckResult]
+    # Rows each declared repair changed (textgate.repair.Repairs); prepare applies the same.
+    repairs: dict[str, int] = field(default_factory=dict)
 
     @property
     def success(self) -> bool:
@@ -304,6 +347,21 @@ def _check_row(check: CheckResult) -> str:
     )
 
 
+def describe_repairs(repairs: dict[str, int]) -> str:
+    """One sentence counting each repair the params declared, or saying there were none."""
+    done = [f"{name.replace('_', ' ')}: {count}" for name, count in repairs.items() if count]
+    if not done:
+        return "Repairs: none."
+    return (
+        f"Repairs (data.label_aliases, data.on_duplicates, data.on_test_overlap): "
+        f"{'; '.join(done)}."
+    )
+
+
+def _repairs_paragraph(repairs: dict[str, int]) -> str:
+    return f'<p id="repairs">{html.escape(describe_repairs(repairs))}</p>'
+
+
 def render_html(report: ValidationReport) -> str:
     """The report as a self-contained HTML page: verdict, every check, and the class counts."""
     test_rows = "no test file" if report.n_test_rows is None else f"{report.n_test_rows} test rows"
@@ -323,6 +381,7 @@ def render_html(report: ValidationReport) -> str:
 <p>{len(report.checks) - len(report.failed)} of {len(report.checks)} checks passed on
 {report.n_rows} train rows ({test_rows}); {len(report.labels)} labels
 ({html.escape(report.label_source)}). Rows are 0-based data rows.</p>
+{_repairs_paragraph(report.repairs)}
 <h2>Checks</h2>
 <table id="checks">
 <tr><th>check</th><th>result</th><th>detail</th></tr>

@@ -128,9 +128,10 @@ def test_import_with_unknown_labels_or_wrong_columns_writes_nothing(
     )
     with pytest.raises(DataError, match="missing column"):
         steps.read_labels_file(tmp_path / "cols.csv")
-    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9 refund,refund\n".encode("latin-1"))
-    with pytest.raises(DataError, match="UTF-8|encoding"):
-        steps.read_labels_file(tmp_path / "latin.csv")
+    # A labeller's spreadsheet saved in a legacy code page is decoded, not refused.
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9 refund,refund\n".encode("cp1252"))
+    rows, _ = steps.read_labels_file(tmp_path / "latin.csv")
+    assert [row.text for row in rows] == ["caf\xe9 refund"]
     assert not (workspace.data.raw_dir / "batches").exists()
     result = steps.import_labels(workspace, *steps.read_labels_file(bad), allow_new_labels=True)
     assert result.report.new_labels == ["brand_new"]

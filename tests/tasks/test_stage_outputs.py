@@ -10,7 +10,7 @@ import yaml
 
 from tasks import validate
 from tests.conftest import REPO_ROOT, make_rows, write_csv
-from tests.helpers import make_params
+from tests.helpers import MUST_PASS_ROWS, make_params
 
 
 def _declared_outputs(stage: str, output_dir: Path) -> list[Path]:
@@ -34,10 +34,12 @@ def _digest(path: Path) -> str:
 
 def test_the_validate_stage_outputs_dvc_hashes_are_the_same_on_a_rerun(tmp_path):
     write_csv(tmp_path / "raw" / "train.csv", make_rows(per_class=4))
+    write_csv(tmp_path / "must_pass.csv", MUST_PASS_ROWS)
     params = make_params(
         {
             "data": {"raw_dir": str(tmp_path / "raw"), "train_file": "train.csv"},
             "validate": {"output_dir": str(tmp_path / "validate"), "min_examples_per_class": 3},
+            "evaluate": {"must_pass_file": str(tmp_path / "must_pass.csv")},
         }
     )
     outputs = _declared_outputs("validate", tmp_path / "validate")

@@ -28,6 +28,11 @@ def params_dict(tmp_path: Path, data: dict[str, Any], **checks: Any) -> dict[str
     raw["validate"].update(
         {"output_dir": str(tmp_path / "validate"), "min_examples_per_class": 3, **checks}
     )
+    # No must-pass cases: their labels are checked against the data's by the tests below.
+    must_pass = tmp_path / "must_pass.csv"
+    if not must_pass.exists():
+        must_pass.write_text("# no cases yet\ntext,label\n", encoding="utf-8")
+    raw["evaluate"]["must_pass_file"] = str(must_pass)
     return raw
 
 
@@ -74,6 +79,11 @@ TRAIN_CHECKS = [
     "conflicting_labels",
     "two_or_more_labels",
     "majority_class_share",
+    "label_variants",
+    "must_pass_labels",
+    "class_recall_floor_labels",
+    "text_tokens",
+    "base_model_available",
 ]
 
 
@@ -93,6 +103,7 @@ def test_clean_dataset_passes_and_writes_report_and_its_page(tmp_path):
         "label_source",
         "class_counts",
         "checks",
+        "repairs",
     ]
     assert written["success"] is True
     assert written["n_rows"] == len(rows)
@@ -194,7 +205,8 @@ FAILURES = [
 def test_each_check_fails_for_its_reason(tmp_path, capsys, extra, data, name, offending):
     rows = make_rows(per_class=4) + extra
     write_csv(tmp_path / "raw" / "train.csv", rows)
-    code, err, report = run_stage(tmp_path, capsys, data)
+    # One long text is also a share of truncated texts: that check has tests of its own.
+    code, err, report = run_stage(tmp_path, capsys, data, max_truncated_fraction=1.0)
     assert code == EXIT_CHECK_FAILED, err
     assert err.startswith("validate failed: ")
     assert f"- {name}: " in err
@@ -240,7 +252,7 @@ def test_several_failures_are_all_listed(tmp_path, capsys):
     code, err, report = run_stage(tmp_path, capsys)
     assert code == EXIT_CHECK_FAILED
     assert failed_names(report) == ["text_not_empty", "text_length", "min_examples_per_class"]
-    assert "3 of 12 data checks failed" in err
+    assert "3 of 17 data checks failed" in err
 
 
 def test_train_test_overlap_fails(tmp_path, capsys):
@@ -299,7 +311,7 @@ def test_parquet_input_passes(tmp_path, capsys):
         (None, "data file not found"),
         (b"message,label\nhello there,refund\n", "missing required column(s) ['text']"),
         (b"text,label\n", "has no rows"),
-        (b"text,label\nhello \xff\xfe,refund\n", "not valid UTF-8"),
+        (b"text,label\nhello \xff\xfe,refund\n", "not valid utf-8 at byte 17 (line 2)"),
     ],
     ids=["missing file", "missing column", "header only", "not utf-8"],
 )
@@ -307,7 +319,7 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, content, messa
     (tmp_path / "raw").mkdir()
     if content is not None:
         (tmp_path / "raw" / "train.csv").write_bytes(content)
-    code, err, report = run_stage(tmp_path, capsys)
+    code, err, report = run_stage(tmp_path, capsys, {"encoding": "utf-8"})
     assert code == EXIT_BAD_INPUT
     assert err.startswith("validate: error: ")
     assert message in err

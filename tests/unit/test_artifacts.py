@@ -29,6 +29,7 @@ PAYLOADS: list[tuple[type[BaseModel], Any]] = [
             "checks": [
                 {"name": "texts_not_null", "success": True, "summary": "ok", "examples": []}
             ],
+            "repairs": {"duplicates_dropped": 1},
         },
     ),
     (artifacts.LabelMap, {"labels": ["a", "b"]}),

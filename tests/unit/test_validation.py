@@ -79,6 +79,7 @@ def test_row_features_derived_columns():
         v.IS_DUPLICATE,
         v.IN_TEST,
         v.IS_HEADER,
+        v.LABEL_VARIANT,
     ]
     assert rows[v.IS_DUPLICATE].tolist() == [False, True, False, False, False, False, False, False]
     assert rows[v.LABELS_PER_TEXT].tolist() == [1, 1, 1, 2, 2, 0, 0, 0]
@@ -203,6 +204,7 @@ def test_report_dict_shape_and_success():
                 "examples": [],
             }
         ],
+        "repairs": {},
     }
     assert list(report.to_dict()) == [
         "success",
@@ -212,6 +214,7 @@ def test_report_dict_shape_and_success():
         "label_source",
         "class_counts",
         "checks",
+        "repairs",
     ]
 
 
