@@ -57,9 +57,10 @@ The request log is the contract with the drift monitor: one JSON object per clas
 - `ts`: when the batch was classified, ISO-8601 in UTC (`2025-01-31T12:00:00.123+00:00`);
 - `request_id`: the HTTP request's id, as in its `X-BentoML-Request-ID` response header;
 - `model_tag`: the served model, `name:version`;
-- `text`: the text as the model saw it: normalised, with emails, phone and card numbers
-  replaced by placeholders when the model was trained with PII redaction (as the training
-  data was), so the log holds no more personal data than the training set;
+- `text`: the text as the model saw it: normalised (Chinese in one script if the model was
+  trained so), with emails, phone, card, IBAN and resident ID numbers replaced by placeholders
+  when the model was trained with PII redaction (as the training data was), so the log holds
+  no more personal data than the training set;
 - `label`: the answer ("unknown" when abstained); `best_label`: the most probable label;
 - `score`: the probability of `best_label`; `abstained`: true or false.
 
@@ -126,7 +127,7 @@ from textgate.runtime import (  # noqa: E402
     default_workers,
     load_classifier,
 )
-from textgate.text import clean_text, normalise_text  # noqa: E402
+from textgate.text import normalise_text  # noqa: E402
 
 logger = logging.getLogger("bentoml.textgate")
 
@@ -475,7 +476,7 @@ class TextgateService:
                     ts=ts,
                     request_id=getattr(text, "request_id", None),
                     model_tag=self.model_tag,
-                    text=clean_text(str(text), redact=self.classifier.redact_pii),
+                    text=self.classifier.cleaning.apply(str(text)),
                     label=prediction.label,
                     best_label=prediction.best_label,
                     score=prediction.score,

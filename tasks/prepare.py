@@ -20,21 +20,23 @@ from textgate.config import Params
 from textgate.errors import DataError
 from textgate.io import atomic_path, read_labelled
 from textgate.prepare import clean_frame, stratified_split
+from textgate.text import TextCleaning
 
 
 def run(params: Params) -> dict[str, int]:
     """Write train/val/test Parquet files, the label map and cleaning statistics."""
     data, prepare = params.data, params.prepare
     labels = read_artifact(ValidatedLabels, validate_outputs(params).report).labels
+    cleaning = TextCleaning.from_params(prepare)
     frame, stats = clean_frame(
-        read_labelled(data.train_path, data.text_column, data.label_column), prepare.redact_pii
+        read_labelled(data.train_path, data.text_column, data.label_column), cleaning
     )
     if data.test_path is None:
         fractions = {"val": prepare.val_fraction, "test": prepare.test_fraction}
         parts = stratified_split(frame, fractions, prepare.seed)
     else:
         test, test_stats = clean_frame(
-            read_labelled(data.test_path, data.text_column, data.label_column), prepare.redact_pii
+            read_labelled(data.test_path, data.text_column, data.label_column), cleaning
         )
         parts = stratified_split(frame, {"val": prepare.val_fraction}, prepare.seed)
         parts["test"] = test

