@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from transformers import AutoTokenizer
 
 from tasks.common import StageFailed, stage_main
 from textgate import validation as v
 from textgate.artifacts import ValidationReport, validate_outputs, write_artifact
 from textgate.config import Params
+from textgate.errors import ConfigError
 from textgate.io import atomic_path, read_labelled
+from textgate.language import UnknownCharacters, suggested_base_model, unknown_characters
+from textgate.model import resolve_base_model
+from textgate.text import normalise_text
 
 EXAMPLES = 5  # offending rows or classes kept per check in report.json
 
@@ -29,6 +34,8 @@ TRAIN_CLASSES = "train_classes"  # v.class_features of the train rows, declared 
 TRAIN_TEXTS = "train_texts"  # v.text_conflicts of the train rows
 TEST_ROWS = "test_rows"  # v.row_features of the test file
 TEST_CLASSES = "test_classes"  # v.class_features of the test rows
+TOKENIZER = "tokenizer"  # one row: the share of the texts' characters unknown to the tokenizer
+UNKNOWN_SHARE = "unknown_char_share"
 
 Frames = dict[str, pd.DataFrame]
 Result = dict[str, Any]  # the `result` dict of one Great Expectations expectation result
@@ -383,6 +390,54 @@ def _majority_check(params: Params, table: str, prefix: str) -> _Check:
     )
 
 
+def _unknown_characters(params: Params, texts: pd.Series) -> UnknownCharacters:
+    """What train.base_model's tokenizer cannot read in the (normalised) texts."""
+    source = resolve_base_model(params.train.base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"train.base_model: cannot load the tokenizer of {params.train.base_model!r}: {error}"
+        ) from None
+    return unknown_characters(tokenizer, [t for t in texts.dropna().map(normalise_text) if t])
+
+
+def _tokenizer_check(params: Params, unknown: UnknownCharacters) -> _Check:
+    """At most validate.max_unknown_char_share of the texts' characters are unknown tokens.
+
+    An encoder reads an unknown token as one and the same symbol whatever the character: a
+    model trained on such text learns from the rest, or from nothing (Chinese text through
+    an English vocabulary).
+    """
+    allowed, base = params.validate_.max_unknown_char_share, params.train.base_model
+
+    def summarise(result: Result, frames: Frames) -> str:
+        found = (
+            f"{unknown.n_unknown} of {unknown.n_chars} characters ({unknown.share:.1%}) of the "
+            f"texts are unknown to the tokenizer of train.base_model ({base}); allowed: at "
+            f"most {allowed:.1%} (validate.max_unknown_char_share)."
+        )
+        if result["success"]:
+            return found
+        return (
+            f"{found} The model would see them all as one symbol. Most are "
+            f"{', '.join(unknown.scripts) or 'not letters'}: set train.base_model to an "
+            f"encoder that reads them, e.g. {suggested_base_model(unknown.scripts)}."
+        )
+
+    def examples(result: Result, frames: Frames) -> Examples:
+        return [{"character": char, "count": count} for char, count in unknown.top[:EXAMPLES]]
+
+    return _Check(
+        "tokenizer_coverage",
+        TOKENIZER,
+        "ExpectColumnMaxToBeBetween",
+        {"column": UNKNOWN_SHARE, "max_value": allowed},
+        summarise,
+        examples,
+    )
+
+
 def _quiet_great_expectations() -> None:
     """Switch off usage statistics before Great Expectations is imported."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -474,6 +529,10 @@ def run(params: Params) -> v.ValidationReport:
         frames[TEST_CLASSES] = v.class_features(frames[TEST_ROWS], data.labels)
         checks += _row_checks(params, TEST_ROWS, labels, f"training label set ({label_source})")
     checks += _dataset_checks(params, has_test=test is not None)
+    texts = train[v.TEXT] if test is None else pd.concat([train[v.TEXT], test[v.TEXT]])
+    unknown = _unknown_characters(params, texts)
+    frames[TOKENIZER] = pd.DataFrame({UNKNOWN_SHARE: [unknown.share]})
+    checks.append(_tokenizer_check(params, unknown))
 
     results = _run_expectations(checks, frames)
 

@@ -36,6 +36,7 @@ PARAMS_FILE = "params.yaml"
 
 # YAML gives strings for paths; everything else must have the right type as written.
 FilePath = Annotated[Path, Field(strict=False)]
+Rate = Annotated[float, Field(ge=0, le=1)]
 
 
 class _Section(BaseModel):
@@ -75,6 +76,7 @@ class ValidateConfig(_Section):
     min_examples_per_class: int = Field(ge=1)
     max_duplicate_fraction: float = Field(ge=0, le=1)
     max_conflicting_texts: int = Field(ge=0)
+    max_unknown_char_share: Rate  # of the texts' characters, unknown to the base model's tokenizer
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:
@@ -143,9 +145,6 @@ class EvaluateConfig(_Section):
     golden_requests: int = Field(ge=0)
     calibration_bins: int = Field(ge=2, le=100)
     seed: int
-
-
-Rate = Annotated[float, Field(ge=0, le=1)]
 
 
 class MarginConfig(_Section):

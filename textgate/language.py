@@ -110,6 +110,9 @@ def has_case(text: str) -> bool:
     return 2 * cased >= len(letters)
 
 
+_TOKENIZE_BATCH = 256  # texts per tokenizer call: large enough for the fast tokenizer's threads
+
+
 @dataclass(frozen=True)
 class UnknownCharacters:
     """How much of the data a tokenizer maps to its unknown token."""
@@ -125,7 +128,7 @@ class UnknownCharacters:
 
 
 def unknown_characters(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 256
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
 ) -> UnknownCharacters:
     """Count the characters of `texts` that `tokenizer` maps to its unknown token.
 
@@ -136,8 +139,8 @@ def unknown_characters(
     n_chars = sum(len(text) - sum(char.isspace() for char in text) for text in texts)
     unk_id = tokenizer.unk_token_id
     if unk_id is not None:
-        for start in range(0, len(texts), batch_size):
-            batch = list(texts[start : start + batch_size])
+        for start in range(0, len(texts), _TOKENIZE_BATCH):
+            batch = list(texts[start : start + _TOKENIZE_BATCH])
             encoded = tokenizer(batch, add_special_tokens=False, return_offsets_mapping=True)
             for text, ids, offsets in zip(
                 batch, encoded["input_ids"], encoded["offset_mapping"], strict=True

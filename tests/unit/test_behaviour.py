@@ -5,9 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from textgate.behaviour import (
-    GREETINGS,
     PERTURBATIONS,
-    SIGN_OFFS,
     MustPassCase,
     invariance,
     load_must_pass,
@@ -15,6 +13,7 @@ from textgate.behaviour import (
     perturb,
 )
 from textgate.errors import DataError
+from textgate.language import GREETINGS, SIGN_OFFS
 
 LABELS = ["refund", "delivery", "account"]
 KEYWORDS = {"refund": 0, "money back": 0, "parcel": 1, "delivery": 1, "password": 2}
@@ -128,7 +127,7 @@ def test_filler_adds_a_greeting_and_or_a_sign_off_around_the_text():
     for out in outs:
         assert text in out
         prefix, _, suffix = out.partition(text)
-        assert prefix in ("", *GREETINGS) and suffix in ("", *SIGN_OFFS)
+        assert prefix in ("", *GREETINGS["en"]) and suffix in ("", *SIGN_OFFS["en"])
         assert prefix or suffix
     assert any(out.startswith(text) for out in outs)  # suffix only
     assert any(out.endswith(text) for out in outs)  # prefix only
@@ -208,7 +207,13 @@ def test_invariance_samples_at_most_max_examples_with_the_seed():
 def test_invariance_rate_is_none_when_nothing_can_be_perturbed():
     model = CountingModel(keyword_model)
     results = invariance(model, ["hi", "ok [EMAIL]"], kinds=("typos",), **SAMPLE)
-    assert results["typos"].model_dump() == {"kind": "typos", "rate": None, "n": 0, "failures": []}
+    assert results["typos"].model_dump() == {
+        "kind": "typos",
+        "rate": None,
+        "n": 0,
+        "not_applicable": 2,
+        "failures": [],
+    }
     assert len(model.calls) == 1  # no predict call for an empty batch
     assert invariance(model, [], kinds=("casing",), **SAMPLE)["casing"].rate is None
 
