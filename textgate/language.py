@@ -11,8 +11,10 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Greetings and sign-offs per language, as a customer would write them (the filler test).
 # Latin-script text gets the English ones, whatever its language.

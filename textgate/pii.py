@@ -66,7 +66,7 @@ def redact_pii(text: str, phone_regions: Sequence[str]) -> tuple[str, Counter[st
     """
     counts: Counter[str] = Counter()
     if "@" in text:
-        text = _replace(_EMAIL, text, lambda span: True, EMAIL_TOKEN, "email", counts)
+        text = _replace(_EMAIL, text, lambda address: True, EMAIL_TOKEN, "email", counts)
     if not any(char.isdigit() for char in text):
         return text, counts
     text = _replace(_IBAN, text, iban.is_valid, IBAN_TOKEN, "iban", counts)
