@@ -60,9 +60,10 @@ The request log is the contract with the drift monitor: one JSON object per clas
 - `ts`: when the batch was classified, ISO-8601 in UTC (`2025-01-31T12:00:00.123+00:00`);
 - `request_id`: the HTTP request's id, as in its `X-BentoML-Request-ID` response header;
 - `model_tag`: the served model, `name:version`;
-- `text`: the text as the model saw it: normalised, with emails, phone and card numbers
-  replaced by placeholders when the model was trained with PII redaction (as the training
-  data was), so the log holds no more personal data than the training set;
+- `text`: the text as the model saw it: normalised (Chinese in one script if the model was
+  trained so), with emails, phone, card, IBAN and resident ID numbers replaced by placeholders
+  when the model was trained with PII redaction (as the training data was), so the log holds
+  no more personal data than the training set;
 - `label`: the answer ("unknown" when abstained); `best_label`: the most probable label;
 - `score`: the probability of `best_label`; `abstained`: true or false;
 - `bento_tag`: the bento that answered, as in the `X-Textgate-Model` header.

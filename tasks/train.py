@@ -55,6 +55,7 @@ from textgate.io import write_json
 from textgate.model import build_classifier, predict_logits, save_classifier, select_device
 from textgate.runtime import share_cpus
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
+from textgate.text import TextCleaning
 from textgate.training import (
     TrainingCallbacks,
     TrainingProgress,
@@ -273,7 +274,8 @@ def model_metadata(
     return {
         "base_model": config.base_model,
         "max_length": config.max_length,
-        "redact_pii": params.prepare.redact_pii,
+        # redact_pii, pii_phone_regions, chinese_script: serving cleans texts the same way
+        **TextCleaning.from_params(params.prepare).to_metadata(),
         "labels": splits.labels,
         "train_config": config.model_dump(mode="json"),
         "train_examples": len(splits.train),

@@ -22,7 +22,9 @@ from textgate.artifacts import ValidationReport, validate_outputs, write_artifac
 from textgate.config import Params
 from textgate.errors import ConfigError, DataError
 from textgate.io import atomic_path, read_cases, read_labelled, read_training
+from textgate.language import UnknownCharacters, suggested_base_model, unknown_characters
 from textgate.repair import Repairs, repair_data
+from textgate.text import normalise_text
 
 EXAMPLES = 5  # offending rows or classes kept per check in report.json
 
@@ -34,6 +36,8 @@ TEST_ROWS = "test_rows"  # v.row_features of the test file
 TEST_CLASSES = "test_classes"  # v.class_features of the test rows
 MUST_PASS = "must_pass"  # the cases of evaluate.must_pass_file (text, label)
 RECALL_FLOORS = "recall_floors"  # one row per label of gate.class_recall_floors
+TOKENIZER = "tokenizer"  # one row: the share of the texts' characters unknown to the tokenizer
+UNKNOWN_SHARE = "unknown_char_share"
 
 Frames = dict[str, pd.DataFrame]
 Result = dict[str, Any]  # the `result` dict of one Great Expectations expectation result
@@ -469,6 +473,47 @@ def _labels_known_check(name: str, table: str, labels: list[str], what: str, fix
     )
 
 
+def _unknown_characters(tokenizer: Any, texts: pd.Series) -> UnknownCharacters:
+    """What train.base_model's tokenizer cannot read in the (normalised) texts."""
+    return unknown_characters(tokenizer, [t for t in texts.dropna().map(normalise_text) if t])
+
+
+def _tokenizer_check(params: Params, unknown: UnknownCharacters) -> _Check:
+    """At most validate.max_unknown_char_share of the texts' characters are unknown tokens.
+
+    An encoder reads an unknown token as one and the same symbol whatever the character: a
+    model trained on such text learns from the rest, or from nothing (Chinese text through
+    an English vocabulary).
+    """
+    allowed, base = params.validate_.max_unknown_char_share, params.train.base_model
+
+    def summarise(result: Result, frames: Frames) -> str:
+        found = (
+            f"{unknown.n_unknown} of {unknown.n_chars} characters ({unknown.share:.1%}) of the "
+            f"texts are unknown to the tokenizer of train.base_model ({base}); allowed: at "
+            f"most {allowed:.1%} (validate.max_unknown_char_share)."
+        )
+        if result["success"]:
+            return found
+        return (
+            f"{found} The model would see them all as one symbol. Most are "
+            f"{', '.join(unknown.scripts) or 'not letters'}: set train.base_model to an "
+            f"encoder that reads them, e.g. {suggested_base_model(unknown.scripts)}."
+        )
+
+    def examples(result: Result, frames: Frames) -> Examples:
+        return [{"character": char, "count": count} for char, count in unknown.top[:EXAMPLES]]
+
+    return _Check(
+        "tokenizer_coverage",
+        TOKENIZER,
+        "ExpectColumnMaxToBeBetween",
+        {"column": UNKNOWN_SHARE, "max_value": allowed},
+        summarise,
+        examples,
+    )
+
+
 def _truncation_check(params: Params) -> _Check:
     """At most validate.max_truncated_fraction of train texts exceed train.max_length tokens."""
     allowed, max_length = params.validate_.max_truncated_fraction, params.train.max_length
@@ -674,6 +719,11 @@ def run(params: Params) -> v.ValidationReport:
         checks += _row_checks(params, TEST_ROWS, labels, f"training label set ({label_source})")
     checks += _dataset_checks(params, has_test=test is not None, repairs=repairs)
     checks += _params_checks(params, labels, tokenized=tokenizer is not None)
+    if tokenizer is not None:
+        texts = train[v.TEXT] if test is None else pd.concat([train[v.TEXT], test[v.TEXT]])
+        unknown = _unknown_characters(tokenizer, texts)
+        frames[TOKENIZER] = pd.DataFrame({UNKNOWN_SHARE: [unknown.share]})
+        checks.append(_tokenizer_check(params, unknown))
     results = _run_expectations(checks, frames)
     report = v.ValidationReport(
         n_rows=n_rows,

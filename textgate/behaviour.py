@@ -15,6 +15,15 @@ from pydantic import BaseModel, ConfigDict
 from textgate.config import BehaviourConfig
 from textgate.errors import DataError
 from textgate.io import read_cases
+from textgate.language import (
+    GREETINGS,
+    HOMOPHONES,
+    NEGATION_CHARS,
+    NEGATION_WORDS,
+    SIGN_OFFS,
+    has_case,
+    language_of,
+)
 
 # The behavioural tests are gate.behaviour's keys (their pass-rate floors): the must-pass
 # examples, and one invariance test per perturbation (implemented in _PERTURBERS below).
@@ -28,12 +37,15 @@ _MAX_REPORTED_PROBLEMS = 10
 # Placeholders such as [EMAIL], [PHONE] and [CARD] come from PII redaction (textgate.text):
 # the model saw them verbatim in training, so no perturbation may touch them.
 _PLACEHOLDER = re.compile(r"\[[A-Z][A-Z0-9_]*\]")
-_WORD = re.compile(r"[^\W\d_]{4,}")  # a run of 4+ letters
+# Han, kana and Hangul: scripts written without spaces between words (or, in Korean, with
+# words that a dropped letter would not leave readable): typos there act on characters.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_WORD = re.compile(rf"(?:(?![{_CJK}])[^\W\d_]){{4,}}")  # a run of 4+ letters, not CJK
+_CJK_RUN = re.compile(rf"[{_CJK}]{{2,}}")
+_CONTRACTED_NOT = ("'t", "\u2019t")  # doesn't, didn't: the word before n't negates
 _WORD_START = re.compile(r"(?<!\S)([^\W\d_])([^\W\d_]*)")  # first letter of a word, the rest
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 
-GREETINGS = ("hi, ", "hello, ", "hello there, ", "hey, ", "hey team, ", "good morning, ")
-SIGN_OFFS = (" thanks", " thank you!", " thanks in advance", " cheers", " many thanks.")
 END_MARKS = ("?", "!", "...")
 
 
@@ -41,11 +53,16 @@ def perturb(text: str, kind: str, rng: random.Random) -> str | None:
     """A copy of `text` with one harmless change of the given kind, or None if none applies.
 
     Kinds (see PERTURBATIONS):
-        casing: lower case, upper case, the first letter's case swapped, or title case.
+        casing: lower case, upper case, the first letter's case swapped, or title case; only
+            for text written mostly in letters with case (none for Chinese: not applicable).
         punctuation: all ASCII and Unicode punctuation removed, or "?", "!" or "..." appended.
         typos: one typo in one word of 4+ letters: two adjacent inner letters swapped, an inner
-            letter dropped, or a letter doubled.
-        filler: a greeting prefix ("hi, ", ...), a polite suffix (" thanks", ...), or both.
+            letter dropped, or a letter doubled; in Chinese, Japanese or Korean, a character
+            swapped with its neighbour, doubled, or replaced by a homophone (pinyin input's
+            slip). Never in a negation (not, never, n't, 不, 没, 别, ...: NEGATION_WORDS and
+            NEGATION_CHARS), which may rightly change the label.
+        filler: a greeting prefix, a polite suffix, or both, in the text's language (by its
+            script: textgate.language.GREETINGS); none for a script without fillers.
 
     Placeholder tokens in square brackets ([EMAIL], [PHONE], [CARD]) are never changed, and
     the result always differs from `text`.
@@ -64,7 +81,8 @@ class InvarianceResult(BaseModel):
     """How often predictions survive one kind of perturbation.
 
     `rate` is the share of perturbed texts whose predicted class equals the model's prediction
-    for the original, or None when no text could be perturbed (not measured).
+    for the original, or None when no text could be perturbed (not applicable: e.g. casing on
+    Chinese text). `not_applicable` counts the sampled texts this kind could not perturb.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -72,6 +90,7 @@ class InvarianceResult(BaseModel):
     kind: str
     rate: float | None
     n: int
+    not_applicable: int = 0
     failures: list[tuple[str, str]]  # up to MAX_INVARIANCE_FAILURES (original, perturbed)
 
 
@@ -115,8 +134,11 @@ def invariance(
         # One generator per kind, so a kind's perturbations do not depend on the other kinds.
         rng = random.Random(f"{seed}:{kind}")
         pairs = [(i, p) for i, text in enumerate(sample) if (p := perturb(text, kind, rng))]
+        skipped = len(sample) - len(pairs)
         if not pairs:
-            results[kind] = InvarianceResult(kind=kind, rate=None, n=0, failures=[])
+            results[kind] = InvarianceResult(
+                kind=kind, rate=None, n=0, not_applicable=skipped, failures=[]
+            )
             continue
         predicted = _predict(predict, [p for _, p in pairs])
         changed = [
@@ -128,6 +150,7 @@ def invariance(
             kind=kind,
             rate=1.0 - len(changed) / len(pairs),
             n=len(pairs),
+            not_applicable=skipped,
             failures=changed[:MAX_INVARIANCE_FAILURES],
         )
     return results
@@ -226,6 +249,9 @@ def _placeholder_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _casings(text: str) -> list[str]:
+    if not has_case(_PLACEHOLDER.sub(" ", text)):
+        return []  # no case to change: the test does not apply to this text
+
     def title(part: str) -> str:
         # Not str.title(), which would write "Don'T".
         return _WORD_START.sub(lambda m: m.group(1).upper() + m.group(2).lower(), part)
@@ -257,38 +283,71 @@ def _punctuations(text: str) -> list[str]:
     return out
 
 
-def _filler(text: str, rng: random.Random) -> str:
+def _filler(text: str, rng: random.Random) -> str | None:
+    language = language_of(_PLACEHOLDER.sub(" ", text))
+    if language is None:
+        return None  # no fillers in the text's language: English ones would test nothing
+    text = text.strip()
     where = rng.choice(("prefix", "suffix", "both"))
-    greeting = rng.choice(GREETINGS) if where != "suffix" else ""
-    sign_off = rng.choice(SIGN_OFFS) if where != "prefix" else ""
-    return greeting + text.strip() + sign_off
+    greeting = rng.choice(GREETINGS[language]) if where != "suffix" else ""
+    sign_off = rng.choice(SIGN_OFFS[language]) if where != "prefix" else ""
+    if sign_off and _is_punctuation(text[-1]) and _is_punctuation(sign_off[0]):
+        sign_off = sign_off[1:]  # 到了吗？ + ，谢谢 reads 到了吗？谢谢
+    return greeting + text + sign_off
 
 
 def _typo(text: str, rng: random.Random) -> str | None:
     spans = _placeholder_spans(text)
-    words = [
-        match
-        for match in _WORD.finditer(text)
-        if not any(start < match.end() and match.start() < end for start, end in spans)
-    ]
-    if not words:
+
+    def free(match: re.Match[str]) -> bool:
+        return not any(start < match.end() and match.start() < end for start, end in spans)
+
+    words = [m for m in _WORD.finditer(text) if free(m) and not _negates(text, m)]
+    runs = [m for m in _CJK_RUN.finditer(text) if free(m) and _cjk_typos(m.group())]
+    if not words and not runs:
         return None
-    match = rng.choice(words)
-    word = match.group()
+    match = rng.choice(words + runs)
+    if match.re is _CJK_RUN:
+        typo = rng.choice(_cjk_typos(match.group()))
+    else:
+        typo = _word_typo(match.group(), rng)
+    return text[: match.start()] + typo + text[match.end() :]
+
+
+def _negates(text: str, word: re.Match[str]) -> bool:
+    following = text[word.end() : word.end() + 2]
+    return word.group().lower() in NEGATION_WORDS or following in _CONTRACTED_NOT
+
+
+def _word_typo(word: str, rng: random.Random) -> str:
+    """One edit of a word of 4+ letters: inner letters swapped, an inner one dropped, or doubled."""
     # Swaps only of two different inner letters, so the word really changes.
     swaps = [i for i in range(1, len(word) - 2) if word[i] != word[i + 1]]
-    operations = ["drop", "double"] + (["swap"] if swaps else [])
-    operation = rng.choice(operations)
+    operation = rng.choice(["drop", "double"] + (["swap"] if swaps else []))
     if operation == "swap":
         i = rng.choice(swaps)
-        typo = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
-    elif operation == "drop":
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    if operation == "drop":
         i = rng.randrange(1, len(word) - 1)
-        typo = word[:i] + word[i + 1 :]
-    else:
-        i = rng.randrange(len(word))
-        typo = word[: i + 1] + word[i:]
-    return text[: match.start()] + typo + text[match.end() :]
+        return word[:i] + word[i + 1 :]
+    i = rng.randrange(len(word))
+    return word[: i + 1] + word[i:]
+
+
+def _cjk_typos(run: str) -> list[str]:
+    """Every one-character slip of a run of CJK characters that leaves negations alone.
+
+    A neighbour swap, a doubled character or a homophone; never a dropped character, which in
+    a script without spaces can take a whole word's meaning with it.
+    """
+    editable = [i for i, char in enumerate(run) if char not in NEGATION_CHARS]
+    out = [run[:i] + run[i + 1] + run[i] + run[i + 2 :] for i in editable if i + 1 in editable]
+    out = [typo for typo in out if typo != run]
+    out += [run[: i + 1] + run[i:] for i in editable]
+    out += [
+        run[:i] + other + run[i + 1 :] for i in editable for other in HOMOPHONES.get(run[i], "")
+    ]
+    return out
 
 
 def _one_of(candidates: list[str], text: str, rng: random.Random) -> str | None:

@@ -36,6 +36,7 @@ PARAMS_FILE = "params.yaml"
 
 # YAML gives strings for paths; everything else must have the right type as written.
 FilePath = Annotated[Path, Field(strict=False)]
+Rate = Annotated[float, Field(ge=0, le=1)]
 
 
 class _Section(BaseModel):
@@ -120,6 +121,7 @@ class ValidateConfig(_Section):
     max_conflicting_texts: int = Field(ge=0)
     # Share of train texts longer than train.max_length tokens of the base model (truncated).
     max_truncated_fraction: float = Field(ge=0, le=1)
+    max_unknown_char_share: Rate  # of the texts' characters, unknown to the base model's tokenizer
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidateConfig:
@@ -134,6 +136,20 @@ class PrepareConfig(_Section):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     redact_pii: bool
+    pii_phone_regions: list[str]  # ISO 3166 regions whose national phone formats are redacted
+    chinese_script: Literal["simplified", "traditional"] | None  # None: left as written
+
+    @model_validator(mode="after")
+    def _phone_regions_are_known(self) -> PrepareConfig:
+        import phonenumbers  # here: only a params file that names regions needs it
+
+        unknown = [r for r in self.pii_phone_regions if r not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(
+                f"pii_phone_regions: unknown region code(s) {unknown}; use ISO 3166 codes in "
+                "capitals, e.g. CN, US, GB, DE, IN"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> PrepareConfig:
@@ -174,9 +190,6 @@ class EvaluateConfig(_Section):
     golden_requests: int = Field(ge=0)
     calibration_bins: int = Field(ge=2, le=100)
     seed: int
-
-
-Rate = Annotated[float, Field(ge=0, le=1)]
 
 
 class MarginConfig(_Section):

@@ -121,7 +121,7 @@ class Verdict(BaseModel):
         lines = [head]
         # Failed checks first, so a long verdict still shows why at the top.
         for check in sorted(self.checks, key=lambda check: check.passed):
-            mark = "pass" if check.passed else "FAIL"
+            mark = ("pass" if check.applied else "n/a") if check.passed else "FAIL"
             lines.append(f"- [{mark}] {check.name}: {check.reason}")
         return "\n".join(lines)
 
@@ -130,7 +130,7 @@ class Verdict(BaseModel):
         rows = [
             f"| {check.name} | {_fmt(check.value)} | {_fmt(check.baseline)} | "
             f"{_threshold(check)} | {_delta(check)} | "
-            f"{'pass' if check.passed else '**FAIL**'} | {check.reason} |"
+            f"{_result(check)} | {check.reason} |"
             for check in self.checks
         ]
         outcome = "PASSED" if self.passed else f"FAILED ({len(self.failed)} check(s))"
@@ -156,6 +156,12 @@ class Verdict(BaseModel):
                 ),
             ]
         return "\n".join(lines)
+
+
+def _result(check: Check) -> str:
+    if not check.passed:
+        return "**FAIL**"
+    return "pass" if check.applied else "n/a"
 
 
 def _fmt(value: float | None) -> str:
@@ -485,7 +491,10 @@ def behaviour_checks(rates: Mapping[str, object] | None, config: GateConfig) -> 
                     threshold=floor,
                     passed=True,
                     applied=False,
-                    reason="not measured: no test example could be checked this way",
+                    reason=(
+                        "not applicable: no test text could be perturbed this way"
+                        + (" (none is written in letters with case)" if kind == "casing" else "")
+                    ),
                 )
             )
             continue

@@ -20,7 +20,7 @@ from textgate.artifacts import LABEL_MAP_FILE, TRAINING_FILE
 from textgate.errors import DataError
 from textgate.io import read_json
 from textgate.stats import softmax
-from textgate.text import clean_text
+from textgate.text import TextCleaning
 
 # The label of a prediction whose calibrated confidence is below the abstention threshold.
 UNKNOWN_LABEL = "unknown"
@@ -189,7 +189,7 @@ def explain_by_occlusion(
     logits_from_ids: LogitsFromIds,
     labels: Sequence[str],
     max_length: int,
-    redact_pii: bool = True,
+    cleaning: TextCleaning,
     temperature: float = 1.0,
 ) -> Explanation:
     """Explain one raw text's prediction by masking each of its tokens in turn.
@@ -208,7 +208,7 @@ def explain_by_occlusion(
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
         raise ValueError("cannot explain by occlusion: the tokenizer has no mask token")
-    cleaned = clean_text(text, redact=redact_pii)
+    cleaned = cleaning.apply(text)
     encoding = tokenizer(
         cleaned, truncation=True, max_length=max_length, return_special_tokens_mask=True
     )
@@ -256,7 +256,8 @@ class Classifier:
         self.labels: list[str] = read_json(model_dir / LABEL_MAP_FILE)["labels"]
         self.metadata: dict[str, Any] = read_json(model_dir / TRAINING_FILE)
         self.max_length: int = self.metadata["max_length"]
-        self.redact_pii: bool = self.metadata.get("redact_pii", True)
+        # Normalisation, Chinese script and PII redaction as in training (textgate.text).
+        self.cleaning = TextCleaning.from_metadata(self.metadata)
         # Fitted on the validation split by the train stage (temperature scaling); 1 = raw.
         self.temperature: float = float(
             self.metadata.get("calibration", {}).get("temperature", 1.0)
@@ -275,7 +276,7 @@ class Classifier:
 
     def clean(self, texts: Sequence[str]) -> list[str]:
         """The texts as the model sees them: the same cleaning (and PII redaction) as training."""
-        return [clean_text(text, redact=self.redact_pii) for text in texts]
+        return [self.cleaning.apply(text) for text in texts]
 
     def predict_logits(
         self, texts: Sequence[str], batch_size: int, *, cleaned: bool = False
@@ -326,7 +327,7 @@ class Classifier:
             logits_from_ids=self._logits_in_passes,
             labels=self.labels,
             max_length=self.max_length,
-            redact_pii=self.redact_pii,
+            cleaning=self.cleaning,
             temperature=self.temperature,
         )
 

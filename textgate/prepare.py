@@ -9,7 +9,8 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from textgate.errors import DataError
-from textgate.text import normalise_text, redact_pii
+from textgate.pii import PII_KINDS
+from textgate.text import TextCleaning
 
 
 @dataclass(frozen=True)
@@ -23,20 +24,18 @@ class CleanStats:
     pii_redacted: dict[str, int] = field(default_factory=dict)
 
 
-def clean_frame(frame: pd.DataFrame, redact: bool) -> tuple[pd.DataFrame, CleanStats]:
-    """Normalise and (optionally) redact every text, then drop empty rows and exact duplicates.
+def clean_frame(frame: pd.DataFrame, cleaning: TextCleaning) -> tuple[pd.DataFrame, CleanStats]:
+    """Clean every text as `cleaning` says, then drop empty rows and exact duplicates.
 
     Args:
         frame: columns `text` and `label`.
-        redact: replace emails, phone and card numbers by placeholders.
+        cleaning: normalisation, Chinese script and PII redaction (textgate.text).
     """
     pii: Counter[str] = Counter()
     texts = []
     for text in frame["text"].astype(str):
-        text = normalise_text(text)
-        if redact:
-            text, counts = redact_pii(text)
-            pii.update(counts)
+        text, counts = cleaning.clean(text)
+        pii.update(counts)
         texts.append(text)
     cleaned = pd.DataFrame({"text": texts, "label": frame["label"].astype(str).to_numpy()})
     non_empty = cleaned[cleaned["text"] != ""]
@@ -46,7 +45,7 @@ def clean_frame(frame: pd.DataFrame, redact: bool) -> tuple[pd.DataFrame, CleanS
         rows_out=len(deduplicated),
         duplicates_dropped=len(non_empty) - len(deduplicated),
         empty_dropped=len(cleaned) - len(non_empty),
-        pii_redacted={kind: pii.get(kind, 0) for kind in ("email", "phone", "card")},
+        pii_redacted={kind: pii.get(kind, 0) for kind in PII_KINDS},
     )
     return deduplicated, stats
 

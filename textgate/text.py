@@ -1,26 +1,33 @@
-"""Text normalisation and PII redaction, shared by training and serving so they cannot drift."""
+"""Text cleaning (normalisation, Chinese script, PII redaction), shared by training and serving."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-EMAIL_TOKEN = "[EMAIL]"
-PHONE_TOKEN = "[PHONE]"
-CARD_TOKEN = "[CARD]"
+import opencc
+
+from textgate.pii import redact_pii
+
+if TYPE_CHECKING:
+    from textgate.config import PrepareConfig
 
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 _WHITESPACE = re.compile(r"\s+")
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
-# 13-19 digits, optionally grouped by spaces or dashes: card numbers (checked with Luhn).
-_CARD = re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])")
-# International or national phone numbers: 7-15 digits with the usual separators.
-_PHONE = re.compile(
-    r"(?<![\w#])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,5}(?:[ .-]\d{2,6}){1,3}(?![\w-])"
-)
-_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+ChineseScript = Literal["simplified", "traditional"]
+# OpenCC's conversion to each script: from any Chinese text (mixed scripts included).
+_OPENCC_CONFIG: dict[str, str] = {"simplified": "t2s", "traditional": "s2t"}
+# Models trained before training.json recorded the phone regions get these (the first
+# recorded default): their own redaction was a regex for US- and UK-style numbers.
+UNRECORDED_PHONE_REGIONS = ("CN", "US", "GB")
 
 
 def normalise_text(text: str) -> str:
@@ -29,52 +36,71 @@ def normalise_text(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def _luhn_valid(digits: str) -> bool:
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2 == 1:
-            value = value * 2 - 9 if value > 4 else value * 2
-        total += value
-    return total % 10 == 0
+@functools.cache
+def _opencc(script: str) -> opencc.OpenCC:
+    return opencc.OpenCC(_OPENCC_CONFIG[script])
 
 
-def redact_pii(text: str) -> tuple[str, Counter[str]]:
-    """Replace emails, card numbers and phone numbers by placeholders.
+def unify_chinese(text: str, script: ChineseScript) -> str:
+    """`text` with its Chinese characters written in one script, simplified or traditional."""
+    if not _HAN.search(text):
+        return text
+    return _opencc(script).convert(text)
 
-    Returns:
-        The redacted text and a count of replacements per kind (`email`, `card`, `phone`).
+
+@dataclass(frozen=True)
+class TextCleaning:
+    """How every text is cleaned before the model sees it, in training and in serving.
+
+    Recorded in the model's training.json (`to_metadata`), so serving cleans as training did.
     """
-    counts: Counter[str] = Counter()
 
-    def _email(match: re.Match[str]) -> str:
-        counts["email"] += 1
-        return EMAIL_TOKEN
+    redact_pii: bool
+    phone_regions: tuple[str, ...]  # ISO regions whose national phone formats are redacted
+    chinese_script: ChineseScript | None  # None: Chinese characters are left as written
 
-    def _card(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and _luhn_valid(digits):
-            counts["card"] += 1
-            return CARD_TOKEN
-        return match.group()
+    def clean(self, text: str) -> tuple[str, Counter[str]]:
+        """Normalise, unify the Chinese script and redact; also count replacements per kind."""
+        text = normalise_text(text)
+        if self.chinese_script is not None:
+            text = unify_chinese(text, self.chinese_script)
+        if not self.redact_pii:
+            return text, Counter()
+        return redact_pii(text, self.phone_regions)
 
-    def _phone(match: re.Match[str]) -> str:
-        digits = re.sub(r"\D", "", match.group())
-        if 7 <= len(digits) <= 15 and not _ISO_DATE.fullmatch(match.group()):
-            counts["phone"] += 1
-            return PHONE_TOKEN
-        return match.group()
+    def apply(self, text: str) -> str:
+        """The cleaned text (see `clean`)."""
+        return self.clean(text)[0]
 
-    text = _EMAIL.sub(_email, text)
-    text = _CARD.sub(_card, text)
-    text = _PHONE.sub(_phone, text)
-    return text, counts
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            "redact_pii": self.redact_pii,
+            "pii_phone_regions": list(self.phone_regions),
+            "chinese_script": self.chinese_script,
+        }
+
+    @classmethod
+    def from_params(cls, config: PrepareConfig) -> TextCleaning:
+        """The cleaning the prepare params ask for (the trained model records it)."""
+        return cls(
+            redact_pii=config.redact_pii,
+            phone_regions=tuple(config.pii_phone_regions),
+            chinese_script=config.chinese_script,
+        )
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> TextCleaning:
+        """The cleaning a model's training.json records (older models: see UNRECORDED_*)."""
+        return cls(
+            redact_pii=bool(metadata.get("redact_pii", True)),
+            phone_regions=tuple(metadata.get("pii_phone_regions", UNRECORDED_PHONE_REGIONS)),
+            chinese_script=metadata.get("chinese_script"),
+        )
 
 
 def clean_text(text: str, redact: bool = True) -> str:
-    """The preprocessing applied to every text before the model sees it, offline and online."""
-    text = normalise_text(text)
-    return redact_pii(text)[0] if redact else text
+    """The cleaning of a model whose training.json records only whether it redacts PII."""
+    return TextCleaning.from_metadata({"redact_pii": redact}).apply(text)
 
 
 def text_fingerprint(text: str) -> str:

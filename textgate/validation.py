@@ -300,7 +300,9 @@ def clip(text: str, max_chars: int = 80) -> str:
 
 
 def describe_example(example: dict[str, Any], max_chars: int = 80) -> str:
-    """One line for an offending row or class, quoting the text clipped to `max_chars`."""
+    """One line for an offending row, class or character, quoting texts clipped to `max_chars`."""
+    if "character" in example:  # unknown to the base model's tokenizer
+        return f"character {example['character']!r}: {example['count']} time(s)"
     if "row" in example:
         text = example["text"]
         quoted = "<null>" if text is None else json.dumps(clip(text, max_chars), ensure_ascii=False)

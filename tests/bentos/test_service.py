@@ -364,7 +364,12 @@ def test_metrics_count_predictions_by_label(server: Server) -> None:
 @slow
 def test_request_log_has_one_line_per_classified_text(server: Server) -> None:
     before = read_log(server.request_log)
-    texts = ["please refund my order", "cannot sign in to the app", "mail me at a.b@example.com"]
+    texts = [
+        "please refund my order",
+        "cannot sign in to the app",
+        "mail me at a.b@example.com",
+        "电话138-1234-5678，卡号4111111111111111",
+    ]
     response = classify(server.url, {"texts": texts})
     assert response.status_code == 200, response.text
     explained = explain(server.url, {"text": "not logged"})  # /explain is not traffic to monitor
@@ -372,7 +377,7 @@ def test_request_log_has_one_line_per_classified_text(server: Server) -> None:
     assert response.headers["x-textgate-model"] == server.bento_tag
     assert explained.headers["x-textgate-model"] == server.bento_tag
     # The log holds what the model saw: PII redacted, as in the training data.
-    seen = [*texts[:2], "mail me at [EMAIL]"]
+    seen = [*texts[:2], "mail me at [EMAIL]", "电话[PHONE],卡号[CARD]"]
 
     logged = read_log(server.request_log)
     assert len(logged) == len(before) + len(texts)

@@ -27,6 +27,12 @@ def test_train_and_evaluate_write_a_complete_model_and_metrics(params):
     assert not list(params.train.output_dir.glob(".model.*")), "staging dir left behind"
     meta = json.loads((model_dir / "training.json").read_text())
     assert meta["result"]["epochs_run"] == 2 and meta["result"]["device"] == "cpu"
+    # Serving cleans texts as prepare did: redaction, phone regions and Chinese script.
+    assert (meta["redact_pii"], meta["pii_phone_regions"], meta["chinese_script"]) == (
+        params.prepare.redact_pii,
+        params.prepare.pii_phone_regions,
+        params.prepare.chinese_script,
+    )
     assert 0 <= metrics["val_accuracy"] <= 1
 
     result = evaluate.run(params)

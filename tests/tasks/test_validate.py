@@ -83,6 +83,7 @@ TRAIN_CHECKS = [
     "must_pass_labels",
     "class_recall_floor_labels",
     "text_tokens",
+    "tokenizer_coverage",
     "base_model_available",
 ]
 
@@ -252,7 +253,7 @@ def test_several_failures_are_all_listed(tmp_path, capsys):
     code, err, report = run_stage(tmp_path, capsys)
     assert code == EXIT_CHECK_FAILED
     assert failed_names(report) == ["text_not_empty", "text_length", "min_examples_per_class"]
-    assert "3 of 17 data checks failed" in err
+    assert "3 of 18 data checks failed" in err
 
 
 def test_train_test_overlap_fails(tmp_path, capsys):
@@ -444,3 +445,54 @@ def test_importing_the_stage_does_not_import_great_expectations():
         [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+# --- the base model's tokenizer must read the texts ----------------------------------------
+
+CHINESE_ROWS = [
+    (text, label)
+    for label, texts in {
+        "refund": ["我想退款", "请帮我退款", "退款什么时候到账", "怎么申请退款"],
+        "lost_card": ["我的银行卡丢了", "卡被偷了，请冻结", "银行卡找不到了", "请挂失我的卡"],
+        "login": ["忘记密码了", "登录不了账户", "密码重置失败", "账户被锁定了"],
+    }.items()
+    for text in texts
+]
+
+
+def test_text_the_tokenizer_cannot_read_fails_and_names_a_model_that_can(tmp_path, capsys):
+    write_csv(tmp_path / "raw" / "train.csv", CHINESE_ROWS)
+    code, err, report = run_stage(tmp_path, capsys)
+    assert code == EXIT_CHECK_FAILED
+    assert failed_names(report) == ["tokenizer_coverage"]
+    result = check(report, "tokenizer_coverage")
+    # The English MiniLM vocabulary lacks most of these characters (退, 款, 账, ...).
+    assert (
+        "unknown to the tokenizer of train.base_model (bundled:all-MiniLM-L6-v2)"
+        in result["summary"]
+    )
+    assert (
+        "set train.base_model to an encoder that reads them, e.g. bert-base-chinese"
+        in (result["summary"])
+    )
+    assert "validate.max_unknown_char_share" in result["summary"]
+    assert {"character": "退", "count": 4} in result["examples"]
+    assert "tokenizer_coverage" in err
+
+
+def test_a_higher_unknown_share_allowed_lets_the_same_data_through(tmp_path, capsys):
+    write_csv(tmp_path / "raw" / "train.csv", CHINESE_ROWS)
+    code, _, report = run_stage(tmp_path, capsys, max_unknown_char_share=1.0)
+    assert code == 0, failed_names(report)
+    assert check(report, "tokenizer_coverage")["success"]
+
+
+def test_a_base_model_that_cannot_be_loaded_is_named(tmp_path, capsys):
+    write_csv(tmp_path / "raw" / "train.csv", make_rows(per_class=4))
+    path = tmp_path / "params.yaml"
+    raw = params_dict(tmp_path, {})
+    raw["train"]["base_model"] = str(tmp_path / "no-such-model")
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert stage_main("validate", validate.run, ["--params", str(path)]) == EXIT_CHECK_FAILED
+    err = capsys.readouterr().err
+    assert "base_model_available" in err and "train.base_model: cannot load" in err

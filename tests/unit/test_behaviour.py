@@ -5,9 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from textgate.behaviour import (
-    GREETINGS,
     PERTURBATIONS,
-    SIGN_OFFS,
     MustPassCase,
     invariance,
     load_must_pass,
@@ -15,6 +13,7 @@ from textgate.behaviour import (
     perturb,
 )
 from textgate.errors import DataError
+from textgate.language import GREETINGS, NEGATION_CHARS, NEGATION_WORDS, SIGN_OFFS
 
 LABELS = ["refund", "delivery", "account"]
 KEYWORDS = {"refund": 0, "money back": 0, "parcel": 1, "delivery": 1, "password": 2}
@@ -128,7 +127,7 @@ def test_filler_adds_a_greeting_and_or_a_sign_off_around_the_text():
     for out in outs:
         assert text in out
         prefix, _, suffix = out.partition(text)
-        assert prefix in ("", *GREETINGS) and suffix in ("", *SIGN_OFFS)
+        assert prefix in ("", *GREETINGS["en"]) and suffix in ("", *SIGN_OFFS["en"])
         assert prefix or suffix
     assert any(out.startswith(text) for out in outs)  # suffix only
     assert any(out.endswith(text) for out in outs)  # prefix only
@@ -208,7 +207,13 @@ def test_invariance_samples_at_most_max_examples_with_the_seed():
 def test_invariance_rate_is_none_when_nothing_can_be_perturbed():
     model = CountingModel(keyword_model)
     results = invariance(model, ["hi", "ok [EMAIL]"], kinds=("typos",), **SAMPLE)
-    assert results["typos"].model_dump() == {"kind": "typos", "rate": None, "n": 0, "failures": []}
+    assert results["typos"].model_dump() == {
+        "kind": "typos",
+        "rate": None,
+        "n": 0,
+        "not_applicable": 2,
+        "failures": [],
+    }
     assert len(model.calls) == 1  # no predict call for an empty batch
     assert invariance(model, [], kinds=("casing",), **SAMPLE)["casing"].rate is None
 
@@ -305,3 +310,88 @@ def test_must_pass_keeps_at_most_twenty_failures_and_none_without_cases():
     assert (result.rate, result.n, len(result.failures)) == (0.0, 25, 20)
     empty = must_pass(label_model, [])
     assert (empty.rate, empty.n, empty.failures) == (None, 0, [])
+
+
+# --- text in other scripts ---------------------------------------------------------------
+
+CHINESE = ["我不想要这个商品了，怎么申请退款", "我的包裹还没到吗？", "别扣我的钱", "我的iPhone坏了"]
+NEGATED = [
+    *CHINESE,
+    "我没有收到验证码",
+    "请不要再给我打电话了",
+    "I never got the parcel, nothing arrived",
+    "The refund doesn't show and I cannot log in",
+    "Don't close my account without asking",
+]
+
+
+@pytest.mark.parametrize("text", CHINESE)
+def test_casing_does_not_apply_to_text_without_case(text):
+    assert perturb(text, "casing", random.Random(0)) is None
+
+
+def test_casing_on_chinese_data_is_not_applicable_in_the_invariance_results():
+    results = invariance(keyword_model, CHINESE, kinds=("casing", "typos"), **SAMPLE)
+    assert results["casing"].rate is None
+    assert results["casing"].not_applicable == len(CHINESE)
+    assert results["typos"].n == len(CHINESE)
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("我的包裹还没到吗？", "zh"),
+        ("我的iPhone坏了", "zh"),  # a Latin brand name does not make it English
+        ("注文がまだ届きません", "ja"),
+        ("Где мой заказ", "ru"),
+        ("where is my parcel", "en"),
+    ],
+)
+def test_fillers_are_in_the_language_of_the_text(text, language):
+    rng = random.Random(0)
+    for _ in range(30):
+        out = perturb(text, "filler", rng)
+        prefix, _, suffix = out.partition(text)
+        assert prefix in ("", *GREETINGS[language])
+        assert suffix in ("", *SIGN_OFFS[language]) or suffix in {
+            s[1:] for s in SIGN_OFFS[language]
+        }
+        assert prefix or suffix
+
+
+def test_no_filler_for_a_script_without_fillers():
+    assert perturb("مرحبا، أين طلبي", "filler", random.Random(0)) is None
+
+
+def test_a_chinese_sign_off_after_a_question_mark_drops_its_comma():
+    rng = random.Random(0)
+    outs = {perturb("到了吗？", "filler", rng) for _ in range(60)}
+    assert "到了吗？谢谢" in outs
+    assert not any("？，" in out for out in outs)
+
+
+def _negations(text: str) -> list[str]:
+    words = re.findall(r"[^\W\d_]+(?:'t)?", text.lower())
+    return [w for w in words if w in NEGATION_WORDS or w.endswith("'t")] + [
+        char for char in text if char in NEGATION_CHARS
+    ]
+
+
+@pytest.mark.parametrize("text", NEGATED)
+def test_typos_never_touch_a_negation(text):
+    rng = random.Random(0)
+    for _ in range(200):
+        out = perturb(text, "typos", rng)
+        assert out is not None and out != text
+        assert _negations(out) == _negations(text)
+
+
+def test_chinese_typos_swap_double_or_mistype_a_character_but_never_drop_one():
+    text = "我的包裹还没到"
+    rng = random.Random(0)
+    outs = {perturb(text, "typos", rng) for _ in range(300)}
+    assert "我地包裹还没到" in outs  # homophone of pinyin input
+    assert "我的裹包还没到" in outs  # neighbours swapped
+    assert "我的包裹裹还没到" in outs  # doubled
+    assert all(len(out) >= len(text) for out in outs)
+    assert all(out.count("没") == 1 for out in outs)

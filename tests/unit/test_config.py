@@ -33,6 +33,12 @@ def test_repository_params_are_valid():
         ),
         ({"serve": {"request_log_backups": 0}}, "serve.request_log_backups"),
         ({"serve": {"request_log_max_bytes": 1000}}, "serve.request_log_max_bytes"),
+        (
+            {"prepare": {"pii_phone_regions": ["CN", "uk"]}},
+            "pii_phone_regions: unknown region code(s) ['uk']; use ISO 3166 codes in capitals",
+        ),
+        ({"prepare": {"chinese_script": "cantonese"}}, "prepare.chinese_script"),
+        ({"validate": {"max_unknown_char_share": 1.5}}, "validate.max_unknown_char_share"),
     ],
 )
 def test_bad_params_name_the_key_at_fault(overrides, message):

@@ -351,3 +351,14 @@ def test_verdict_explains_itself_in_text_markdown_and_json():
     assert "CI low >= -0.03" in markdown and "Worst confusions" in markdown
     restored = Verdict.model_validate(json.loads(verdict.model_dump_json()))
     assert restored == verdict
+
+
+def test_a_behaviour_test_that_does_not_apply_is_shown_as_n_a_not_as_passed():
+    rates = {"casing": None, "punctuation": 1.0, "typos": 1.0, "filler": 1.0, "must_pass": 1.0}
+    verdict = Verdict.of(behaviour_checks(rates, CONFIG))
+    casing = next(c for c in verdict.checks if c.name == "behaviour[casing]")
+    assert casing.reason.startswith("not applicable")
+    assert "letters with case" in casing.reason
+    assert "- [n/a] behaviour[casing]: not applicable" in verdict.summary()
+    assert "- [pass] behaviour[typos]" in verdict.summary()
+    assert "| n/a | not applicable" in verdict.to_markdown()

@@ -2,7 +2,13 @@ import pandas as pd
 import pytest
 
 from textgate.errors import DataError
+from textgate.pii import PII_KINDS
 from textgate.prepare import clean_frame, stratified_split
+from textgate.text import TextCleaning
+
+
+def cleaning(redact: bool) -> TextCleaning:
+    return TextCleaning(redact_pii=redact, phone_regions=("CN", "US", "GB"), chinese_script=None)
 
 
 def frame(rows):
@@ -11,7 +17,8 @@ def frame(rows):
 
 def test_clean_frame_drops_duplicates_after_normalising():
     cleaned, stats = clean_frame(
-        frame([("Hi  there", "a"), ("Hi there", "a"), ("   ", "b"), ("x@y.com", "b")]), True
+        frame([("Hi  there", "a"), ("Hi there", "a"), ("   ", "b"), ("x@y.com", "b")]),
+        cleaning(True),
     )
     assert cleaned.to_dict("records") == [
         {"text": "Hi there", "label": "a"},
@@ -23,13 +30,13 @@ def test_clean_frame_drops_duplicates_after_normalising():
         1,
         1,
     )
-    assert stats.pii_redacted == {"email": 1, "phone": 0, "card": 0}
+    assert stats.pii_redacted == {**dict.fromkeys(PII_KINDS, 0), "email": 1}
 
 
 def test_clean_frame_without_redaction_keeps_pii():
-    cleaned, stats = clean_frame(frame([("x@y.com", "b")]), False)
+    cleaned, stats = clean_frame(frame([("x@y.com", "b")]), cleaning(False))
     assert cleaned["text"].tolist() == ["x@y.com"]
-    assert stats.pii_redacted == {"email": 0, "phone": 0, "card": 0}
+    assert stats.pii_redacted == dict.fromkeys(PII_KINDS, 0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42])

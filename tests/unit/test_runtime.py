@@ -30,7 +30,7 @@ from textgate.runtime import (
     default_threads,
     load_classifier,
 )
-from textgate.text import clean_text
+from textgate.text import TextCleaning, clean_text
 
 # Very different lengths, so a batch of them is sorted and padded; the long one is truncated.
 TEXTS = [
@@ -367,6 +367,7 @@ def test_occlusion_credits_the_one_token_the_model_looks_at(explainers: list) ->
         logits_from_ids=logits_from_ids,
         labels=["lost_card", "other"],
         max_length=32,
+        cleaning=TextCleaning.from_metadata({}),
     )
     assert len(calls) == 1  # one batch: each occlusion (the text itself is the prediction's)
     assert calls[0] == (len(explanation.tokens), len(explanation.tokens) + 2)
