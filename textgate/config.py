@@ -49,6 +49,9 @@ class DataConfig(_Section):
     text_column: str = Field(min_length=1)
     label_column: str = Field(min_length=1)
     labels: list[str] | None
+    # The label of out-of-scope examples (e.g. CLINC150's `oos`); its served answer is
+    # "unknown" (abstained), as an abstention's. None: the data has none.
+    out_of_scope_label: str | None = Field(min_length=1)
 
     @model_validator(mode="after")
     def _text_and_label_are_different_columns(self) -> DataConfig:
@@ -112,6 +115,11 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "off"]
     quantize: Literal["int8", "off"]
     abstain_target_precision: float = Field(gt=0, le=1)
+    # The unknown score (textgate.unknown): msp | energy | mahalanobis.
+    unknown_score: Literal["msp", "energy", "mahalanobis"]
+    # With out-of-scope examples in validation: the share of them to answer "unknown"
+    # (this target instead of abstain_target_precision); None = the precision target.
+    abstain_target_oos_recall: float | None = Field(gt=0, le=1)
     # Training processes (torchrun / DDP); auto = one per CUDA GPU, else 1.
     processes: Annotated[int, Field(ge=1)] | Literal["auto"]
     freeze_embeddings: bool
@@ -151,6 +159,15 @@ class BehaviourConfig(_Section):
     must_pass: Rate
 
 
+class OutOfScopeGateConfig(_Section):
+    """Floors on the served "unknown" answers, applied when data.out_of_scope_label is set."""
+
+    min_in_scope_accuracy: Rate
+    min_oos_recall: Rate
+    min_oos_precision: Rate
+    min_unknown_auroc: Rate
+
+
 class GateConfig(_Section):
     min_accuracy: Rate
     min_macro_f1: Rate
@@ -163,6 +180,7 @@ class GateConfig(_Section):
     min_class_support: int = Field(ge=1)
     max_ece: Rate
     behaviour: BehaviourConfig
+    out_of_scope: OutOfScopeGateConfig
     max_quantization_drop: Rate
     served_score_tolerance: float = Field(ge=0)
     max_p95_latency_ms: float = Field(gt=0)

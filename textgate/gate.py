@@ -6,6 +6,8 @@ The verdict passes only if every check passes. Checks come in groups, each from 
 function, so the flow can add the ones that need the served bento or a person later:
 
 - `floor_checks`: test accuracy and macro-F1 floors;
+- `out_of_scope_checks`: with an out-of-scope label, floors on the served "unknown" answers
+  (in-scope accuracy, out-of-scope recall and precision, AUROC of the unknown score);
 - `quantization_check`: the int8 model served on CPUs within a margin of fp32 accuracy;
 - `champion_checks`: non-inferiority to the production model on the same test set (paired
   bootstrap confidence interval of the difference; a margin per metric);
@@ -34,6 +36,7 @@ from textgate.text import text_fingerprint
 
 CheckKind = Literal[
     "floor",
+    "out_of_scope",
     "quantization",
     "champion",
     "class_recall",
@@ -50,6 +53,14 @@ FLOORS = (
     ("macro_f1_floor", "macro_f1", "min_macro_f1"),
 )
 COMPARED = ("accuracy", "macro_f1")
+# (metric in metrics["abstention"], gate.out_of_scope field): floors on the served "unknown"
+# answers, applied when the model declares an out-of-scope label.
+OUT_OF_SCOPE_FLOORS = (
+    ("in_scope_accuracy", "min_in_scope_accuracy"),
+    ("oos_recall", "min_oos_recall"),
+    ("oos_precision", "min_oos_precision"),
+    ("unknown_auroc", "min_unknown_auroc"),
+)
 
 
 class Check(BaseModel):
@@ -226,6 +237,24 @@ def floor_checks(metrics: Mapping[str, object], config: GateConfig) -> list[Chec
     return [
         _bound_check(name, "floor", metric, metrics.get(metric), getattr(config, field))
         for name, metric, field in FLOORS
+    ]
+
+
+def out_of_scope_checks(metrics: Mapping[str, Any], config: GateConfig) -> list[Check]:
+    """The served "unknown" answers against `gate.out_of_scope`'s floors; none without a
+    declared out-of-scope label (`metrics["abstention"]["out_of_scope_label"]`)."""
+    abstention = metrics.get("abstention") or {}
+    if not abstention.get("out_of_scope_label"):
+        return []
+    return [
+        _bound_check(
+            f"out_of_scope[{metric}]",
+            "out_of_scope",
+            metric,
+            abstention.get(metric),
+            getattr(config.out_of_scope, field),
+        )
+        for metric, field in OUT_OF_SCOPE_FLOORS
     ]
 
 
@@ -589,6 +618,7 @@ def evaluate_gate(
     """Every offline check on the evaluate stage's outputs, plus the champion comparison."""
     checks = [
         *floor_checks(metrics, config),
+        *out_of_scope_checks(metrics, config),
         quantization_check(metrics, config),
         *champion,
         *class_recall_checks(per_class, config),

