@@ -16,6 +16,7 @@ from textgate.gate import (
     class_recall_checks,
     evaluate_gate,
     floor_checks,
+    out_of_scope_checks,
     quantization_check,
     served_checks,
     unseen_mask,
@@ -73,6 +74,53 @@ def test_floors_fail_and_name_the_metric(metrics, failing):
 def test_failed_floor_reason_gives_value_and_threshold():
     checks = floor_checks({"accuracy": 0.5, "macro_f1": 0.9}, CONFIG)
     assert checks[0].reason == "accuracy 0.5000 < floor 0.8000"
+
+
+# --- out-of-scope answers ----------------------------------------------------------------
+
+SERVED = {
+    "out_of_scope_label": "oos",
+    "in_scope_accuracy": 0.95,
+    "oos_recall": 0.75,
+    "oos_precision": 0.8,
+    "unknown_auroc": 0.96,
+}
+
+
+def test_out_of_scope_floors_pass_a_good_model_and_apply_only_with_the_label():
+    checks = out_of_scope_checks({"abstention": SERVED}, CONFIG)
+    assert [c.name for c in checks] == [
+        "out_of_scope[in_scope_accuracy]",
+        "out_of_scope[oos_recall]",
+        "out_of_scope[oos_precision]",
+        "out_of_scope[unknown_auroc]",
+    ]
+    assert all(c.passed and c.kind == "out_of_scope" for c in checks)
+    assert out_of_scope_checks({"abstention": SERVED | {"out_of_scope_label": None}}, CONFIG) == []
+    assert out_of_scope_checks({}, CONFIG) == []
+
+
+@pytest.mark.parametrize(
+    ("metric", "field"),
+    [
+        ("in_scope_accuracy", "min_in_scope_accuracy"),
+        ("oos_recall", "min_oos_recall"),
+        ("oos_precision", "min_oos_precision"),
+        ("unknown_auroc", "min_unknown_auroc"),
+    ],
+)
+def test_each_out_of_scope_floor_fails_under_it_or_when_missing(metric, field):
+    floor = getattr(CONFIG.out_of_scope, field)
+    for value in (floor - 0.01, None):
+        checks = out_of_scope_checks({"abstention": SERVED | {metric: value}}, CONFIG)
+        assert [c.name for c in checks if not c.passed] == [f"out_of_scope[{metric}]"]
+    verdict = evaluate_gate(
+        passing_metrics() | {"abstention": SERVED | {metric: floor - 0.01}},
+        per_class({"a": 0.9}),
+        CONFIG,
+        champion=[],
+    )
+    assert [c.name for c in verdict.failed] == [f"out_of_scope[{metric}]"]
 
 
 def test_int8_model_more_than_half_a_point_under_fp32_fails():
