@@ -211,25 +211,26 @@ def run_behaviour(
     return Behaviour(invariance, must, rates)
 
 
+def metrics_payload(classifier: Classifier, scores: Scores, behaviour: Behaviour) -> dict[str, Any]:
+    """metrics.json's content: what the gate reads."""
+    return {
+        "accuracy": scores.metrics.accuracy,
+        "macro_f1": scores.metrics.macro_f1,
+        "n_test": scores.metrics.n,
+        "ece": scores.ece,
+        "ece_uncalibrated": scores.ece_uncalibrated,
+        "temperature": classifier.temperature,
+        "behaviour": behaviour.rates,
+        **scores.extra,
+    }
+
+
 def write_scores(
     out: EvaluateOutputs, classifier: Classifier, scores: Scores, behaviour: Behaviour
 ) -> None:
     """metrics.json, per_class.json and behaviour.json."""
     metrics = scores.metrics
-    write_artifact(
-        EvaluateMetrics,
-        out.metrics,
-        {
-            "accuracy": metrics.accuracy,
-            "macro_f1": metrics.macro_f1,
-            "n_test": metrics.n,
-            "ece": scores.ece,
-            "ece_uncalibrated": scores.ece_uncalibrated,
-            "temperature": classifier.temperature,
-            "behaviour": behaviour.rates,
-            **scores.extra,
-        },
-    )
+    write_artifact(EvaluateMetrics, out.metrics, metrics_payload(classifier, scores, behaviour))
     write_artifact(
         PerClass,
         out.per_class,
