@@ -57,7 +57,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     """One row per applied check (per-class recalls summed up), one column per model."""
     names = list(results)
     rows: dict[str, list[str]] = {}
-    for column, (name, result) in enumerate(results.items()):
+    for column, result in enumerate(results.values()):
         recalls = [c for c in result["verdict"]["checks"] if c["kind"] == "class_recall"]
         failed = [c for c in recalls if not c["passed"]]
         applied = [c for c in recalls if c["applied"]]
