@@ -147,6 +147,8 @@ class MarginConfig(_Section):
 
     accuracy: Rate
     macro_f1: Rate
+    class_recall: Rate  # each intent's recall, on the test examples both models are scored on
+    behaviour: Rate  # each behavioural pass rate, against production's at its own evaluation
 
 
 class BehaviourConfig(_Section):
