@@ -146,3 +146,16 @@ def test_an_older_models_confidence_threshold_still_applies(tmp_path):
     assert load_detector({}, tmp_path, ["a", "b"], 1.0) is None
     with pytest.raises(ValueError, match="unknown.npz"):
         load_detector({"abstention": {"method": "mahalanobis", "threshold": 1.0}}, tmp_path, [], 1)
+
+
+def test_auroc_matches_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(5)
+    positive = rng.random(60) < 0.3
+    scores = np.round(rng.normal(size=60) + positive, 1)  # rounded: many ties
+    pairs = [
+        1.0 if p > n else 0.5 if p == n else 0.0
+        for p in scores[positive]
+        for n in scores[~positive]
+    ]
+    assert auroc(positive, scores) == pytest.approx(np.mean(pairs))
+    assert auroc(np.ones(3, bool), np.zeros(3)) is None
