@@ -183,20 +183,7 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
     )
     if not world.is_main:
         return {}
-    val_logits, val_embeddings = predict_outputs(
-        model, tokenizer, splits.val["text"].tolist(), config.max_length, params.evaluate.batch_size
-    )
-    gaussian = fit_unknown(model, tokenizer, splits, params)
-    calibration = calibrate(
-        val_logits, splits.targets(splits.val), params.evaluate.calibration_bins
-    )
-    print(
-        f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
-        f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"
-    )
-    abstention = choose_abstention(
-        val_logits, val_embeddings, splits, params, calibration["temperature"], gaussian
-    )
+    calibration, abstention, gaussian = calibrate_and_abstain(model, tokenizer, splits, params)
     metadata = model_metadata(params, splits, result, calibration, abstention)
     save_classifier(
         model.cpu(),
@@ -246,6 +233,31 @@ def read_splits(prepared: PrepareOutputs) -> Splits:
         val=pd.read_parquet(prepared.split("val")),
         files=files,
     )
+
+
+def calibrate_and_abstain(
+    model: Any, tokenizer: Any, splits: Splits, params: Params
+) -> tuple[dict[str, float], UnknownPolicy, Gaussian | None]:
+    """On the validation split: the temperature, and the unknown score's threshold (its
+    Gaussian fitted on the training split first, for mahalanobis); printed."""
+    val_logits, val_embeddings = predict_outputs(
+        model,
+        tokenizer,
+        splits.val["text"].tolist(),
+        params.train.max_length,
+        params.evaluate.batch_size,
+    )
+    gaussian = fit_unknown(model, tokenizer, splits, params)
+    targets = splits.targets(splits.val)
+    calibration = calibrate(val_logits, targets, params.evaluate.calibration_bins)
+    print(
+        f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
+        f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"
+    )
+    abstention = choose_abstention(
+        val_logits, val_embeddings, splits, params, calibration["temperature"], gaussian
+    )
+    return calibration, abstention, gaussian
 
 
 def finish_model_dir(gaussian: Gaussian | None, int8: bool, model_dir: Path) -> None:

@@ -279,22 +279,16 @@ def champion_checks(
     the data rule out a regression larger than the margin. A candidate equal to production
     within noise passes; one worse by more than the margin fails.
 
-    With no production model, or one trained on another label set (`new_data` says how),
-    the outcome is `config.no_champion`; when the production model
-    cannot be scored (`champion_error`) the check fails, since nothing rules out a regression.
+    With no production model, or one trained on other labels (`new_data` says so), the
+    outcome is `config.no_champion`; when the production model cannot be scored
+    (`champion_error`) the check fails, since nothing rules out a regression.
     `excluded` is how many test examples were left out because the production model was
     trained on them (see `unseen_mask`); the reason says so.
     """
     if champion_error is not None:
         return [_not_compared(False, f"cannot compare with the production model: {champion_error}")]
     if champion is None:
-        # The first release, or the first on new data (production knows other labels): no
-        # comparison is fair, the floors alone decide, and gate.no_champion says if that is
-        # enough.
-        policy = config.no_champion
-        first = new_data or "no model in production yet (first release)"
-        first += f"; gate.no_champion is '{policy}'"
-        return [_not_compared(policy == "pass", first, applied=False)]
+        return [_first_release(config, new_data)]
     if not (len(y_true) == len(candidate) == len(champion)) or not y_true:
         raise ValueError("y_true, candidate and champion must be non-empty and of one length")
     labels = sorted(set(y_true) | set(candidate) | set(champion))
@@ -326,6 +320,14 @@ def champion_checks(
             )
         checks.append(_non_inferiority_check(metric, result, config, production, "".join(notes)))
     return checks
+
+
+def _first_release(config: GateConfig, new_data: str | None) -> Check:
+    """A first release, or the first on new data: the floors alone decide, if no_champion
+    is `pass`."""
+    policy = config.no_champion
+    first = new_data or "no model in production yet (first release)"
+    return _not_compared(policy == "pass", f"{first}; gate.no_champion is '{policy}'", False)
 
 
 def _not_compared(passed: bool, reason: str, applied: bool = True) -> Check:
