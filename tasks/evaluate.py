@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from tasks.common import stage_main
-from textgate.abstain import selective_scores
 from textgate.artifacts import Behaviour as BehaviourFile
 from textgate.artifacts import (
     EvaluateMetrics,
@@ -37,6 +36,7 @@ from textgate.metrics import Metrics, compute_metrics
 from textgate.model import Classifier, make_predictions
 from textgate.runtime import load_classifier
 from textgate.stats import expected_calibration_error, softmax
+from textgate.unknown import served_scores, served_unknown
 
 
 def plot_confusion(metrics: Metrics, path: Path) -> None:
@@ -103,6 +103,7 @@ class Scores:
     ece: float
     ece_uncalibrated: float
     extra: dict[str, Any]
+    unknown: np.ndarray | None = None  # (examples,) answered "unknown" as served
 
 
 @dataclass(frozen=True)
@@ -128,24 +129,62 @@ def load_test_split(params: Params, classifier: Classifier) -> Split:
 def score_test_split(
     classifier: Classifier, split: Split, config: EvaluateConfig, model_dir: Path
 ) -> Scores:
-    """Metrics, calibration and (for an ONNX model) the fp32 accuracy on the test split."""
-    logits = classifier.predict_logits(split.texts, config.batch_size)
+    """Metrics, calibration and (for an ONNX model) the fp32 accuracy on the test split.
+
+    With an out-of-scope label, the metrics score the answers as served: an "unknown" answer
+    is the out-of-scope label (right on out-of-scope rows, wrong on the others).
+    """
+    detector = classifier.unknown
+    logits, embeddings = classifier.predict_outputs(
+        split.texts,
+        config.batch_size,
+        embeddings=detector is not None and detector.needs_embeddings,
+    )
     probabilities = softmax(logits, classifier.temperature)
-    predicted = probabilities.argmax(axis=1)
+    predicted = served_labels(logits, classifier, embeddings)
     metrics = compute_metrics(split.y_true.tolist(), predicted, classifier.labels)
     ece = expected_calibration_error(probabilities, split.y_true, config.calibration_bins)
     ece_raw = expected_calibration_error(softmax(logits), split.y_true, config.calibration_bins)
     extra: dict[str, Any] = {"runtime": classifier.runtime}
     if classifier.runtime.startswith("onnx"):
         fp32 = load_classifier(model_dir, runtime="torch")
-        fp32_predicted = fp32.predict_logits(split.texts, config.batch_size).argmax(axis=1)
+        fp32_logits, fp32_embeddings = fp32.predict_outputs(
+            split.texts,
+            config.batch_size,
+            embeddings=detector is not None and detector.needs_embeddings,
+        )
+        fp32_predicted = served_labels(fp32_logits, fp32, fp32_embeddings)
         extra["accuracy_fp32"] = float((fp32_predicted == split.y_true).mean())
-    if classifier.abstain_threshold is not None:
+    if detector is not None:
+        scores = detector.scores(logits, embeddings)
+        unknown = served_unknown(
+            logits.argmax(axis=1), scores, detector.threshold, detector.oos_index
+        )
         extra["abstention"] = {
-            "threshold": classifier.abstain_threshold,
-            **selective_scores(probabilities, split.y_true, classifier.abstain_threshold),
+            "method": detector.method,
+            "out_of_scope_label": None
+            if detector.oos_index is None
+            else classifier.labels[detector.oos_index],
+            "threshold": detector.threshold,
+            "abstained": int(unknown.sum()),
+            **served_scores(
+                split.y_true, logits.argmax(axis=1), unknown, scores, detector.oos_index
+            ),
         }
+        return Scores(metrics, probabilities, ece, ece_raw, extra, unknown)
     return Scores(metrics, probabilities, ece, ece_raw, extra)
+
+
+def served_labels(
+    logits: np.ndarray, classifier: Classifier, embeddings: np.ndarray | None
+) -> np.ndarray:
+    """(n,) label indices as scored: the argmax, or the out-of-scope label's index where the
+    answer is "unknown" (only when the model declares one)."""
+    predicted = logits.argmax(axis=1)
+    detector = classifier.unknown
+    if detector is None or detector.oos_index is None:
+        return predicted
+    return np.where(detector.unknown(logits, embeddings), detector.oos_index, predicted)
 
 
 def run_behaviour(
@@ -172,25 +211,26 @@ def run_behaviour(
     return Behaviour(invariance, must, rates)
 
 
+def metrics_payload(classifier: Classifier, scores: Scores, behaviour: Behaviour) -> dict[str, Any]:
+    """metrics.json's content: what the gate reads."""
+    return {
+        "accuracy": scores.metrics.accuracy,
+        "macro_f1": scores.metrics.macro_f1,
+        "n_test": scores.metrics.n,
+        "ece": scores.ece,
+        "ece_uncalibrated": scores.ece_uncalibrated,
+        "temperature": classifier.temperature,
+        "behaviour": behaviour.rates,
+        **scores.extra,
+    }
+
+
 def write_scores(
     out: EvaluateOutputs, classifier: Classifier, scores: Scores, behaviour: Behaviour
 ) -> None:
     """metrics.json, per_class.json and behaviour.json."""
     metrics = scores.metrics
-    write_artifact(
-        EvaluateMetrics,
-        out.metrics,
-        {
-            "accuracy": metrics.accuracy,
-            "macro_f1": metrics.macro_f1,
-            "n_test": metrics.n,
-            "ece": scores.ece,
-            "ece_uncalibrated": scores.ece_uncalibrated,
-            "temperature": classifier.temperature,
-            "behaviour": behaviour.rates,
-            **scores.extra,
-        },
-    )
+    write_artifact(EvaluateMetrics, out.metrics, metrics_payload(classifier, scores, behaviour))
     write_artifact(
         PerClass,
         out.per_class,
@@ -209,10 +249,14 @@ def write_scores(
 
 
 def write_predictions(
-    out: EvaluateOutputs, classifier: Classifier, split: Split, probabilities: np.ndarray
+    out: EvaluateOutputs,
+    classifier: Classifier,
+    split: Split,
+    probabilities: np.ndarray,
+    unknown: np.ndarray | None,
 ) -> pd.DataFrame:
     """predictions.parquet: one row per test example (for the champion comparison)."""
-    offline = make_predictions(probabilities, classifier.labels, classifier.abstain_threshold)
+    offline = make_predictions(probabilities, classifier.labels, unknown)
     frame = pd.DataFrame(
         {
             "text": split.texts,
@@ -239,9 +283,14 @@ def print_summary(classifier: Classifier, scores: Scores, behaviour: Behaviour) 
     )
     if "abstention" in extra:
         abstention = extra["abstention"]
+        figures = ", ".join(
+            f"{key} {value:.4f}"
+            for key in ("in_scope_accuracy", "oos_recall", "oos_precision", "unknown_auroc")
+            if (value := abstention.get(key)) is not None
+        )
         print(
-            f"abstention at {abstention['threshold']:.3f}: answers {abstention['coverage']:.1%} "
-            f"of the test set with precision {abstention['precision']:.4f}"
+            f"abstention ({abstention['method']} score above {abstention['threshold']}): "
+            f"answers {abstention['coverage']:.1%} of the test set; as served: {figures}"
         )
     print(
         "behaviour: "
@@ -268,7 +317,7 @@ def run(params: Params) -> Metrics:
 
     params.evaluate.output_dir.mkdir(parents=True, exist_ok=True)
     write_scores(out, classifier, scores, behaviour)
-    frame = write_predictions(out, classifier, split, scores.probabilities)
+    frame = write_predictions(out, classifier, split, scores.probabilities, scores.unknown)
     golden = golden_cases(
         classifier,
         split.texts,

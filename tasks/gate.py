@@ -18,6 +18,7 @@ from textgate.gate import (
     Check,
     Verdict,
     champion_checks,
+    class_recall_champion_checks,
     evaluate_gate,
     unseen_mask,
     worst_confusions,
@@ -38,6 +39,7 @@ class ChampionScores:
 
     labels: list[str]
     seen: set[str] | None  # None: a model saved before textgate recorded them
+    known: list[str] | None = None  # the labels it was trained on
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class ChampionComparison:
     champion: list[str] | None
     error: str | None = None
     excluded: int = 0
+    new_data: str | None = None  # production was trained on other labels: why it is not compared
+    behaviour: dict[str, Any] | None = None  # production's behavioural pass rates
 
 
 def read_gate_inputs(params: Params) -> GateInputs:
@@ -101,7 +105,7 @@ def score_production(model_tag: str, texts: Sequence[str], batch_size: int) -> C
     predictions = classifier.predict(list(texts), batch_size)
     # Its best guess, abstained or not, as the candidate's (predictions.parquet "predicted").
     labels = [p.best_label for p in predictions]
-    return ChampionScores(labels=labels, seen=read_seen(stored.path))
+    return ChampionScores(labels=labels, seen=read_seen(stored.path), known=classifier.labels)
 
 
 def _select(values: list[str], keep: list[bool]) -> list[str]:
@@ -129,6 +133,16 @@ def compare_with_production(
         scores = score_production(production.model_tag, inputs.texts, batch_size)
     except TextgateError as failure:
         return ChampionComparison(inputs.labels, inputs.predicted, None, error=str(failure))
+    ours = sorted(inputs.per_class.root)
+    if scores.known is not None and sorted(scores.known) != ours:
+        added = sorted(set(ours) - set(scores.known))
+        dropped = sorted(set(scores.known) - set(ours))
+        reason = (
+            f"production {production.model_tag} was trained on other labels (new data: "
+            f"{len(added)} new, {len(dropped)} gone, e.g. {(added + dropped)[:3]}): first "
+            "release on this data"
+        )
+        return ChampionComparison(inputs.labels, inputs.predicted, None, new_data=reason)
     # Only examples the production model never trained on compare fairly.
     keep = unseen_mask(inputs.texts, scores.seen)
     labels = _select(inputs.labels, keep)
@@ -141,6 +155,7 @@ def compare_with_production(
         champion=_select(scores.labels, keep),
         error=error,
         excluded=len(keep) - sum(keep),
+        behaviour=production.metrics.get("behaviour"),
     )
 
 
@@ -164,7 +179,12 @@ def decide(params: Params, inputs: GateInputs, model_md5: str | None, log: Log) 
         champion_error=comparison.error,
         excluded=comparison.excluded,
         seed=params.evaluate.seed,
+        new_data=comparison.new_data,
     )
+    if comparison.champion is not None and comparison.error is None:
+        checks += class_recall_champion_checks(
+            comparison.labels, comparison.candidate, comparison.champion, params.gate
+        )
     return evaluate_gate(
         inputs.metrics.model_dump(),
         inputs.per_class.model_dump(),
@@ -172,6 +192,7 @@ def decide(params: Params, inputs: GateInputs, model_md5: str | None, log: Log) 
         champion=checks,
         champion_tag=champion_tag,
         confusions=worst_confusions(inputs.labels, inputs.predicted),
+        production_behaviour=comparison.behaviour,
     )
 
 

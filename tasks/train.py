@@ -29,7 +29,6 @@ import yaml
 from tqdm.auto import tqdm
 
 from tasks.common import stage_main
-from textgate.abstain import AbstentionPolicy, choose_threshold
 from textgate.artifacts import (
     LabelMap,
     PrepareOutputs,
@@ -52,7 +51,7 @@ from textgate.distributed import (
 )
 from textgate.errors import TextgateError
 from textgate.io import write_json
-from textgate.model import build_classifier, predict_logits, save_classifier, select_device
+from textgate.model import build_classifier, predict_outputs, save_classifier, select_device
 from textgate.runtime import share_cpus
 from textgate.stats import expected_calibration_error, fit_temperature, softmax
 from textgate.text import TextCleaning
@@ -63,6 +62,14 @@ from textgate.training import (
     ValidationReport,
     seed_everything,
     train_classifier,
+)
+from textgate.unknown import (
+    NEEDS_EMBEDDING,
+    Gaussian,
+    UnknownPolicy,
+    choose_unknown_threshold,
+    fit_gaussian,
+    unknown_scores,
 )
 
 CHECKPOINT_FILE = "last.pt"
@@ -159,6 +166,7 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
             f"{config.base_model} on {device}"
             + (f" x {world.size} processes" if world.distributed else "")
         )
+    oos_index(params, splits.labels)  # a wrong out-of-scope label fails before training
     checkpoint_dir = config.checkpoint_dir / run_fingerprint(config, splits.files, world.size)
     seed_everything(config.seed)  # before the new classification head is initialised
     model, tokenizer = build_classifier(config.base_model, splits.labels)
@@ -176,14 +184,7 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
     )
     if not world.is_main:
         return {}
-    val_logits = predict_logits(
-        model,
-        tokenizer,
-        splits.val["text"].tolist(),
-        config.max_length,
-        params.evaluate.batch_size,
-    )
-    calibration, abstention = calibrate_and_abstain(val_logits, splits.targets(splits.val), params)
+    calibration, abstention, gaussian = calibrate_and_abstain(model, tokenizer, splits, params)
     metadata = model_metadata(params, splits, result, calibration, abstention)
     save_classifier(
         model.cpu(),
@@ -192,8 +193,9 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
         metadata,
         train_outputs(params).model_dir,
         seen_texts=[*splits.train["text"], *splits.val["text"]],
-        # Inside the staging directory: the model appears with its ONNX export or not at all.
-        finalize=export_int8 if config.quantize == "int8" else None,
+        # Inside the staging directory: the model appears with its files and ONNX export or
+        # not at all.
+        finalize=partial(finish_model_dir, gaussian, config.quantize == "int8"),
     )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the model is saved: nothing to resume
     metrics = stage_metrics(result, calibration)
@@ -235,31 +237,101 @@ def read_splits(prepared: PrepareOutputs) -> Splits:
 
 
 def calibrate_and_abstain(
-    val_logits: np.ndarray, val_labels: list[int], params: Params
-) -> tuple[dict[str, float], AbstentionPolicy]:
-    """Fit the temperature and choose the abstention threshold on validation; print both.
-
-    The ECE uses evaluate.calibration_bins, as the evaluate stage's does.
-    """
-    config = params.train
-    calibration = calibrate(val_logits, val_labels, params.evaluate.calibration_bins)
+    model: Any, tokenizer: Any, splits: Splits, params: Params
+) -> tuple[dict[str, float], UnknownPolicy, Gaussian | None]:
+    """On the validation split: the temperature, and the unknown score's threshold (its
+    Gaussian fitted on the training split first, for mahalanobis); printed."""
+    val_logits, val_embeddings = predict_outputs(
+        model,
+        tokenizer,
+        splits.val["text"].tolist(),
+        params.train.max_length,
+        params.evaluate.batch_size,
+    )
+    gaussian = fit_unknown(model, tokenizer, splits, params)
+    targets = splits.targets(splits.val)
+    calibration = calibrate(val_logits, targets, params.evaluate.calibration_bins)
     print(
         f"calibration: temperature {calibration['temperature']:.3f}, validation ECE "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}"
     )
-    abstention = choose_threshold(
-        softmax(val_logits, calibration["temperature"]),
-        val_labels,
-        config.abstain_target_precision,
+    abstention = choose_abstention(
+        val_logits, val_embeddings, splits, params, calibration["temperature"], gaussian
     )
+    return calibration, abstention, gaussian
+
+
+def finish_model_dir(gaussian: Gaussian | None, int8: bool, model_dir: Path) -> None:
+    """The unknown score's fitted Gaussian, and the int8 ONNX export when asked."""
+    if gaussian is not None:
+        gaussian.save(model_dir)
+    if int8:
+        export_int8(model_dir)
+
+
+def oos_index(params: Params, labels: list[str]) -> int | None:
+    """The index of data.out_of_scope_label among `labels`; None when not declared."""
+    label = params.data.out_of_scope_label
+    if label is None:
+        return None
+    if label not in labels:
+        raise TextgateError(
+            f"data.out_of_scope_label is {label!r}, which is not a label of the training "
+            f"split ({len(labels)} labels); set it to the out-of-scope label, or null"
+        )
+    return labels.index(label)
+
+
+def fit_unknown(model: Any, tokenizer: Any, splits: Splits, params: Params) -> Gaussian | None:
+    """The Gaussian of the mahalanobis unknown score, on the training split's embeddings."""
+    if params.train.unknown_score not in NEEDS_EMBEDDING:
+        return None
+    _, embeddings = predict_outputs(
+        model,
+        tokenizer,
+        splits.train["text"].tolist(),
+        params.train.max_length,
+        params.evaluate.batch_size,
+    )
+    exclude = oos_index(params, splits.labels)
+    return fit_gaussian(embeddings, splits.targets(splits.train), exclude=exclude)
+
+
+def choose_abstention(
+    val_logits: np.ndarray,
+    val_embeddings: np.ndarray,
+    splits: Splits,
+    params: Params,
+    temperature: float,
+    gaussian: Gaussian | None,
+) -> UnknownPolicy:
+    """The unknown score's threshold, chosen on validation; printed with what it gives."""
+    config = params.train
+    scores = unknown_scores(
+        config.unknown_score,
+        val_logits,
+        val_embeddings,
+        temperature=temperature,
+        gaussian=gaussian,
+    )
+    policy = choose_unknown_threshold(
+        config.unknown_score,
+        scores,
+        splits.targets(splits.val),
+        val_logits.argmax(axis=1),
+        oos_index=oos_index(params, splits.labels),
+        target_precision=config.abstain_target_precision,
+        target_oos_recall=config.abstain_target_oos_recall,
+    )
+    recall = "" if policy.oos_recall is None else f", out-of-scope recall {policy.oos_recall:.4f}"
     print(
-        f"abstention: below {abstention.threshold:.3f} answer 'unknown'; on validation it "
-        f"answers {abstention.coverage:.1%} with precision {abstention.precision:.4f} "
-        f"(target {config.abstain_target_precision}"
-        + ("" if abstention.reached else ", not reached: the best the data allows")
+        f"abstention ({policy.method} score above {policy.threshold}): on validation it answers "
+        f"{policy.coverage:.1%} with precision {policy.precision:.4f}{recall} (target "
+        f"{policy.target} {policy.target_value}"
+        + ("" if policy.reached else ", not reached: the best the data allows")
         + ")"
     )
-    return calibration, abstention
+    return policy
 
 
 def model_metadata(
@@ -267,7 +339,7 @@ def model_metadata(
     splits: Splits,
     result: TrainResult,
     calibration: dict[str, float],
-    abstention: AbstentionPolicy,
+    abstention: UnknownPolicy,
 ) -> dict[str, Any]:
     """What the model directory's training.json records."""
     config = params.train
@@ -283,6 +355,7 @@ def model_metadata(
         "result": reproducible_result(result),
         "calibration": calibration,
         "abstention": abstention.to_dict(),
+        "out_of_scope_label": params.data.out_of_scope_label,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

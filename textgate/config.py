@@ -69,6 +69,10 @@ class DataConfig(_Section):
                 )
         return self
 
+    # The label of out-of-scope examples (e.g. CLINC150's `oos`); its served answer is
+    # "unknown" (abstained), as an abstention's. None: the data has none.
+    out_of_scope_label: str | None = Field(min_length=1)
+
     @model_validator(mode="after")
     def _text_and_label_are_different_columns(self) -> DataConfig:
         if self.text_column == self.label_column:
@@ -173,6 +177,11 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "off"]
     quantize: Literal["int8", "off"]
     abstain_target_precision: float = Field(gt=0, le=1)
+    # The unknown score (textgate.unknown): msp | energy | mahalanobis.
+    unknown_score: Literal["msp", "energy", "mahalanobis"]
+    # With out-of-scope examples in validation: the share of them to answer "unknown"
+    # (this target instead of abstain_target_precision); None = the precision target.
+    abstain_target_oos_recall: float | None = Field(gt=0, le=1)
     # Training processes (torchrun / DDP); auto = one per CUDA GPU, else 1.
     processes: Annotated[int, Field(ge=1)] | Literal["auto"]
     freeze_embeddings: bool
@@ -197,6 +206,8 @@ class MarginConfig(_Section):
 
     accuracy: Rate
     macro_f1: Rate
+    class_recall: Rate  # each intent's recall, on the test examples both models are scored on
+    behaviour: Rate  # each behavioural pass rate, against production's at its own evaluation
 
 
 class BehaviourConfig(_Section):
@@ -207,6 +218,15 @@ class BehaviourConfig(_Section):
     typos: Rate
     filler: Rate
     must_pass: Rate
+
+
+class OutOfScopeGateConfig(_Section):
+    """Floors on the served "unknown" answers, applied when data.out_of_scope_label is set."""
+
+    min_in_scope_accuracy: Rate
+    min_oos_recall: Rate
+    min_oos_precision: Rate
+    min_unknown_auroc: Rate
 
 
 class GateConfig(_Section):
@@ -221,6 +241,7 @@ class GateConfig(_Section):
     min_class_support: int = Field(ge=1)
     max_ece: Rate
     behaviour: BehaviourConfig
+    out_of_scope: OutOfScopeGateConfig
     max_quantization_drop: Rate
     served_score_tolerance: float = Field(ge=0)
     max_p95_latency_ms: float = Field(gt=0)

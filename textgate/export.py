@@ -27,23 +27,27 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from textgate.artifacts import LABEL_MAP_FILE
 from textgate.errors import DataError
 from textgate.io import read_json
-from textgate.runtime import ONNX_DIR, ONNX_FP32, ONNX_INT8
+from textgate.model import mean_pooled
+from textgate.runtime import EMBEDDING_OUTPUT, LOGITS_OUTPUT, ONNX_DIR, ONNX_FP32, ONNX_INT8
 
 _OPSET = 17
 # A padded batch: tracing with padding keeps the attention-mask path in the graph.
 _EXAMPLE_TEXTS = ("a short example", "a somewhat longer example text to trace the export with")
 
 
-class _LogitsOnly(torch.nn.Module):
-    """The classifier with positional inputs in the tokenizer's order, returning only logits."""
+class _LogitsAndEmbedding(torch.nn.Module):
+    """The classifier with positional inputs in the tokenizer's order, returning the logits
+    and the mean-pooled last hidden states (the unknown score's input, textgate.unknown)."""
 
     def __init__(self, model: torch.nn.Module, input_names: Sequence[str]) -> None:
         super().__init__()
         self.model = model
         self.input_names = list(input_names)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.input_names, inputs, strict=True))).logits
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        named = dict(zip(self.input_names, inputs, strict=True))
+        output = self.model(**named, output_hidden_states=True)
+        return output.logits, mean_pooled(output.hidden_states[-1], named["attention_mask"])
 
 
 def _export_fp32(model_dir: Path, out: Path) -> None:
@@ -61,12 +65,13 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
         # shapes stay dynamic (checked by the tests on batches of other sizes and lengths).
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _LogitsOnly(model, input_names),
+            _LogitsAndEmbedding(model, input_names),
             tuple(example[name] for name in input_names),
             str(out),
             input_names=input_names,
-            output_names=["logits"],
-            dynamic_axes={name: axes for name in input_names} | {"logits": {0: "batch"}},
+            output_names=[LOGITS_OUTPUT, EMBEDDING_OUTPUT],
+            dynamic_axes={name: axes for name in input_names}
+            | {LOGITS_OUTPUT: {0: "batch"}, EMBEDDING_OUTPUT: {0: "batch"}},
             opset_version=_OPSET,
             do_constant_folding=True,
             dynamo=False,

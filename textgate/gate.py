@@ -6,10 +6,13 @@ The verdict passes only if every check passes. Checks come in groups, each from 
 function, so the flow can add the ones that need the served bento or a person later:
 
 - `floor_checks`: test accuracy and macro-F1 floors;
+- `out_of_scope_checks`: with an out-of-scope label, floors on the served "unknown" answers
+  (in-scope accuracy, out-of-scope recall and precision, AUROC of the unknown score);
 - `quantization_check`: the int8 model served on CPUs within a margin of fp32 accuracy;
 - `champion_checks`: non-inferiority to the production model on the same test set (paired
   bootstrap confidence interval of the difference; a margin per metric);
 - `class_recall_checks`: a recall floor per intent where its test support is large enough;
+- `class_recall_champion_checks`: each intent's recall against production's (non-regression);
 - `calibration_check`: expected calibration error after temperature scaling;
 - `behaviour_checks`: invariance to casing, punctuation, typos and filler, and the must-pass
   file;
@@ -34,6 +37,7 @@ from textgate.text import text_fingerprint
 
 CheckKind = Literal[
     "floor",
+    "out_of_scope",
     "quantization",
     "champion",
     "class_recall",
@@ -51,6 +55,14 @@ FLOORS = (
     ("macro_f1_floor", "macro_f1", "min_macro_f1"),
 )
 COMPARED = ("accuracy", "macro_f1")
+# (metric in metrics["abstention"], gate.out_of_scope field): floors on the served "unknown"
+# answers, applied when the model declares an out-of-scope label.
+OUT_OF_SCOPE_FLOORS = (
+    ("in_scope_accuracy", "min_in_scope_accuracy"),
+    ("oos_recall", "min_oos_recall"),
+    ("oos_precision", "min_oos_precision"),
+    ("unknown_auroc", "min_unknown_auroc"),
+)
 
 
 class Check(BaseModel):
@@ -236,6 +248,24 @@ def floor_checks(metrics: Mapping[str, object], config: GateConfig) -> list[Chec
     ]
 
 
+def out_of_scope_checks(metrics: Mapping[str, Any], config: GateConfig) -> list[Check]:
+    """The served "unknown" answers against `gate.out_of_scope`'s floors; none without a
+    declared out-of-scope label (`metrics["abstention"]["out_of_scope_label"]`)."""
+    abstention = metrics.get("abstention") or {}
+    if not abstention.get("out_of_scope_label"):
+        return []
+    return [
+        _bound_check(
+            f"out_of_scope[{metric}]",
+            "out_of_scope",
+            metric,
+            abstention.get(metric),
+            getattr(config.out_of_scope, field),
+        )
+        for metric, field in OUT_OF_SCOPE_FLOORS
+    ]
+
+
 def champion_checks(
     y_true: Sequence[str],
     candidate: Sequence[str],
@@ -246,6 +276,7 @@ def champion_checks(
     champion_error: str | None = None,
     excluded: int = 0,
     seed: int = 0,
+    new_data: str | None = None,
 ) -> list[Check]:
     """Non-inferiority of the candidate to the production model, per compared metric.
 
@@ -255,17 +286,16 @@ def champion_checks(
     the data rule out a regression larger than the margin. A candidate equal to production
     within noise passes; one worse by more than the margin fails.
 
-    With no production model the outcome is `config.no_champion`; when the production model
-    cannot be scored (`champion_error`) the check fails, since nothing rules out a regression.
+    With no production model, or one trained on other labels (`new_data` says so), the
+    outcome is `config.no_champion`; when the production model cannot be scored
+    (`champion_error`) the check fails, since nothing rules out a regression.
     `excluded` is how many test examples were left out because the production model was
     trained on them (see `unseen_mask`); the reason says so.
     """
     if champion_error is not None:
         return [_not_compared(False, f"cannot compare with the production model: {champion_error}")]
     if champion is None:
-        policy = config.no_champion
-        first = f"no model in production yet (first release); gate.no_champion is '{policy}'"
-        return [_not_compared(policy == "pass", first, applied=False)]
+        return [_first_release(config, new_data)]
     if not (len(y_true) == len(candidate) == len(champion)) or not y_true:
         raise ValueError("y_true, candidate and champion must be non-empty and of one length")
     labels = sorted(set(y_true) | set(candidate) | set(champion))
@@ -297,6 +327,14 @@ def champion_checks(
             )
         checks.append(_non_inferiority_check(metric, result, config, production, "".join(notes)))
     return checks
+
+
+def _first_release(config: GateConfig, new_data: str | None) -> Check:
+    """A first release, or the first on new data: the floors alone decide, if no_champion
+    is `pass`."""
+    policy = config.no_champion
+    first = new_data or "no model in production yet (first release)"
+    return _not_compared(policy == "pass", f"{first}; gate.no_champion is '{policy}'", False)
 
 
 def _not_compared(passed: bool, reason: str, applied: bool = True) -> Check:
@@ -407,6 +445,41 @@ def class_recall_checks(
     return checks
 
 
+def class_recall_champion_checks(
+    y_true: Sequence[str], candidate: Sequence[str], champion: Sequence[str], config: GateConfig
+) -> list[Check]:
+    """Each intent's recall against the production model's on the same test examples.
+
+    An absolute recall floor cannot suit every dataset (a hard intent of a 150-intent set is
+    fine at 0.6); a candidate that loses more than `gate.margins.class_recall` of an intent's
+    recall production had is a regression. Applied where the intent has at least
+    `gate.min_class_support` examples.
+    """
+    margin = config.margins.class_recall
+    checks = []
+    for label in sorted(set(y_true)):
+        rows = [i for i, gold in enumerate(y_true) if gold == label]
+        if len(rows) < config.min_class_support:
+            continue
+        ours = sum(candidate[i] == label for i in rows) / len(rows)
+        theirs = sum(champion[i] == label for i in rows) / len(rows)
+        check = _bound_check(
+            f"recall_vs_production[{label}]",
+            "class_recall",
+            "recall",
+            ours,
+            round(theirs - margin, 10),
+            baseline=theirs,
+        )
+        reason = (
+            f"recall {ours:.4f} vs production {theirs:.4f} on the same {len(rows)} examples: "
+            + ("within" if check.passed else "worse than")
+            + f" the margin {margin:.4f}"
+        )
+        checks.append(check.model_copy(update={"reason": reason}))
+    return checks
+
+
 def calibration_check(metrics: Mapping[str, object], config: GateConfig) -> Check:
     """Expected calibration error of the calibrated test probabilities under a ceiling."""
     check = _bound_check(
@@ -470,16 +543,28 @@ def quantization_check(metrics: Mapping[str, object], config: GateConfig) -> Che
     )
 
 
-def behaviour_checks(rates: Mapping[str, object] | None, config: GateConfig) -> list[Check]:
-    """Each behavioural test's pass rate against its floor in `gate.behaviour`.
+def behaviour_checks(
+    rates: Mapping[str, object] | None,
+    config: GateConfig,
+    production: Mapping[str, object] | None = None,
+) -> list[Check]:
+    """Each behavioural test's pass rate against its floor in `gate.behaviour`, raised to
+    production's rate minus `gate.margins.behaviour` where production has one.
 
-    A rate of None means the test could not be measured (no text could be perturbed that
-    way); the check then does not apply. A test missing from `rates` fails.
+    The floors are what any usable model reaches on real data; how invariant a good model is
+    depends on the data (typos change more in short texts), so against a production model
+    trained on the same labels the rule is non-regression. A rate of None means the test could
+    not be measured (no text could be perturbed that way); the check then does not apply. A
+    test missing from `rates` fails.
     """
     rates = rates or {}
+    production = production or {}
     checks = []
     for kind in BehaviourConfig.model_fields:
         floor = getattr(config.behaviour, kind)
+        theirs = _number(production.get(kind))
+        if theirs is not None and kind != "must_pass":
+            floor = max(floor, round(theirs - config.margins.behaviour, 10))
         name = f"behaviour[{kind}]"
         if kind in rates and rates[kind] is None:
             checks.append(
@@ -498,7 +583,17 @@ def behaviour_checks(rates: Mapping[str, object] | None, config: GateConfig) -> 
                 )
             )
             continue
-        checks.append(_bound_check(name, "behaviour", f"{kind}_pass_rate", rates.get(kind), floor))
+        check = _bound_check(
+            name, "behaviour", f"{kind}_pass_rate", rates.get(kind), floor, baseline=theirs
+        )
+        if theirs is not None and kind != "must_pass":
+            check = check.model_copy(
+                update={
+                    "reason": f"{check.reason} (production {theirs:.4f}, margin "
+                    f"{config.margins.behaviour:.4f}; floor {getattr(config.behaviour, kind):.4f})"
+                }
+            )
+        checks.append(check)
     return checks
 
 
@@ -595,14 +690,17 @@ def evaluate_gate(
     champion: Sequence[Check],
     champion_tag: str | None = None,
     confusions: Sequence[ConfusionPair] = (),
+    production_behaviour: Mapping[str, object] | None = None,
 ) -> Verdict:
-    """Every offline check on the evaluate stage's outputs, plus the champion comparison."""
+    """Every offline check on the evaluate stage's outputs, plus the champion comparison
+    (`champion`: its checks; `production_behaviour`: its behavioural pass rates)."""
     checks = [
         *floor_checks(metrics, config),
+        *out_of_scope_checks(metrics, config),
         quantization_check(metrics, config),
         *champion,
         *class_recall_checks(per_class, config),
         calibration_check(metrics, config),
-        *behaviour_checks(metrics.get("behaviour"), config),
+        *behaviour_checks(metrics.get("behaviour"), config, production_behaviour),
     ]
     return Verdict.of(checks, champion=champion_tag, confusions=list(confusions))

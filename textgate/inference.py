@@ -21,6 +21,7 @@ from textgate.errors import DataError
 from textgate.io import read_json
 from textgate.stats import softmax
 from textgate.text import TextCleaning
+from textgate.unknown import load_detector
 
 # The label of a prediction whose calibrated confidence is below the abstention threshold.
 UNKNOWN_LABEL = "unknown"
@@ -51,7 +52,7 @@ class Prediction:
     """One text's predicted label and its probability.
 
     `score` is the calibrated probability of `best_label`, the most probable label. `label` is
-    `best_label`, or `UNKNOWN_LABEL` when the classifier abstained (score below its threshold).
+    `best_label`, or `UNKNOWN_LABEL` when the classifier abstained (its unknown rule fired).
     `best_label` defaults to `label`, so `Prediction(label=..., score=...)` means no abstention.
     """
 
@@ -100,6 +101,10 @@ def length_sorted_batches(texts: Sequence[str], batch_size: int) -> Iterator[np.
 
 # (input_ids, attention_mask, token_type_ids or None), each (batch, tokens) -> (batch, labels)
 LogitsFromIds = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+# The same inputs -> (logits (batch, labels), pooled embedding (batch, hidden)).
+ForwardFromIds = Callable[
+    [np.ndarray, np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]
+]
 
 
 def batched_logits(
@@ -116,7 +121,27 @@ def batched_logits(
     tokenized once (truncated to `max_length`), sorted by token count and run in batches of at
     most `batch_size`, each padded to its longest text only; the rows come back in input order.
     """
-    out = np.empty((len(texts), num_labels), dtype=np.float32)
+    (logits,) = batched_outputs(
+        tokenizer,
+        texts,
+        max_length,
+        batch_size,
+        lambda *ids: (logits_from_ids(*ids),),
+        (num_labels,),
+    )
+    return logits
+
+
+def batched_outputs(
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    outputs_from_ids: Callable[..., tuple[np.ndarray, ...]],
+    widths: Sequence[int],
+) -> tuple[np.ndarray, ...]:
+    """`batched_logits` for a forward pass with several outputs, (batch, widths[i]) each."""
+    out = tuple(np.empty((len(texts), width), dtype=np.float32) for width in widths)
     if not texts:
         return out
     if batch_size < 1:
@@ -139,18 +164,20 @@ def batched_logits(
             attention_mask[row, :n] = 1
             if types is not None:
                 token_type_ids[row, :n] = types[i]
-        out[index] = logits_from_ids(
+        results = outputs_from_ids(
             input_ids, attention_mask, token_type_ids if types is not None else None
         )
+        for array, result in zip(out, results, strict=True):
+            array[index] = result
     return out
 
 
 def make_predictions(
-    probabilities: np.ndarray, labels: Sequence[str], abstain_threshold: float | None = None
+    probabilities: np.ndarray, labels: Sequence[str], unknown: np.ndarray | None = None
 ) -> list[Prediction]:
     """The most probable label per row of calibrated (n, labels) probabilities.
 
-    A row whose top probability is below `abstain_threshold` gets UNKNOWN_LABEL and
+    A row where `unknown` is True (see textgate.unknown) gets UNKNOWN_LABEL and
     `abstained=True`; None never abstains.
     """
     best = probabilities.argmax(axis=1)
@@ -158,7 +185,7 @@ def make_predictions(
     predictions = []
     for row, i in enumerate(best):
         score = float(probabilities[row, i])
-        abstained = abstain_threshold is not None and score < abstain_threshold
+        abstained = unknown is not None and bool(unknown[row])
         margin = 1.0 if top2 is None else float(top2[row, 0] - top2[row, 1])
         predictions.append(
             Prediction(
@@ -262,8 +289,14 @@ class Classifier:
         self.temperature: float = float(
             self.metadata.get("calibration", {}).get("temperature", 1.0)
         )
-        # Chosen on the validation split (textgate.abstain); None = always answer.
-        self.abstain_threshold: float | None = _abstain_threshold(self.metadata, model_dir)
+        # The width of the pooled embeddings (textgate.unknown's mahalanobis score reads them).
+        self.hidden_size: int = int(read_json(model_dir / "config.json").get("hidden_size", 0))
+        # The "unknown" rule chosen on the validation split (textgate.unknown); None = always
+        # answer.
+        try:
+            self.unknown = load_detector(self.metadata, model_dir, self.labels, self.temperature)
+        except ValueError as error:
+            raise DataError(f"{model_dir / TRAINING_FILE}: {error}") from None
 
     def logits_from_ids(
         self,
@@ -273,6 +306,15 @@ class Classifier:
     ) -> np.ndarray:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
         raise NotImplementedError
+
+    def forward_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (batch, labels) and mean-pooled embeddings (batch, hidden), float32."""
+        raise NotImplementedError(f"the {self.runtime} runtime gives no embeddings")
 
     def clean(self, texts: Sequence[str]) -> list[str]:
         """The texts as the model sees them: the same cleaning (and PII redaction) as training."""
@@ -286,18 +328,39 @@ class Classifier:
         Batches hold at most `batch_size` (and `max_batch_size`) texts; see `batched_logits`.
         `cleaned=True`: the texts are already `clean`'s output (serving logs them too).
         """
+        return self.predict_outputs(texts, batch_size, embeddings=False, cleaned=cleaned)[0]
+
+    def predict_outputs(
+        self,
+        texts: Sequence[str],
+        batch_size: int,
+        *,
+        embeddings: bool = True,
+        cleaned: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw class scores and (when asked) pooled embeddings for raw texts, cleaned as in
+        training, in batches of at most `batch_size` (and `max_batch_size`) texts."""
         if not cleaned:
             texts = self.clean(texts)
         if self.max_batch_size is not None:
             batch_size = min(batch_size, self.max_batch_size)
-        return batched_logits(
-            self.tokenizer,
-            texts,
-            self.max_length,
-            batch_size,
-            self.logits_from_ids,
-            len(self.labels),
-        )
+        args = (self.tokenizer, texts, self.max_length, batch_size)
+        if not embeddings:
+            return batched_logits(*args, self.logits_from_ids, len(self.labels)), None
+        widths = (len(self.labels), int(self.hidden_size))
+        logits, pooled = batched_outputs(*args, self.forward_from_ids, widths)
+        return logits, pooled
+
+    def unknown_mask(
+        self, texts: Sequence[str], batch_size: int, *, cleaned: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities and the served "unknown" flags (None: always answers)."""
+        needs = self.unknown is not None and self.unknown.needs_embeddings
+        logits, pooled = self.predict_outputs(texts, batch_size, embeddings=needs, cleaned=cleaned)
+        probabilities = softmax(logits, self.temperature).astype(np.float32)
+        if self.unknown is None:
+            return probabilities, None
+        return probabilities, self.unknown.unknown(logits, pooled)
 
     def predict_proba(
         self, texts: Sequence[str], batch_size: int, *, cleaned: bool = False
@@ -311,10 +374,10 @@ class Classifier:
     ) -> list[Prediction]:
         """The most probable label and its probability for each raw text, in order.
 
-        Below the abstention threshold the label is UNKNOWN_LABEL (`abstained=True`).
+        Where the unknown rule fires the label is UNKNOWN_LABEL (`abstained=True`).
         """
-        probabilities = self.predict_proba(texts, batch_size, cleaned=cleaned)
-        return make_predictions(probabilities, self.labels, self.abstain_threshold)
+        probabilities, unknown = self.unknown_mask(texts, batch_size, cleaned=cleaned)
+        return make_predictions(probabilities, self.labels, unknown)
 
     def explain(self, text: str) -> Explanation:
         """The prediction for one raw text (exactly `predict`'s) and each token's share in it."""
@@ -348,17 +411,3 @@ class Classifier:
             for start in range(0, len(input_ids), step)
         ]
         return np.concatenate(passes) if passes else np.zeros((0, len(self.labels)), np.float32)
-
-
-def _abstain_threshold(metadata: dict[str, Any], model_dir: Path) -> float | None:
-    """`training.json["abstention"]["threshold"]`, checked to be a probability; None if absent."""
-    threshold = (metadata.get("abstention") or {}).get("threshold")
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise DataError(f"{model_dir / TRAINING_FILE}: abstention.threshold must be a number")
-    if not 0 <= threshold <= 1:
-        raise DataError(
-            f"{model_dir / TRAINING_FILE}: abstention.threshold must be in [0, 1], got {threshold}"
-        )
-    return float(threshold)

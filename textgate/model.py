@@ -43,6 +43,7 @@ from textgate.inference import (
     Prediction,
     Tokenizer,
     batched_logits,
+    batched_outputs,
     check_explainable,
     explain_by_occlusion,
     length_sorted_batches,
@@ -65,16 +66,19 @@ __all__ = [
     "Tokenizer",
     "autocast_dtype",
     "batched_logits",
+    "batched_outputs",
     "build_classifier",
     "check_explainable",
     "explain_by_occlusion",
     "length_sorted_batches",
     "make_predictions",
     "predict_logits",
+    "predict_outputs",
     "read_seen",
     "resolve_base_model",
     "save_classifier",
     "select_device",
+    "torch_forward",
     "torch_logits",
 ]
 
@@ -169,6 +173,29 @@ def build_classifier(
     return model, tokenizer
 
 
+def mean_pooled(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) mean of (batch, tokens, hidden) states over the real (unmasked) tokens:
+    the representation the unknown score (textgate.unknown) reads, in PyTorch and in ONNX."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (batch, tokens, 1)
+    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _torch_inputs(
+    model: PreTrainedModel,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    token_type_ids: np.ndarray | None,
+) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    return {
+        name: torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
+        for name, value in inputs.items()
+    }
+
+
 @torch.inference_mode()
 def torch_logits(
     model: PreTrainedModel,
@@ -177,15 +204,22 @@ def torch_logits(
     token_type_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw class scores, (batch, labels) float32, of a PyTorch model for (batch, tokens) ids."""
-    device = next(model.parameters()).device
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_type_ids is not None:
-        inputs["token_type_ids"] = token_type_ids
-    tensors = {
-        name: torch.as_tensor(np.asarray(value), dtype=torch.long, device=device)
-        for name, value in inputs.items()
-    }
+    tensors = _torch_inputs(model, input_ids, attention_mask, token_type_ids)
     return model(**tensors).logits.float().cpu().numpy()
+
+
+@torch.inference_mode()
+def torch_forward(
+    model: PreTrainedModel,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    token_type_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (batch, labels) and mean-pooled last hidden states (batch, hidden), float32."""
+    tensors = _torch_inputs(model, input_ids, attention_mask, token_type_ids)
+    output = model(**tensors, output_hidden_states=True)
+    pooled = mean_pooled(output.hidden_states[-1], tensors["attention_mask"])
+    return output.logits.float().cpu().numpy(), pooled.float().cpu().numpy()
 
 
 def predict_logits(
@@ -207,6 +241,26 @@ def predict_logits(
     )
 
 
+def predict_outputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (len(texts), labels) and pooled embeddings (len(texts), hidden) of cleaned texts."""
+    model.eval()
+    logits, embeddings = batched_outputs(
+        tokenizer,
+        texts,
+        max_length,
+        batch_size,
+        partial(torch_forward, model),
+        (model.config.num_labels, model.config.hidden_size),
+    )
+    return logits, embeddings
+
+
 class TextClassifier(Classifier):
     """A trained model directory loaded for inference with PyTorch: clean, tokenize, predict."""
 
@@ -226,6 +280,15 @@ class TextClassifier(Classifier):
     ) -> np.ndarray:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
         return torch_logits(self.model, input_ids, attention_mask, token_type_ids)
+
+    def forward_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (batch, labels) and mean-pooled embeddings (batch, hidden), float32."""
+        return torch_forward(self.model, input_ids, attention_mask, token_type_ids)
 
 
 def save_classifier(

@@ -51,6 +51,10 @@ __all__ = [
 ONNX_DIR = "onnx"
 ONNX_FP32 = "onnx/model.onnx"
 ONNX_INT8 = "onnx/model.int8.onnx"
+# The ONNX graph's outputs: logits, and the mean-pooled embedding (textgate.unknown reads it;
+# exports made before it have logits only).
+LOGITS_OUTPUT = "logits"
+EMBEDDING_OUTPUT = "embedding"
 THREADS_ENV = "TEXTGATE_THREADS"
 LEGACY_THREADS_ENV = "TEXTGATE_TORCH_THREADS"  # its former name, read when it is not set
 # Inference threads per process by default: beyond a few, one short text gains little.
@@ -142,8 +146,9 @@ class OnnxClassifier(Classifier):
 
     The same interface and preprocessing as `textgate.model.TextClassifier`, without torch or
     transformers: the tokenizer is the directory's `tokenizer.json` (textgate.tokenizer).
-    `outputs_from_ids` returns every output of the graph by name; `logits_from_ids`, from which
-    predictions and explanations follow (textgate.inference.Classifier), takes "logits".
+    `logits_from_ids`, from which predictions and explanations follow
+    (textgate.inference.Classifier), runs the "logits" output; `forward_from_ids` also the
+    pooled "embedding" the unknown score may read (textgate.unknown).
     """
 
     def __init__(self, model_dir: str | Path, *, threads: int | None = None) -> None:
@@ -173,17 +178,12 @@ class OnnxClassifier(Classifier):
             # the texts it is batched with (int8 activations are quantised per call).
             self.max_batch_size = 1
         self.input_names = [node.name for node in self.session.get_inputs()]
-        self.output_names = [node.name for node in self.session.get_outputs()]
+        self.output_names = {node.name for node in self.session.get_outputs()}
         self.tokenizer = FastTokenizer(self.model_dir)
 
-    def outputs_from_ids(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        token_type_ids: np.ndarray | None = None,
+    def _feed(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None
     ) -> dict[str, np.ndarray]:
-        """Every output of the graph by name (e.g. "logits": (batch, labels)) for (batch,
-        tokens) ids."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if token_type_ids is None:
             token_type_ids = np.zeros_like(input_ids)
@@ -192,10 +192,7 @@ class OnnxClassifier(Classifier):
             "attention_mask": np.asarray(attention_mask, dtype=np.int64),
             "token_type_ids": np.asarray(token_type_ids, dtype=np.int64),
         }
-        outputs = self.session.run(
-            self.output_names, {name: given[name] for name in self.input_names}
-        )
-        return dict(zip(self.output_names, outputs, strict=True))
+        return {name: given[name] for name in self.input_names}
 
     def logits_from_ids(
         self,
@@ -204,8 +201,25 @@ class OnnxClassifier(Classifier):
         token_type_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """Raw class scores, (batch, labels) float32, for already-tokenized (batch, tokens) ids."""
-        outputs = self.outputs_from_ids(input_ids, attention_mask, token_type_ids)
-        return np.asarray(outputs["logits"], dtype=np.float32)
+        feed = self._feed(input_ids, attention_mask, token_type_ids)
+        (logits,) = self.session.run([LOGITS_OUTPUT], feed)
+        return np.asarray(logits, dtype=np.float32)
+
+    def forward_from_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (batch, labels) and mean-pooled embeddings (batch, hidden), float32."""
+        if EMBEDDING_OUTPUT not in self.output_names:
+            raise DataError(
+                f"{self.onnx_path} has no {EMBEDDING_OUTPUT!r} output (an older export): "
+                "export the model again (textgate.export.export_onnx)"
+            )
+        feed = self._feed(input_ids, attention_mask, token_type_ids)
+        logits, pooled = self.session.run([LOGITS_OUTPUT, EMBEDDING_OUTPUT], feed)
+        return np.asarray(logits, dtype=np.float32), np.asarray(pooled, dtype=np.float32)
 
 
 def cuda_usable() -> bool:

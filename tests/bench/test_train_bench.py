@@ -65,14 +65,19 @@ def test_scores_leave_out_of_scope_examples_from_in_scope_accuracy():
     assert bench.score(y_true, y_pred, ["a", "b", "c"], "oos")["in_scope_accuracy"] is None
 
 
-def side(seconds, accuracy, in_scope=None, points=()):
+def side(seconds, accuracy, in_scope=None, points=(), oos_recall=None):
     return {
         "seconds": seconds,
         "hook_seconds": 1.5,
         "samples_per_second": 100.0,
         "optimizer_steps": 30,
         "epochs": 3,
-        "test": {"accuracy": accuracy, "macro_f1": accuracy - 0.01, "in_scope_accuracy": in_scope},
+        "test": {
+            "accuracy": accuracy,
+            "macro_f1": accuracy - 0.01,
+            "in_scope_accuracy": in_scope,
+            "oos_recall": oos_recall,
+        },
         "points": list(points),
         "peak_memory_mb": 500.0,
     }
@@ -85,23 +90,38 @@ def test_report_has_a_table_targets_and_a_json_last_line():
         {"seconds": 40.0, "step": 30, "epoch": 2, "test_accuracy": 0.97},
     ]
     report = bench.build_report(
-        side(120.0, 0.92, in_scope=0.95), side(45.0, 0.97, in_scope=0.96, points=points), {}, {}
+        side(120.0, 0.92, in_scope=0.95),
+        side(45.0, 0.97, in_scope=0.965, points=points, oos_recall=0.72),
+        {},
+        {},
     )
     assert report["time_to_reach_baseline_s"] == 20.0 and report["speedup"] == 6.0
     assert report["targets"]["passed"]
     assert report["targets"]["accuracy"] == {
-        "value": 0.96,
-        "threshold": 0.95,
+        "value": 0.965,
+        "threshold": 0.96,
         "passed": True,
-        "measure": "in-scope test accuracy",
+        "measure": "in-scope test accuracy (as served)",
     }
+    assert report["targets"]["oos_recall"] == {"value": 0.72, "threshold": 0.7, "passed": True}
     text = bench.format_report(report)
-    assert "in-scope test accuracy" in text
+    assert "in-scope accuracy" in text and "out-of-scope recall" in text
     assert "reached the baseline's test accuracy 0.9200 after 20.0 s (step 20, epoch 1" in text
     assert "[pass] baseline time / textgate time to reach it: 6.00x (target >= 3.0x)" in text
-    assert "[pass] textgate in-scope test accuracy: 0.9600 (target >= 0.95)" in text
+    assert "[pass] textgate in-scope test accuracy (as served): 0.9650 (target >= 0.96)" in text
+    assert "[pass] textgate out-of-scope recall (as served): 0.7200 (target >= 0.70)" in text
     assert text.endswith("all targets met: yes")
-    assert json.loads(bench.json_line(report))["speedup"] == 6.0
+    line = json.loads(bench.json_line(report))
+    assert line["speedup"] == 6.0
+    assert line["textgate"]["test"]["in_scope_accuracy"] == 0.965
+    assert line["textgate"]["test"]["oos_recall"] == 0.72
+
+
+def test_an_out_of_scope_recall_under_its_target_fails():
+    report = bench.build_report(None, side(45.0, 0.97, in_scope=0.97, oos_recall=0.6), {}, {})
+    assert not report["targets"]["passed"] and "speedup" not in report["targets"]
+    text = bench.format_report(report)
+    assert "[FAIL] textgate out-of-scope recall (as served): 0.6000 (target >= 0.70)" in text
 
 
 def test_targets_fail_when_textgate_never_reaches_the_baseline():
@@ -117,6 +137,26 @@ def test_targets_fail_when_textgate_never_reaches_the_baseline():
     assert json.loads(bench.json_line(report))["speedup"] is None  # NaN is not JSON
 
 
+def test_a_run_without_the_baseline_reports_textgate_alone():
+    report = bench.build_report(None, side(30.0, 0.97), {}, {})
+    assert report["baseline"] is None and report["speedup"] is None
+    assert report["targets"]["passed"] and set(report["targets"]) == {"accuracy", "passed"}
+    text = bench.format_report(report)
+    assert "never reached" not in text and "baseline time" not in text
+
+
+def test_served_scores_count_unknown_answers_as_the_out_of_scope_label():
+    labels = ["book", "oos", "weather"]
+    y_true = [0, 1, 1, 2]
+    logits = np.array([[3.0, 0, 0], [3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]])
+    unknown = np.array([False, True, False, True])  # row 2: the argmax is oos
+    scores = np.array([0.1, 0.9, 0.2, 0.8])
+    figures = bench.served(y_true, logits, unknown, scores, labels, "oos")
+    assert figures["accuracy"] == pytest.approx(3 / 4)  # the last row answered "unknown"
+    assert figures["in_scope_accuracy"] == pytest.approx(1 / 2)
+    assert figures["oos_recall"] == pytest.approx(1 / 2)  # only the argmax-less one is unknown
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     rows = make_rows(per_class=16)
@@ -129,6 +169,7 @@ def tiny_data(tmp_path) -> Path:
 def test_options_round_trip_through_the_worker_command_line(tiny_data):
     options, _ = bench.parse_args(
         ["--data", str(tiny_data), "--max-train", "20", "--seed", "3", "--base-model", "x"]
+        + ["--skip-baseline", "--keep-model", "/tmp/m"]
     )
     again, _ = bench.parse_args(bench.to_argv(options))
     assert again == options
@@ -161,6 +202,10 @@ def test_textgate_side_records_test_accuracy_at_each_validation(tiny_data, tiny_
     assert points[-1]["seconds"] <= result["seconds"]
     assert result["hook_seconds"] > 0 and result["optimizer_steps"] >= points[-1]["step"]
     assert result["train_config"]["base_model"] == str(tiny_base_model)
+    # Abstention as served, and every unknown-score method thresholded on val.
+    assert result["served_runtime"] == "onnx-int8"
+    assert set(result["test"]) >= {"in_scope_accuracy", "oos_recall", "unknown_auroc", "coverage"}
+    assert set(result["methods"]) == {"msp", "energy", "mahalanobis"}
 
 
 @pytest.mark.slow  # trains the tiny model
@@ -172,3 +217,4 @@ def test_baseline_side_fine_tunes_with_trainer(tiny_data, tiny_base_model):
     assert result["optimizer_steps"] == 3 * math.ceil(28 / 32)  # batch 32, 3 epochs
     assert 0 <= result["test"]["accuracy"] <= 1 and result["seconds"] > 0
     assert result["test"]["in_scope_accuracy"] is not None
+    assert result["test_thresholded"]["oos_recall"] is not None  # the softmax threshold on val

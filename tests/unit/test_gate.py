@@ -13,9 +13,11 @@ from textgate.gate import (
     behaviour_checks,
     calibration_check,
     champion_checks,
+    class_recall_champion_checks,
     class_recall_checks,
     evaluate_gate,
     floor_checks,
+    out_of_scope_checks,
     quantization_check,
     served_checks,
     unseen_mask,
@@ -73,6 +75,53 @@ def test_floors_fail_and_name_the_metric(metrics, failing):
 def test_failed_floor_reason_gives_value_and_threshold():
     checks = floor_checks({"accuracy": 0.5, "macro_f1": 0.9}, CONFIG)
     assert checks[0].reason == "accuracy 0.5000 < floor 0.8000"
+
+
+# --- out-of-scope answers ----------------------------------------------------------------
+
+SERVED = {
+    "out_of_scope_label": "oos",
+    "in_scope_accuracy": 0.95,
+    "oos_recall": 0.75,
+    "oos_precision": 0.8,
+    "unknown_auroc": 0.96,
+}
+
+
+def test_out_of_scope_floors_pass_a_good_model_and_apply_only_with_the_label():
+    checks = out_of_scope_checks({"abstention": SERVED}, CONFIG)
+    assert [c.name for c in checks] == [
+        "out_of_scope[in_scope_accuracy]",
+        "out_of_scope[oos_recall]",
+        "out_of_scope[oos_precision]",
+        "out_of_scope[unknown_auroc]",
+    ]
+    assert all(c.passed and c.kind == "out_of_scope" for c in checks)
+    assert out_of_scope_checks({"abstention": SERVED | {"out_of_scope_label": None}}, CONFIG) == []
+    assert out_of_scope_checks({}, CONFIG) == []
+
+
+@pytest.mark.parametrize(
+    ("metric", "field"),
+    [
+        ("in_scope_accuracy", "min_in_scope_accuracy"),
+        ("oos_recall", "min_oos_recall"),
+        ("oos_precision", "min_oos_precision"),
+        ("unknown_auroc", "min_unknown_auroc"),
+    ],
+)
+def test_each_out_of_scope_floor_fails_under_it_or_when_missing(metric, field):
+    floor = getattr(CONFIG.out_of_scope, field)
+    for value in (floor - 0.01, None):
+        checks = out_of_scope_checks({"abstention": SERVED | {metric: value}}, CONFIG)
+        assert [c.name for c in checks if not c.passed] == [f"out_of_scope[{metric}]"]
+    verdict = evaluate_gate(
+        passing_metrics() | {"abstention": SERVED | {metric: floor - 0.01}},
+        per_class({"a": 0.9}),
+        CONFIG,
+        champion=[],
+    )
+    assert [c.name for c in verdict.failed] == [f"out_of_scope[{metric}]"]
 
 
 def test_int8_model_more_than_half_a_point_under_fp32_fails():
@@ -210,6 +259,30 @@ def test_floor_for_an_unknown_label_fails():
     assert "not a label of this model" in checks[0].reason
 
 
+def test_an_intent_that_loses_recall_against_production_beyond_the_margin_fails():
+    truth = ["a"] * 30 + ["b"] * 30 + ["c"] * 5
+    champion = list(truth)
+    candidate = ["b"] * 2 + ["a"] * 28 + ["a"] * 4 + ["b"] * 26 + ["a"] * 5
+    checks = class_recall_champion_checks(truth, candidate, champion, CONFIG)
+    # a: 28/30 (-0.067, inside the 0.1 margin); b: 26/30 (-0.133); c: too little support
+    assert [(c.name, c.passed) for c in checks] == [
+        ("recall_vs_production[a]", True),
+        ("recall_vs_production[b]", False),
+    ]
+    assert checks[1].reason.startswith("recall 0.8667 vs production 1.0000 on the same 30")
+    assert all(c.passed for c in class_recall_champion_checks(truth, truth, candidate, CONFIG))
+
+
+def test_a_first_release_on_new_data_follows_the_no_champion_rule():
+    truth, predicted = predictions()
+    reason = "production t:1 was trained on other labels (new data): first release on this data"
+    for policy, passed in (("pass", True), ("fail", False)):
+        config = gate_config(no_champion=policy)
+        (check,) = champion_checks(truth, predicted, None, config, new_data=reason)
+        assert check.passed is passed and not check.applied
+        assert check.reason == f"{reason}; gate.no_champion is '{policy}'"
+
+
 def test_worst_confusions_are_ranked_by_count():
     truth = ["a"] * 10 + ["b"] * 10
     predicted = ["a"] * 7 + ["b"] * 3 + ["b"] * 9 + ["a"]
@@ -235,6 +308,18 @@ def test_behaviour_rate_below_its_floor_fails():
     rates = {"casing": 1.0, "punctuation": 0.97, "typos": 0.6, "filler": 1.0, "must_pass": 1.0}
     checks = behaviour_checks(rates, CONFIG)
     assert [c.name for c in checks if not c.passed] == ["behaviour[typos]"]
+
+
+def test_behaviour_may_not_fall_under_productions_rate_beyond_the_margin():
+    rates = {"casing": 1.0, "punctuation": 0.97, "typos": 0.86, "filler": 0.9, "must_pass": 1.0}
+    production = {"typos": 0.92, "filler": 0.91, "must_pass": 1.0}
+    config = gate_config(behaviour={"typos": 0.75, "filler": 0.8})
+    checks = {c.name: c for c in behaviour_checks(rates, config, production)}
+    assert not checks["behaviour[typos]"].passed  # 0.86 < 0.92 - 0.03
+    assert checks["behaviour[typos]"].threshold == pytest.approx(0.89)
+    assert "production 0.9200" in checks["behaviour[typos]"].reason
+    assert checks["behaviour[filler]"].passed  # 0.90 >= 0.91 - 0.03, and over its floor
+    assert all(c.passed for c in behaviour_checks(rates, config, production | {"typos": 0.88}))
 
 
 def test_failing_must_pass_case_fails_the_gate():

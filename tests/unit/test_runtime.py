@@ -31,6 +31,7 @@ from textgate.runtime import (
     load_classifier,
 )
 from textgate.text import TextCleaning, clean_text
+from textgate.unknown import Gaussian, unknown_scores
 
 # Very different lengths, so a batch of them is sorted and padded; the long one is truncated.
 TEXTS = [
@@ -126,7 +127,7 @@ def test_onnx_inputs_are_the_tokenizer_inputs_with_dynamic_axes(fp32_dir: Path) 
     expected = AutoTokenizer.from_pretrained(fp32_dir).model_input_names
     assert [node.name for node in inputs] == list(expected)
     assert all(node.shape == ["batch", "sequence"] for node in inputs)
-    assert [node.name for node in classifier.session.get_outputs()] == ["logits"]
+    assert [node.name for node in classifier.session.get_outputs()] == ["logits", "embedding"]
 
 
 def test_fp32_onnx_matches_torch(fp32_dir: Path, torch_reference: TextClassifier) -> None:
@@ -137,6 +138,30 @@ def test_fp32_onnx_matches_torch(fp32_dir: Path, torch_reference: TextClassifier
     assert logits.dtype == np.float32
     expected = torch_reference.predict_logits(TEXTS, batch_size=64)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("onnx_dir", ["fp32", "int8"])
+def test_onnx_gives_the_unknown_score_torch_gives(
+    onnx_dir: str, fp32_dir: Path, int8_export: dict, torch_reference: TextClassifier
+) -> None:
+    # The Gaussian is fitted on torch's embeddings (as the train stage does); ONNX serving
+    # reads its own embedding output into the same numpy score.
+    model_dir = fp32_dir if onnx_dir == "fp32" else int8_export["model_dir"]
+    _, reference = torch_reference.predict_outputs(TEXTS, batch_size=64)
+    # Eight texts cannot give a well-conditioned covariance (a near-singular one would magnify
+    # int8 noise): an isotropic one at the embeddings' own scale, two texts as class means.
+    precision = np.eye(reference.shape[1], dtype=np.float32) / reference.var()
+    gaussian = Gaussian(means=reference[:2].copy(), precision=precision)
+    onnx = OnnxClassifier(model_dir)
+    logits, embeddings = onnx.predict_outputs(TEXTS, batch_size=3)
+    torch_logits, _ = torch_reference.predict_outputs(TEXTS, batch_size=64)
+    expected = unknown_scores("mahalanobis", torch_logits, reference, gaussian=gaussian)
+    served = unknown_scores("mahalanobis", logits, embeddings, gaussian=gaussian)
+    if onnx_dir == "fp32":
+        np.testing.assert_allclose(served, expected, rtol=1e-3, atol=1e-3)
+    else:  # int8 weights and activations: within a tenth of the scores' range (random weights)
+        np.testing.assert_allclose(served, expected, atol=0.1 * expected.max())
+        assert np.argsort(served)[-3:].tolist() == np.argsort(expected)[-3:].tolist()
 
 
 def test_int8_onnx_is_close_to_torch(int8_export: dict, torch_reference: TextClassifier) -> None:
@@ -294,7 +319,7 @@ def test_both_runtimes_abstain_below_the_threshold(
 ) -> None:
     model_dir = _copy(int8_export["model_dir"], tmp_path / "model", abstention={"threshold": 0.6})
     classifier = load_classifier(model_dir, runtime)  # type: ignore[arg-type]
-    assert classifier.abstain_threshold == 0.6
+    assert classifier.unknown is not None and classifier.unknown.method == "msp"
     predictions = classifier.predict(TEXTS, batch_size=64)
     assert any(p.abstained for p in predictions) and not all(p.abstained for p in predictions)
     for prediction in predictions:
@@ -417,14 +442,13 @@ def test_onnx_answers_exactly_as_with_the_transformers_tokenizer(int8_export: di
         assert lean.explain(text) == reference.explain(text), text
 
 
-def test_onnx_outputs_are_returned_by_name(int8_export: dict) -> None:
+def test_onnx_forward_gives_the_logits_and_the_pooled_embedding(int8_export: dict) -> None:
     classifier = OnnxClassifier(int8_export["model_dir"])
     ids = np.array([[101, 2026, 4003, 102]])
-    outputs = classifier.outputs_from_ids(ids, np.ones_like(ids))
-    assert list(outputs) == classifier.output_names == ["logits"]
-    np.testing.assert_array_equal(
-        outputs["logits"], classifier.logits_from_ids(ids, np.ones_like(ids))
-    )
+    assert classifier.output_names == {"logits", "embedding"}
+    logits, pooled = classifier.forward_from_ids(ids, np.ones_like(ids))
+    np.testing.assert_array_equal(logits, classifier.logits_from_ids(ids, np.ones_like(ids)))
+    assert pooled.shape == (1, classifier.hidden_size) and pooled.dtype == np.float32
 
 
 def test_cuda_is_not_asked_of_torch_without_an_nvidia_device(
@@ -456,7 +480,9 @@ def test_predictions_carry_the_margin_between_the_two_most_probable_labels() -> 
     from textgate.inference import make_predictions
 
     probabilities = np.array([[0.1, 0.6, 0.3], [0.45, 0.1, 0.45]])
-    first, second = make_predictions(probabilities, ["a", "b", "c"], abstain_threshold=0.5)
+    first, second = make_predictions(
+        probabilities, ["a", "b", "c"], probabilities.max(axis=1) < 0.5
+    )
     assert first.margin == pytest.approx(0.3) and not first.abstained
     assert second.margin == pytest.approx(0.0) and second.abstained
     (only,) = make_predictions(np.array([[1.0]]), ["a"])
