@@ -59,9 +59,7 @@ def _level(name: str) -> Any:
 
 def encode(classifier: OnnxClassifier, texts: Sequence[str]) -> list[list[int]]:
     """Each text's token ids, cleaned and truncated as serving does."""
-    from textgate.text import clean_text
-
-    cleaned = [clean_text(text, redact=classifier.redact_pii) for text in texts]
+    cleaned = classifier.clean(texts)
     encoded = classifier.tokenizer(cleaned, truncation=True, max_length=classifier.max_length)
     return encoded["input_ids"]
 

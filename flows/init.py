@@ -83,6 +83,16 @@ class _Found:
     facts: DataFacts
 
 
+# Labels that name out-of-scope examples (CLINC150's `oos`), compared case-insensitively.
+OUT_OF_SCOPE_NAMES = {"oos", "out_of_scope", "out-of-scope", "out of scope", "outofscope"}
+
+
+def out_of_scope_label(class_sizes: dict[str, int]) -> str | None:
+    """The data's label for out-of-scope examples, when one has such a name; else None."""
+    found = [label for label in class_sizes if label.strip().lower() in OUT_OF_SCOPE_NAMES]
+    return found[0] if len(found) == 1 else None
+
+
 def _data_values(params: Params, args: argparse.Namespace, root: Path, found: _Found) -> dict:
     """The `data:` section init writes."""
     data_path = Path(args.data).resolve()
@@ -91,13 +101,16 @@ def _data_values(params: Params, args: argparse.Namespace, root: Path, found: _F
     facts = found.facts
     duplicate_share = facts.duplicates / max(facts.rows, 1)
     test_format = found.test.format if found.test else None
+    # The labelled batches `textgate label import` writes are read with the file.
+    batches = f"{params.label.batch_dir}/*.csv"
     return {
         "raw_dir": _relative(folder, root),
-        "train_file": data_path.relative_to(folder).as_posix(),
+        "train_file": [data_path.relative_to(folder).as_posix(), batches],
         "test_file": test_path.relative_to(folder).as_posix() if test_path else None,
         "text_column": found.text_column,
         "label_column": found.label_column,
         "labels": None,
+        "out_of_scope_label": out_of_scope_label(facts.class_sizes),
         "encoding": _encoding(found.train.format, test_format)[0],
         "label_aliases": facts.label_aliases,
         "on_duplicates": (
@@ -182,6 +195,12 @@ def _checklist(params: Params, values: dict[str, Any], found: _Found) -> list[st
         todo.append(
             f"data.encoding {values['encoding']!r} was guessed: check that accented or "
             "non-Latin characters read right (python -m tasks.validate shows rows)"
+        )
+    if values["out_of_scope_label"]:
+        oos = values["out_of_scope_label"]
+        todo.append(
+            f"data.out_of_scope_label is {oos!r}: its {facts.class_sizes[oos]} rows are "
+            'out-of-scope examples, answered "unknown" (set null if it is an intent)'
         )
     if facts.label_aliases:
         todo.append(

@@ -217,11 +217,12 @@ def describe_facts(facts: DataFacts, limits: Limits) -> list[str]:
 # The comment each key of the `data:` section is written with.
 DATA_COMMENTS = {
     "raw_dir": "immutable input; a DVC dependency of `validate` and `prepare`",
-    "train_file": "CSV, TSV, JSON lines, Parquet or Excel inside raw_dir",
+    "train_file": "CSV, TSV, JSON lines, Parquet or Excel inside raw_dir; + label batches",
     "test_file": "optional fixed test file inside raw_dir; null = split one off",
     "text_column": None,
     "label_column": None,
     "labels": "the declared label set; null = inferred and recorded",
+    "out_of_scope_label": 'out-of-scope examples (e.g. oos), served as "unknown"; null = none',
     "encoding": "of CSV/TSV/JSON files, e.g. gb18030; null = detected per file",
     "label_aliases": "labels as written -> the label meant (variants by case or spaces)",
     "on_duplicates": "exact duplicate train rows: fail (over validate.max_duplicate_fraction)"

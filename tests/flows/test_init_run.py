@@ -21,7 +21,13 @@ def test_a_run_on_the_params_init_wrote_trains_and_counts_the_repairs(
         tmp_path / "ws",
         tiny_base_model,
         per_class=5,
-        overrides={"train": {"epochs": 1}, "evaluate": {"golden_requests": 5}},
+        overrides={
+            "train": {"epochs": 1},
+            "evaluate": {"golden_requests": 5},
+            # The tiny BERT's vocabulary is English: the Chinese text would fail
+            # tokenizer_coverage (tests/tasks/test_validate.py checks that refusal).
+            "validate": {"max_unknown_char_share": 1.0},
+        },
     )
     rows = make_rows(per_class=20, seed=3)
     # GB18030 with semicolons and CRLF; some labels with a trailing space and a capital.
