@@ -399,12 +399,15 @@ def unseen_mask(texts: Sequence[str], seen: set[str] | None) -> list[bool]:
 
 
 def class_recall_checks(
-    per_class: Mapping[str, Mapping[str, Any]], config: GateConfig
+    per_class: Mapping[str, Mapping[str, Any]],
+    config: GateConfig,
+    out_of_scope_label: str | None = None,
 ) -> list[Check]:
     """A recall floor per intent, applied only where its test support is at least the minimum.
 
     A label in `gate.class_recall_floors` that the model does not know fails (a misspelt
-    label would otherwise silently switch its floor off).
+    label would otherwise silently switch its floor off). The out-of-scope label is no intent:
+    its recall is `gate.out_of_scope.min_oos_recall`'s (unless class_recall_floors names it).
     """
     checks = []
     for label in sorted(set(config.class_recall_floors) - set(per_class)):
@@ -423,6 +426,16 @@ def class_recall_checks(
     for label, scores in per_class.items():
         floor = config.class_recall_floors.get(label, config.min_class_recall)
         support = int(scores.get("support", 0))
+        if label == out_of_scope_label and label not in config.class_recall_floors:
+            checks.append(
+                _not_applied_recall(
+                    label,
+                    scores,
+                    floor,
+                    "the out-of-scope label: gate.out_of_scope.min_oos_recall floors it",
+                )
+            )
+            continue
         if support < config.min_class_support:
             checks.append(
                 Check(
@@ -443,6 +456,19 @@ def class_recall_checks(
         )
         checks.append(check.model_copy(update={"reason": f"{check.reason} (support {support})"}))
     return checks
+
+
+def _not_applied_recall(label: str, scores: Mapping[str, Any], floor: float, why: str) -> Check:
+    return Check(
+        name=f"recall[{label}]",
+        kind="class_recall",
+        metric="recall",
+        value=_number(scores.get("recall")),
+        threshold=floor,
+        passed=True,
+        applied=False,
+        reason=f"not applied: {why}",
+    )
 
 
 def class_recall_champion_checks(
@@ -699,7 +725,9 @@ def evaluate_gate(
         *out_of_scope_checks(metrics, config),
         quantization_check(metrics, config),
         *champion,
-        *class_recall_checks(per_class, config),
+        *class_recall_checks(
+            per_class, config, (metrics.get("abstention") or {}).get("out_of_scope_label")
+        ),
         calibration_check(metrics, config),
         *behaviour_checks(metrics.get("behaviour"), config, production_behaviour),
     ]

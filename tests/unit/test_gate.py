@@ -234,10 +234,22 @@ def per_class(recalls: dict[str, float], support: int = 20):
 
 
 def test_class_under_its_recall_floor_fails():
-    checks = class_recall_checks(per_class({"refund": 0.95, "login": 0.5}), CONFIG)
+    checks = class_recall_checks(per_class({"refund": 0.95, "login": 0.4}), CONFIG)
     failed = [c for c in checks if not c.passed]
     assert [c.name for c in failed] == ["recall[login]"]
-    assert failed[0].reason == "recall 0.5000 < floor 0.7000 (support 20)"
+    assert failed[0].reason == "recall 0.4000 < floor 0.5000 (support 20)"
+
+
+def test_the_out_of_scope_label_has_its_own_floor_not_an_intents():
+    recalls = per_class({"refund": 0.95, "oos": 0.3, "login": 0.2})
+    checks = {c.name: c for c in class_recall_checks(recalls, CONFIG, out_of_scope_label="oos")}
+    assert checks["recall[oos]"].passed and not checks["recall[oos]"].applied
+    assert "gate.out_of_scope.min_oos_recall" in checks["recall[oos]"].reason
+    assert not checks["recall[login]"].passed  # the intents keep theirs
+    # Named in class_recall_floors, the out-of-scope label gets that floor.
+    config = gate_config(class_recall_floors={"oos": 0.5})
+    named = {c.name: c for c in class_recall_checks(recalls, config, out_of_scope_label="oos")}
+    assert not named["recall[oos]"].passed and named["recall[oos]"].applied
 
 
 def test_per_label_floor_overrides_the_default():

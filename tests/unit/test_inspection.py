@@ -76,6 +76,7 @@ def test_replace_section_keeps_every_other_byte():
         "text_column": "body",
         "label_column": "queue",
         "labels": None,
+        "out_of_scope_label": None,
         "encoding": "gb18030",
         "label_aliases": {"Refund ": "refund"},
         "on_duplicates": "fail",
