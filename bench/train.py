@@ -226,6 +226,7 @@ def thresholded(
                 oos_index=oos,
                 target_precision=config.abstain_target_precision,
                 target_oos_recall=config.abstain_target_oos_recall,
+                max_unknown_share=config.abstain_max_share,
             )
             result["policy"] = policy.to_dict()
         unknown = served_unknown(logits.argmax(axis=1), scores, policy.threshold, oos)

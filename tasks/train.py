@@ -78,6 +78,7 @@ NOT_IN_FINGERPRINT = {
     "output_dir",
     "quantize",
     "abstain_target_precision",
+    "abstain_max_share",
     "processes",  # the resolved count is hashed instead
     "checkpoint_dir",
     "checkpoint_every_steps",
@@ -322,6 +323,7 @@ def choose_abstention(
         oos_index=oos_index(params, splits.labels),
         target_precision=config.abstain_target_precision,
         target_oos_recall=config.abstain_target_oos_recall,
+        max_unknown_share=config.abstain_max_share,
     )
     recall = "" if policy.oos_recall is None else f", out-of-scope recall {policy.oos_recall:.4f}"
     print(
@@ -329,6 +331,11 @@ def choose_abstention(
         f"{policy.coverage:.1%} with precision {policy.precision:.4f}{recall} (target "
         f"{policy.target} {policy.target_value}"
         + ("" if policy.reached else ", not reached: the best the data allows")
+        + (
+            f"; capped at train.abstain_max_share {config.abstain_max_share}"
+            if policy.capped
+            else ""
+        )
         + ")"
     )
     return policy

@@ -177,6 +177,9 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "off"]
     quantize: Literal["int8", "off"]
     abstain_target_precision: float = Field(gt=0, le=1)
+    # Under the precision target, at most this share of validation answered "unknown" by
+    # score; None = no cap.
+    abstain_max_share: float | None = Field(ge=0, le=1)
     # The unknown score (textgate.unknown): msp | energy | mahalanobis.
     unknown_score: Literal["msp", "energy", "mahalanobis"]
     # With out-of-scope examples in validation: the share of them to answer "unknown"

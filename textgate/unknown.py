@@ -128,6 +128,9 @@ class UnknownPolicy:
     precision: float  # of the answered validation examples
     oos_recall: float | None
     n: int
+    # The precision target would have answered "unknown" to more than the allowed share
+    # (`max_unknown_share`): the threshold was raised to that share instead.
+    capped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for `training.json["abstention"]`."""
@@ -156,17 +159,22 @@ def choose_unknown_threshold(
     oos_index: int | None,
     target_precision: float,
     target_oos_recall: float | None,
+    max_unknown_share: float | None = None,
 ) -> UnknownPolicy:
     """The highest threshold (fewest "unknown" answers) that meets the target on validation.
 
     With out-of-scope examples in `y_true` and a `target_oos_recall`, the target is that share
     of them answered "unknown"; otherwise the precision of the answered examples (an answered
-    out-of-scope example is wrong). When no threshold reaches the target, the closest one.
+    out-of-scope example is wrong), with at most `max_unknown_share` of the examples answered
+    "unknown" by score (None: no cap): a model of 91% accuracy would otherwise turn a quarter
+    of its traffic into "unknown" to reach 98% precision. When no threshold reaches the
+    target, the closest one.
     """
     scores, y_true, predicted = map(np.asarray, (scores, y_true, predicted))
     if len(scores) == 0:
         raise ValueError("cannot choose an unknown threshold: no examples")
     is_oos = y_true == oos_index if oos_index is not None else np.zeros(len(y_true), bool)
+    capped = False
     if target_oos_recall is not None and is_oos.any():
         threshold = _threshold_for_recall(scores, is_oos, predicted, oos_index, target_oos_recall)
         target, value = "oos_recall", target_oos_recall
@@ -179,6 +187,10 @@ def choose_unknown_threshold(
             if open_rows.any()
             else None
         )
+        lowest = _lowest_threshold(scores[open_rows], max_unknown_share)
+        capped = threshold is not None and lowest is not None and lowest > threshold
+        if capped:
+            threshold = lowest
         target, value = "precision", target_precision
     unknown = served_unknown(predicted, scores, threshold, oos_index)
     answered = ~unknown
@@ -195,7 +207,18 @@ def choose_unknown_threshold(
         precision=precision,
         oos_recall=recall,
         n=len(scores),
+        capped=capped,
     )
+
+
+def _lowest_threshold(scores: np.ndarray, max_unknown_share: float | None) -> float | None:
+    """The lowest threshold above which at most `max_unknown_share` of `scores` lie."""
+    if max_unknown_share is None or len(scores) == 0:
+        return None
+    allowed = math.floor(max_unknown_share * len(scores) + 1e-9)  # rows that may score above
+    if allowed >= len(scores):
+        return None
+    return float(np.sort(scores)[len(scores) - 1 - allowed])
 
 
 def _threshold_for_recall(

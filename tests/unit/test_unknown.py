@@ -104,6 +104,27 @@ def test_the_threshold_meets_its_precision_target_without_out_of_scope_rows():
     assert policy.coverage == pytest.approx(answered.mean())
 
 
+def test_the_precision_target_never_answers_unknown_beyond_the_cap():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 500)
+    wrong = rng.random(500) < 0.2  # a model of 80%: 98% precision needs many "unknown"
+    predicted = np.where(wrong, (y + 1) % 3, y)
+    scores = rng.normal(0, 1, 500) + 0.5 * wrong
+    args = ("msp", scores, y, predicted)
+    kwargs = {"oos_index": None, "target_precision": 0.98, "target_oos_recall": None}
+    free = choose_unknown_threshold(*args, **kwargs)
+    assert free.coverage < 0.9 and not free.capped
+    capped = choose_unknown_threshold(*args, **kwargs, max_unknown_share=0.1)
+    assert capped.capped and not capped.reached
+    assert capped.coverage >= 0.9 and (scores > capped.threshold).mean() <= 0.1
+    # The lowest threshold within the cap: one step lower answers "unknown" to more.
+    lower = np.sort(scores[scores < capped.threshold])[-1]
+    assert (scores > lower).mean() > 0.1
+    # A model that reaches the target within the cap is not capped.
+    good = choose_unknown_threshold("msp", scores, y, y, **kwargs, max_unknown_share=0.1)
+    assert not good.capped and good.reached
+
+
 def test_served_scores_count_unknown_as_right_only_on_out_of_scope_rows():
     y = np.array([0, 1, 2, 2])  # 2 is out of scope
     predicted = np.array([0, 0, 1, 2])
