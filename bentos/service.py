@@ -14,9 +14,11 @@ Endpoints (JSON in, JSON out; anything else is a 4xx naming the problem, never a
   local assets only, no third-party script (BentoML's own embeds Google Tag Manager).
 - Every error is JSON `{"error": ...}`, 404 and 405 included; a rejected request is logged as
   one WARNING line with its route, status and the failing fields, never the text.
-- Overload: at most `max_concurrency` API requests in flight per worker (the bento argument,
-  from `serve.max_concurrency` in params.yaml); more get 503 with `Retry-After` and
-  `{"error": "overloaded: ..."}`, as does a request the batch queue cannot serve in time.
+- Overload: at most `max_concurrency` full requests' worth of work in flight per worker (the
+  bento argument, from `serve.max_concurrency` in params.yaml; a /classify request weighs its
+  body size against a full one's, so one-text requests are light); more get 503 with
+  `Retry-After` and `{"error": "overloaded: ..."}`, as does a request the batch queue cannot
+  serve in time.
 
 Which model: the bento argument `model_tag`, which `tasks.package` sets to the exact tag it
 has just saved, so it is recorded in the bento and restored whenever that bento is served
@@ -620,28 +622,68 @@ class ModelHeaderMiddleware:
 
 
 class OverloadMiddleware:
-    """At most `max_concurrency` requests in flight on the API routes, per worker.
+    """At most `max_concurrency` full requests' worth of work in flight on the API routes,
+    per worker.
 
-    Beyond it, or when BentoML's batch queue refuses a request it cannot serve within the
-    API's max_latency_ms (a 503 with a generic body), the answer is 503 with `Retry-After`
-    and `{"error": "overloaded: ..."}`: the client should retry, nothing is wrong with it.
+    A request on a `weighed_routes` route (/classify) weighs its declared body size over
+    `full_request_bytes`, the body of a full request (64 texts of 2000 characters), at most 1:
+    one short text is a small fraction of a full request's tokenizer and model work, so many
+    clients sending one text each are all served, while eight full requests fill a worker.
+    Other routes (/explain: one forward pass per token), and a body of unknown size, weigh 1.
+    A worker with nothing in flight always takes the request. Beyond the limit, or when
+    BentoML's batch queue refuses a request it cannot serve within the API's max_latency_ms
+    (a 503 with a generic body), the answer is 503 with `Retry-After` and
+    `{"error": "overloaded: ..."}`: the client should retry, nothing is wrong with it.
     """
 
     def __init__(
-        self, app: ASGIApp, routes: Collection[str], max_concurrency: int, retry_after_s: int
+        self,
+        app: ASGIApp,
+        routes: Collection[str],
+        max_concurrency: int,
+        retry_after_s: int,
+        full_request_bytes: int = 64 * 2000,
+        weighed_routes: Collection[str] = ("/classify",),
     ) -> None:
         self.app = app
         self.routes = frozenset(routes)
         self.max_concurrency = max_concurrency
         self.retry_after_s = retry_after_s
-        self.in_flight = 0  # one event loop per worker: no lock needed
+        self.full_request_bytes = full_request_bytes
+        self.weighed_routes = frozenset(weighed_routes)
+        # One event loop per worker: no lock needed. The count bounds the requests held.
+        self.in_flight = 0
+        self.load = 0.0
+
+    def weight(self, scope: Scope) -> float:
+        """The share of a full request's work this request declares (see the class)."""
+        if scope.get("path") not in self.weighed_routes:
+            return 1.0
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    size = int(value)
+                except ValueError:
+                    return 1.0
+                return min(1.0, max(size, 1) / self.full_request_bytes)
+        return 1.0
+
+    def admits(self, weight: float) -> bool:
+        """Whether a request of `weight` fits beside the work in flight."""
+        if self.in_flight == 0:
+            return True
+        if self.in_flight >= self.max_concurrency * MAX_TEXTS_PER_REQUEST:
+            return False
+        return self.load + weight <= self.max_concurrency + 1e-9
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") not in self.routes:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_concurrency:
-            await self._refuse(send, f"{self.max_concurrency} requests in flight per worker")
+        weight = self.weight(scope)
+        if not self.admits(weight):
+            why = f"{self.max_concurrency} full requests' worth of work in flight per worker"
+            await self._refuse(send, why)
             return
         refused = False
 
@@ -655,10 +697,12 @@ class OverloadMiddleware:
                 await send(message)
 
         self.in_flight += 1
+        self.load += weight
         try:
             await self.app(scope, receive, overload_aware)
         finally:
             self.in_flight -= 1
+            self.load -= weight
 
     async def _refuse(self, send: Send, why: str) -> None:
         message = f"overloaded: {why}; retry after {self.retry_after_s} s"
@@ -846,6 +890,8 @@ TextgateService.add_asgi_middleware(
     routes=API_ROUTES,
     max_concurrency=SETTINGS.max_concurrency,
     retry_after_s=SETTINGS.retry_after_s,
+    full_request_bytes=MAX_TEXTS_PER_REQUEST * SETTINGS.max_text_chars,
+    weighed_routes=[TextgateService.apis["classify"].route],
 )
 TextgateService.add_asgi_middleware(LocalIndexMiddleware)
 TextgateService.add_asgi_middleware(JsonBodyMiddleware, routes=API_ROUTES)

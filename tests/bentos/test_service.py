@@ -797,10 +797,17 @@ def test_unknown_routes_and_wrong_methods_get_json_errors() -> None:
     assert client.post("/classify", content=b"ab").json() == {"path": "/classify", "bytes": 2}
 
 
+FULL = 100  # bytes of a full request in these tests
+
+
 def _overload_app(handler, max_concurrency: int = 2) -> TestClient:  # type: ignore[no-untyped-def]
     app = Starlette(routes=[Route("/classify", handler, methods=["POST"])])
     app.add_middleware(
-        OverloadMiddleware, routes=["/classify"], max_concurrency=max_concurrency, retry_after_s=3
+        OverloadMiddleware,
+        routes=["/classify"],
+        max_concurrency=max_concurrency,
+        retry_after_s=3,
+        full_request_bytes=FULL,
     )
     return TestClient(app)
 
@@ -825,15 +832,41 @@ def test_requests_beyond_the_concurrency_limit_get_503_with_retry_after() -> Non
             await anyio.to_thread.run_sync(release.wait)
         return JSONResponse({"ok": True})
 
+    full = b"x" * FULL
     with _overload_app(slow) as client, ThreadPoolExecutor(max_workers=2) as pool:
-        held = [pool.submit(client.post, "/classify?hold=1") for _ in range(2)]
+        held = [pool.submit(client.post, "/classify?hold=1", content=full) for _ in range(2)]
         two_in.wait(timeout=10)  # both held requests are inside
-        refused = client.post("/classify")
+        refused = client.post("/classify", content=full)
+        light = client.post("/classify", content=b"x")  # refused too: the worker is full
         release.set()
         assert [future.result().status_code for future in held] == [200, 200]
-        assert client.post("/classify").status_code == 200  # the slots are free again
+        assert client.post("/classify", content=full).status_code == 200  # free again
     _assert_overloaded(refused)
-    assert "2 requests in flight per worker" in refused.json()["error"]
+    _assert_overloaded(light)
+    assert "2 full requests' worth of work in flight per worker" in refused.json()["error"]
+
+
+def test_short_requests_weigh_their_share_of_a_full_one() -> None:
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    middleware = OverloadMiddleware(ok, ["/classify", "/explain"], 2, 3, full_request_bytes=FULL)
+    headers = [(b"content-length", b"10")]
+    assert middleware.weight({"path": "/classify", "headers": headers}) == 0.1
+    assert middleware.weight({"path": "/classify", "headers": [(b"content-length", b"999")]}) == 1
+    assert middleware.weight({"path": "/classify", "headers": []}) == 1  # size unknown
+    assert middleware.weight({"path": "/explain", "headers": headers}) == 1  # not weighed
+    # One full request and ten of a tenth fill a worker of two; one more does not fit.
+    middleware.in_flight, middleware.load = 11, 2.0
+    assert not middleware.admits(0.1)
+    middleware.in_flight, middleware.load = 10, 1.9
+    assert middleware.admits(0.1)
+    # 16 clients of one short text each (the bench's load) all fit in one worker.
+    middleware.in_flight, middleware.load = 15, 15 * 0.01
+    assert middleware.admits(0.01)
+    # Nothing in flight: even a request heavier than the limit is taken.
+    middleware.in_flight, middleware.load = 0, 0.0
+    assert OverloadMiddleware(ok, ["/classify"], 0, 3).admits(1.0)
 
 
 def test_the_batch_queues_generic_503_becomes_an_overload_answer() -> None:
