@@ -92,7 +92,8 @@ def run(work: Path, endpoint: str, registry_url: str) -> dict[str, Any]:
         figures["a_" + what.split(" ")[0] + "_" + what.split(" ")[1] + "_s"] = float(seconds)
     figures["dvc_cache_mb"] = size_mb(a / ".dvc" / "cache")
     b, env_b = machine(work, "b", shared)
-    # What `git pull` of A's commit would bring: the run's dvc.lock.
+    # What `git pull` of A's commit would bring: the remote in .dvc/config and the run's dvc.lock.
+    shutil.copy(a / ".dvc" / "config", b / ".dvc" / "config")
     shutil.copy(a / "dvc.lock", b / "dvc.lock")
     log("B: dvc pull, bento import")
     figures["b_dvc_pull_s"], _ = timed([sys.executable, "-m", "dvc", "pull"], b, env_b)
