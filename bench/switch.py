@@ -110,13 +110,15 @@ def percentiles(answers: list[Answer]) -> dict[str, float | int | None]:
 
 
 def build_bentos(work: Path, clients: int) -> list[Release]:
-    """Two tiny bentos (different random encoders) in the current BENTOML_HOME.
+    """Two tiny bentos (different random encoders, int8 CPU bentos) in the current
+    BENTOML_HOME.
 
     Their serve.max_concurrency is `clients`: the benchmark is about switching, not about
     the overload answer that more clients than 8 per worker would get.
     """
     from tasks.package import package_model
     from textgate.config import load_params
+    from textgate.export import export_onnx
     from textgate.model import build_classifier, save_classifier
 
     params = load_params(ROOT / PARAMS_FILE)
@@ -130,6 +132,9 @@ def build_bentos(work: Path, clients: int) -> list[Release]:
         model_dir = save_classifier(
             model, tokenizer, ["lost_card", "login", "refund"], metadata, work / f"model-{seed}"
         )
+        # With its int8 ONNX export the model gets the CPU bento (no torch), as the pipeline's
+        # models do on CPUs: the switch starts what production would start.
+        export_onnx(model_dir)
         packaged = package_model(model_dir, params=params, metrics={}, lineage={})
         releases.append(
             Release.create(
