@@ -395,16 +395,6 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop (libuv) where it is installed, else asyncio's: the proxy's own CPU
-    per forwarded request is what following production costs (bench.switch)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class ProxyThread:
     """The proxy's aiohttp server on the public socket, in a thread with its own loop."""
 
@@ -412,7 +402,7 @@ class ProxyThread:
         from aiohttp import web
 
         self.proxy = proxy
-        self.loop = _event_loop()
+        self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False)
         self.loop.run_until_complete(self.runner.setup())
         self.loop.run_until_complete(web.SockSite(self.runner, sock).start())
