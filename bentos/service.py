@@ -642,7 +642,7 @@ class OverloadMiddleware:
         routes: Collection[str],
         max_concurrency: int,
         retry_after_s: int,
-        full_request_bytes: int = 64 * 2000,
+        full_request_bytes: int = MAX_TEXTS_PER_REQUEST * 2000,
         weighed_routes: Collection[str] = ("/classify",),
     ) -> None:
         self.app = app

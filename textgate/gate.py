@@ -437,19 +437,8 @@ def class_recall_checks(
             )
             continue
         if support < config.min_class_support:
-            checks.append(
-                Check(
-                    name=f"recall[{label}]",
-                    kind="class_recall",
-                    metric="recall",
-                    value=_number(scores.get("recall")),
-                    threshold=floor,
-                    passed=True,
-                    applied=False,
-                    reason=f"not applied: test support {support} < gate.min_class_support "
-                    f"{config.min_class_support}",
-                )
-            )
+            why = f"test support {support} < gate.min_class_support {config.min_class_support}"
+            checks.append(_not_applied_recall(label, scores, floor, why))
             continue
         check = _bound_check(
             f"recall[{label}]", "class_recall", "recall", scores.get("recall"), floor

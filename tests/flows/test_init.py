@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from flows.cli import main
+from flows.init import out_of_scope_label
 from tasks import prepare, validate
 from tasks.common import StageFailed
 from tests.conftest import make_rows
@@ -222,6 +223,17 @@ def test_duplicates_over_the_threshold_are_dropped_when_init_says_so(workspace, 
     failing = params.data.model_copy(update={"on_duplicates": "fail"})
     with pytest.raises(StageFailed, match=r"duplicate_fraction: .*data\.on_duplicates: drop"):
         validate.run(params.model_copy(update={"data": failing}))
+
+
+def test_an_out_of_scope_label_is_declared_and_only_an_unambiguous_one(workspace, capsys):
+    rows = make_rows(per_class=8) + [(f"off topic question {i}", "oos") for i in range(8)]
+    path = write_shape("plain", workspace / "data" / "train.csv", rows)
+    assert init(workspace, path) == 0
+    assert "data.out_of_scope_label is 'oos': its 8 rows" in capsys.readouterr().out
+    assert load_params(workspace / "params.yaml").data.out_of_scope_label == "oos"
+    # Two labels that could be it: init declares neither and leaves it to the user.
+    assert out_of_scope_label({"oos": 8, "Out_Of_Scope": 8, "refund": 8}) is None
+    assert out_of_scope_label({"refund": 8}) is None
 
 
 def test_a_class_of_three_examples_is_refused_naming_the_param(workspace, capsys):
