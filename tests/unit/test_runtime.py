@@ -119,6 +119,20 @@ def test_int8_export_keeps_only_the_file_serving_loads(int8_export: dict) -> Non
     assert int8_export["export_seconds"] > 0
 
 
+def test_export_fuses_attention_into_one_operator(int8_export: dict, fp32_dir: Path) -> None:
+    import onnx
+
+    def op_types(path: Path) -> set[str]:
+        return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+    # One fused operator per layer (QAttention once quantised), not the unfused products:
+    # the exporter traces the eager attention, which ONNX Runtime's optimiser recognises.
+    fp32_ops = op_types(fp32_dir / ONNX_FP32)
+    assert {"Attention", "EmbedLayerNormalization"} <= fp32_ops
+    assert "Softmax" not in fp32_ops
+    assert "QAttention" in op_types(int8_export["model_dir"] / ONNX_INT8)
+
+
 def test_onnx_inputs_are_the_tokenizer_inputs_with_dynamic_axes(fp32_dir: Path) -> None:
     from transformers import AutoTokenizer
 
