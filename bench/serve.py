@@ -341,10 +341,11 @@ class Options:
     rounds: int = 4
 
 
-def load_texts(params_path: Path) -> list[str]:
-    """The test split's texts (`<prepare.output_dir>/test.parquet`, column `text`)."""
+def load_texts(params_path: Path, split: str = "test") -> list[str]:
+    """A split's texts (`<prepare.output_dir>/<split>.parquet`, column `text`): the test
+    split by default."""
     params = resolve_paths(load_params(params_path), params_path.resolve().parent)
-    path = prepare_outputs(params).split("test")
+    path = prepare_outputs(params).split(split)
     if not path.is_file():
         raise DataError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
     texts = [str(text) for text in pd.read_parquet(path, columns=["text"])["text"]]

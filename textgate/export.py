@@ -50,14 +50,18 @@ class _LogitsAndEmbedding(torch.nn.Module):
         return output.logits, mean_pooled(output.hidden_states[-1], named["attention_mask"])
 
 
-def _export_fp32(model_dir: Path, out: Path) -> None:
-    """Trace the checkpoint in `model_dir` to an fp32 ONNX graph with dynamic batch and length."""
+def _export_fp32(model_dir: Path, out: Path, attention: str = "eager") -> None:
+    """Trace the checkpoint in `model_dir` to an fp32 ONNX graph with dynamic batch and length.
+
+    `attention` is transformers' attention implementation to trace (bench.onnx_options
+    compares "sdpa", the earlier export, with "eager").
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # The eager attention traces to the pattern ONNX Runtime's optimiser fuses into one
     # Attention operator (QAttention once quantised); SDPA's graph (transformers' default)
     # is left unfused. Same logits; the int8 model ran 3.69 against 4.18 ms of CPU per text.
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, attn_implementation="eager"
+        model_dir, attn_implementation=attention
     )
     model.to("cpu", torch.float32).eval()
     example = tokenizer(list(_EXAMPLE_TEXTS), padding=True, return_tensors="pt")

@@ -34,3 +34,36 @@ def test_every_variant_is_measured_against_the_serving_options(
     # Options that only change how memory is managed must not change any answer.
     unchanged = {row["variant"]: row["max_logit_change"] for row in rows}
     assert unchanged["memory arena off"] == unchanged["memory patterns off"] == 0.0
+
+
+def test_the_earlier_export_and_static_int8_are_measured_with_the_serving_options(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    from textgate.export import export_onnx
+    from textgate.runtime import OnnxClassifier
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    export_onnx(model_dir)
+    classifier = OnnxClassifier(model_dir, threads=1)
+    texts = ["my card was stolen", "refund", "I cannot sign in at all today", "hi"] * 10
+    work = tmp_path / "variants"
+    work.mkdir()
+    files = onnx_options.export_variants(model_dir, texts[:12], work)
+    assert len(files) == 2 and all(path.is_file() for path in files.values())
+    ops = {
+        name: {node.op_type for node in onnx.load(str(path)).graph.node}
+        for name, path in files.items()
+    }
+    before = next(name for name in files if "before" in name)
+    static = next(name for name in files if "static" in name)
+    assert "QAttention" not in ops[before] and "MatMulInteger" in ops[before]  # unfused
+    # Static: int8 tensors with fixed scales (QDQ pairs), nothing quantised at run time.
+    assert "DequantizeLinear" in ops[static] and "DynamicQuantizeLinear" not in ops[static]
+    ids = onnx_options.encode(classifier, texts)
+    rows = onnx_options.compare_options(classifier.onnx_path, ids, repeats=1, other_files=files)
+    measured = {row["variant"]: row for row in rows}
+    assert set(files) < set(measured)
+    # The same checkpoint: the variants answer much as the served file does.
+    assert measured[before]["same_label_share"] > 0.9
