@@ -25,6 +25,7 @@ import asyncio
 import math
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +66,9 @@ MAX_ERRORS = 0
 MAX_RSS_MB = 700.0  # the bento's processes together, after the load
 MAX_START_S = 5.0  # `bentoml serve` launched -> /readyz answers 200
 MAX_RSS_GROWTH_PCT = 10.0
+# --through-serve (issue: following production must cost the steady state nothing measurable)
+MIN_FOLLOWING_THROUGHPUT_RATIO = 3.0  # through `textgate serve` / baseline
+MAX_FOLLOWING_CPU_INCREASE_PCT = 5.0  # through `textgate serve` vs the same bento directly
 
 READY_TIMEOUT_S = 120.0
 READY_POLL_S = 0.1
@@ -231,6 +235,13 @@ class Server:
     url: str
     pid: int
     start_s: float = math.nan
+    # Processes counted without their descendants: `textgate serve`'s supervisor (where its
+    # proxy runs), whose descendants are the bentos it serves (counted from `pid`).
+    alone: tuple[int, ...] = ()
+
+    def processes(self) -> list[psutil.Process]:
+        """The server's process tree, and the `alone` processes."""
+        return [*process_tree(self.pid), *(psutil.Process(pid) for pid in self.alone)]
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -321,6 +332,59 @@ def serve_bento_server(bento_tag: str, *, threads: int | None, workdir: Path) ->
         yield Server(url=url, pid=started[0].pid, start_s=start_s)
 
 
+@contextmanager
+def serve_following(
+    bento_tag: str, model_tag: str, *, workdir: Path
+) -> Iterator[tuple[Server, Server]]:
+    """`textgate serve` following a throwaway registry whose production is `bento_tag`.
+
+    Yields the bento it started, reached directly (its private port; its process tree), and
+    the same bento through `textgate serve`'s port (the same tree plus the supervisor, where
+    the proxy runs): the cost of following, on the same bento process.
+    """
+    from bench.switch import serve_state, start_serve, wait_serving
+    from textgate.registry import Release
+
+    work = Path(workdir) / "following"
+    work.mkdir()
+    release = Release.create(
+        bento_tag=bento_tag, model_tag=model_tag, reason="bench.serve --through-serve"
+    )
+    Registry(work / "state" / "registry.json").promote(release)
+    port = free_port()
+    launched = time.perf_counter()
+    supervisor = start_serve(work, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_serving(url, bento_tag, supervisor, READY_TIMEOUT_S)
+        start_s = time.perf_counter() - launched
+        bento = serve_state(work, port)["bentos"][0]
+        bento_pid = int(bento["processes"][0][0])
+        yield (
+            Server(url=bento["url"], pid=bento_pid),
+            Server(url=url, pid=bento_pid, start_s=start_s, alone=(supervisor.pid,)),
+        )
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+
+
+def following_summary(
+    direct: dict[str, Any], served: dict[str, Any], baseline: dict[str, Any]
+) -> dict[str, Any]:
+    """What following costs: `textgate serve` against the same bento reached directly."""
+    return {
+        "bento_direct": direct,
+        "textgate_serve": served,
+        "throughput_ratio": ratio(served["throughput_rps"], baseline["throughput_rps"]),
+        "cpu_increase_pct": 100
+        * (ratio(served["cpu_ms_per_request"], direct["cpu_ms_per_request"]) - 1),
+    }
+
+
 # --- the benchmark ---------------------------------------------------------------------------
 
 
@@ -339,6 +403,7 @@ class Options:
     timeout_s: float
     bento_threads: int | None = None
     rounds: int = 4
+    through_serve: bool = False
 
 
 def load_texts(params_path: Path, split: str = "test") -> list[str]:
@@ -411,7 +476,7 @@ class Measured:
 
     def summary(self) -> dict[str, Any]:
         summary = summarize(self.result)
-        processes = process_tree(self.server.pid)
+        processes = self.server.processes()
         # CPU time per answered request: less sensitive than wall time to other load on the host.
         summary["server_cpu_s"] = self.cpu_s
         ok = summary["ok"]
@@ -446,7 +511,7 @@ def measure_rounds(
     sizes = round_sizes(options.requests, options.rounds)
     for number, size in enumerate(sizes, start=1):
         for item in measured:
-            processes = process_tree(item.server.pid)
+            processes = item.server.processes()
             cpu_before = tree_cpu_seconds(processes)
             result = asyncio.run(
                 drive(
@@ -519,7 +584,10 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 def evaluate_targets(
-    bento: dict[str, Any], baseline: dict[str, Any], soak_summary: dict[str, Any] | None
+    bento: dict[str, Any],
+    baseline: dict[str, Any],
+    soak_summary: dict[str, Any] | None,
+    following: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Each target with its value, threshold and verdict, and whether all are met.
 
@@ -541,6 +609,17 @@ def evaluate_targets(
     for key, limit in (("rss_mb", MAX_RSS_MB), ("start_s", MAX_START_S)):
         if key in bento:  # NaN (not measured) fails
             checks[key] = check(bento[key], limit, bento[key] <= limit)
+    if following is not None:
+        through = following["throughput_ratio"]
+        checks["following_throughput_ratio"] = check(
+            through, MIN_FOLLOWING_THROUGHPUT_RATIO, through >= MIN_FOLLOWING_THROUGHPUT_RATIO
+        )
+        increase = following["cpu_increase_pct"]
+        checks["following_cpu_increase_pct"] = check(
+            increase, MAX_FOLLOWING_CPU_INCREASE_PCT, increase <= MAX_FOLLOWING_CPU_INCREASE_PCT
+        )
+        served_errors = following["textgate_serve"]["errors"]
+        checks["following_errors"] = check(served_errors, MAX_ERRORS, served_errors <= MAX_ERRORS)
     if soak_summary is not None:
         growth = soak_summary["rss_growth_pct"]
         checks["soak_rss_growth_pct"] = check(
@@ -560,15 +639,17 @@ def build_report(
     agreement: float,
     config: dict[str, Any],
     machine: dict[str, Any],
+    following: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole result, as printed on the JSON last line."""
     return {
+        "following": following,
         "bento": bento,
         "baseline": baseline,
         "throughput_ratio": ratio(bento["throughput_rps"], baseline["throughput_rps"]),
         "p99_ratio": ratio(bento["p99_ms"], baseline["p99_ms"]),
         "label_agreement": agreement,
-        "targets": evaluate_targets(bento, baseline, soak_summary),
+        "targets": evaluate_targets(bento, baseline, soak_summary, following),
         "soak": soak_summary,
         "config": config,
         "machine": machine,
@@ -622,6 +703,30 @@ def format_report(report: dict[str, Any]) -> str:
     agreement = report["label_agreement"]
     if not math.isnan(agreement):
         lines.append(f"label agreement (same requests): {agreement:.2%}")
+    following = report.get("following")
+    if following is not None:
+        direct, served = following["bento_direct"], following["textgate_serve"]
+        lines.append(
+            "following production (the bento textgate serve started, directly | through "
+            "textgate serve):"
+        )
+        for title, key, pattern in (
+            ("  requests, errors", "errors", "{:.0f}"),
+            ("  throughput (req/s)", "throughput_rps", "{:.1f}"),
+            ("  p50 latency (ms)", "p50_ms", "{:.1f}"),
+            ("  p99 latency (ms)", "p99_ms", "{:.1f}"),
+            ("  server CPU/request (ms)", "cpu_ms_per_request", "{:.2f}"),
+        ):
+            if key == "errors":
+                left = f"{direct['requests']}, {direct['errors']}"
+                right = f"{served['requests']}, {served['errors']}"
+            else:
+                left, right = cell(direct, key, pattern), cell(served, key, pattern)
+            lines.append(f"{title:28}{left:>12} | {right:<12}")
+        lines.append(
+            f"  textgate serve: {following['throughput_ratio']:.2f}x the baseline's throughput, "
+            f"CPU per request {following['cpu_increase_pct']:+.1f}% over the bento directly"
+        )
     soak_summary = report["soak"]
     if soak_summary is not None:
         lines.append(
@@ -646,6 +751,17 @@ def format_report(report: dict[str, Any]) -> str:
         "start_s": ("bento start to ready", "{:.1f} s", "<= {:.1f} s"),
         "soak_rss_growth_pct": ("soak RSS growth", "{:+.1f}%", "< {:.0f}%"),
         "soak_errors": ("soak errors", "{:.0f}", "<= {:.0f}"),
+        "following_throughput_ratio": (
+            "textgate serve/baseline throughput",
+            "{:.2f}x",
+            ">= {:.1f}x",
+        ),
+        "following_cpu_increase_pct": (
+            "textgate serve CPU/request over the bento directly",
+            "{:+.1f}%",
+            "<= {:.0f}%",
+        ),
+        "following_errors": ("textgate serve errors", "{:.0f}", "<= {:.0f}"),
     }
     for key, (title, shown, bound) in descriptions.items():
         if key not in targets:
@@ -677,6 +793,7 @@ def run(options: Options) -> dict[str, Any]:
     }
     log(f"bento {bento_tag}, model {model_tag}, {len(texts)} test texts, {options.threads} threads")
     soak_summary = None
+    following = None
     with tempfile.TemporaryDirectory(prefix="textgate-bench-") as tmp, ExitStack() as baseline_up:
         workdir = Path(tmp)
         log("baseline: starting uvicorn")
@@ -687,16 +804,26 @@ def run(options: Options) -> dict[str, Any]:
         with serve_bento_server(
             bento_tag, threads=options.bento_threads, workdir=workdir
         ) as bento_server:
-            warm_up("baseline", baseline_server, texts, options)
-            warm_up("bento", bento_server, texts, options)
+            servers = [("baseline", baseline_server), ("bento", bento_server)]
+            if options.through_serve:
+                log(f"textgate serve: following a registry whose production is {bento_tag}")
+                direct, proxied = baseline_up.enter_context(
+                    serve_following(bento_tag, model_tag, workdir=workdir)
+                )
+                servers += [("followed bento, directly", direct), ("textgate serve", proxied)]
+            for name, server in servers:
+                warm_up(name, server, texts, options)
             log(
                 f"{options.requests} timed request(s) per server from {options.concurrency} "
                 f"client(s), in {options.rounds} alternating round(s)"
             )
-            baseline_measured, bento_measured = measure_rounds(
-                [("baseline", baseline_server), ("bento", bento_server)], texts, options
-            )
+            measured = measure_rounds(servers, texts, options)
+            baseline_measured, bento_measured = measured[:2]
             baseline, bento = baseline_measured.summary(), bento_measured.summary()
+            if options.through_serve:
+                following = following_summary(
+                    measured[2].summary(), measured[3].summary(), baseline
+                )
             baseline_result, bento_result = baseline_measured.result, bento_measured.result
             baseline_up.close()  # the soak drives the bento alone
             if options.soak_s > 0:
@@ -710,6 +837,7 @@ def run(options: Options) -> dict[str, Any]:
         agreement=label_agreement(baseline_result, bento_result),
         config=config,
         machine=machine,
+        following=following,
     )
 
 
@@ -771,6 +899,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     parser.add_argument(
+        "--through-serve",
+        action="store_true",
+        help="also start `textgate serve` following a registry whose production is the bento, "
+        "and measure it against the same bento reached directly",
+    )
+    parser.add_argument(
         "--rounds",
         type=positive_int,
         default=4,
@@ -789,6 +923,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         bento_threads=args.bento_threads,
         timeout_s=args.timeout,
         rounds=args.rounds,
+        through_serve=args.through_serve,
     )
 
 

@@ -211,6 +211,53 @@ def test_each_target_can_fail(bento: dict, soak: dict | None, failed: str) -> No
     assert "[FAIL]" in bench.format_report(report)
 
 
+def _following(direct_cpu: float, served_cpu: float, served_rps: float, errors: int = 0) -> dict:
+    direct = _summary(60.0, 800.0) | {"cpu_ms_per_request": direct_cpu}
+    served = _summary(served_rps, 850.0, errors) | {"cpu_ms_per_request": served_cpu}
+    return bench.following_summary(direct, served, _summary(10.0, 1000.0))
+
+
+def test_following_figures_and_their_targets() -> None:
+    following = _following(direct_cpu=5.0, served_cpu=5.2, served_rps=45.0)
+    assert following["throughput_ratio"] == pytest.approx(4.5)
+    assert following["cpu_increase_pct"] == pytest.approx(4.0)
+    report = bench.build_report(
+        bento=_summary(50.0, 900.0),
+        baseline=_summary(10.0, 1000.0),
+        soak_summary=None,
+        agreement=1.0,
+        config={},
+        machine={},
+        following=following,
+    )
+    assert report["targets"]["passed"]
+    text = bench.format_report(report)
+    assert "[pass] textgate serve/baseline throughput: 4.50x (target >= 3.0x)" in text
+    assert "[pass] textgate serve CPU/request over the bento directly: +4.0% (target <= 5%)" in text
+
+
+@pytest.mark.parametrize(
+    ("following", "failed"),
+    [
+        (_following(5.0, 5.3, 45.0), "following_cpu_increase_pct"),  # +6% CPU per request
+        (_following(5.0, 5.1, 29.0), "following_throughput_ratio"),  # 2.9x the baseline
+        (_following(5.0, 5.1, 45.0, errors=1), "following_errors"),
+    ],
+)
+def test_each_following_target_can_fail(following: dict, failed: str) -> None:
+    report = bench.build_report(
+        bento=_summary(50.0, 900.0),
+        baseline=_summary(10.0, 1000.0),
+        soak_summary=None,
+        agreement=1.0,
+        config={},
+        machine={},
+        following=following,
+    )
+    assert not report["targets"][failed]["passed"] and not report["targets"]["passed"]
+    assert "[FAIL]" in bench.format_report(report)
+
+
 def test_main_prints_the_json_report_last(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
