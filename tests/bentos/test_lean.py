@@ -24,6 +24,7 @@ HEAVY = ("torch", "transformers", "scipy", "pandas")
 SERVE_IN_PROCESS = f"""
 import json, sys
 import bentos.service as service
+from threadpoolctl import threadpool_info
 instance = service.TextgateService()
 answers = instance.classify(["I lost my card yesterday", "please refund my order"])
 explained = instance.explain("my wallet was stolen")
@@ -32,6 +33,8 @@ print(json.dumps({{
     "answers": [answer.model_dump() for answer in answers],
     "tokens": explained.tokens,
     "loaded": sorted(name for name in sys.modules if name.split(".")[0] in {HEAVY!r}),
+    "blas_threads": [pool["num_threads"] for pool in threadpool_info()
+                     if pool["user_api"] == "blas"],
 }}))
 """
 
@@ -64,6 +67,8 @@ def test_cpu_serving_imports_no_torch_nor_transformers(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["runtime"] == "onnx-int8"
     assert result["loaded"] == [], f"CPU serving imported {result['loaded']}"
+    # numpy's BLAS gets the worker's compute threads (TEXTGATE_THREADS), not one per core.
+    assert result["blas_threads"] and set(result["blas_threads"]) == {1}
     # The answers are the model's (it abstains on every text: see abstaining_model_dir).
     assert [answer["label"] for answer in result["answers"]] == ["unknown", "unknown"]
     reference = TextClassifier(abstaining_model_dir).explain("my wallet was stolen")
