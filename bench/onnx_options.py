@@ -23,6 +23,7 @@ import io
 import os
 import pstats
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import json_line, log, machine_info, positive_int
+from bench.common import json_line, log, machine_info, non_negative_int, positive_int
 from textgate.config import PARAMS_FILE
 from textgate.runtime import THREADS_ENV, OnnxClassifier, session_options
 
@@ -121,24 +122,21 @@ def export_variants(
         quantize_static,
     )
 
-    from textgate import export
-    from textgate.io import read_json
+    from textgate.export import _quantize_int8, export_fused_fp32
 
-    config = read_json(model_dir / "config.json")
-    files = {}
-    sdpa = work / "sdpa.onnx"
-    export._export_fp32(model_dir, sdpa, attention="sdpa")
-    export._fuse(sdpa, config)
-    files["export before: SDPA attention, unfused"] = work / "sdpa.int8.onnx"
-    export._quantize_int8(sdpa, files["export before: SDPA attention, unfused"])
+    before = "export before: SDPA attention, unfused"
+    files = {before: work / "sdpa.int8.onnx"}
+    export_fused_fp32(model_dir, work / "sdpa.onnx", attention="sdpa")
+    _quantize_int8(work / "sdpa.onnx", files[before])
 
     fused = work / "eager.onnx"
-    export._export_fp32(model_dir, fused)
-    export._fuse(fused, config)
+    export_fused_fp32(model_dir, fused)
     classifier = OnnxClassifier(model_dir, threads=1)
     ids = encode(classifier, calibration_texts)
 
     class Calibration(CalibrationDataReader):
+        """One training text per pass, fed as serving feeds the session."""
+
         def __init__(self) -> None:
             self.rows = iter(ids)
 
@@ -147,12 +145,7 @@ def export_variants(
             if row is None:
                 return None
             input_ids = np.asarray([row], dtype=np.int64)
-            given = {
-                "input_ids": input_ids,
-                "attention_mask": np.ones_like(input_ids),
-                "token_type_ids": np.zeros_like(input_ids),
-            }
-            return {name: given[name] for name in classifier.input_names}
+            return classifier._feed(input_ids, np.ones_like(input_ids), None)
 
     name = f"static int8 (QDQ, {len(ids)} training texts)"
     files[name] = work / "static.int8.onnx"
@@ -219,8 +212,6 @@ def compare_options(
 
 def profile_service(model_tag: str, texts: Sequence[str], requests: int) -> dict[str, Any]:
     """The service's per-request cost in process: classify vs predict vs the forward pass."""
-    import tempfile
-
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     from textgate.requestlog import REQUEST_LOG_ENV
@@ -265,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
         "--calibration-texts",
-        type=int,
+        type=non_negative_int,
         default=300,
         help="training texts to calibrate static int8 on; 0 skips the exported variants "
         "(which need torch and transformers)",
@@ -284,16 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     classifier = OnnxClassifier(model_dir, threads=1)
     ids = encode(classifier, texts)
     log(f"{classifier.onnx_path}: {len(ids)} texts, {np.mean([len(r) for r in ids]):.1f} tokens")
-    other_files = None
-    if args.calibration_texts:
-        import tempfile
-
-        from bench.serve import load_texts as load_split
-
-        work = Path(tempfile.mkdtemp(prefix="onnx-options-"))
-        calibration = load_split(args.params, split="train")[: args.calibration_texts]
-        other_files = export_variants(Path(model_dir), calibration, work)
-    rows = compare_options(classifier.onnx_path, ids, args.repeats, other_files)
+    with tempfile.TemporaryDirectory(prefix="onnx-options-") as work:
+        other_files = None
+        if args.calibration_texts:
+            calibration = load_texts(args.params, split="train")[: args.calibration_texts]
+            other_files = export_variants(Path(model_dir), calibration, Path(work))
+        rows = compare_options(classifier.onnx_path, ids, args.repeats, other_files)
     print(f"{'variant':48}{'texts/s':>9}{'ratio':>8}{'load s':>8}{'max dlogit':>12}{'same':>7}")
     for row in rows:
         print(

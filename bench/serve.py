@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from bench.common import json_line, log, machine_info, positive_int
+from bench.common import json_line, log, machine_info, non_negative_int, positive_int
 from tasks.served import ServedCheckError, parse_answers, serve_bento
 from textgate.artifacts import prepare_outputs
 from textgate.config import PARAMS_FILE, load_params, resolve_paths
@@ -841,13 +841,6 @@ def run(options: Options) -> dict[str, Any]:
     )
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -877,7 +870,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--texts-per-request", type=positive_int, default=1)
     parser.add_argument(
         "--warmup",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=64,
         help="untimed requests before the timed ones",
     )

@@ -485,8 +485,8 @@ class TextgateService:
     # Adaptive batching: requests are validated one by one (the limits above), then their
     # lists are concatenated along dimension 0, classified together and split back in order.
     # On CPUs (one text per forward pass) the dispatcher still pays: it queues requests for the
-    # worker's one compute thread (without it, bench.serve measured 164-269 against 311-346
-    # req/s, each request in its own thread contending for the cores).
+    # worker's one compute thread (without it, 32 clients on the bento got 164-269 against
+    # 311-346 req/s, each request in its own thread contending for the cores).
     @bentoml.api(
         input_spec=ClassifyRequest,
         batchable=True,

@@ -149,6 +149,13 @@ def _quantize_int8(source: Path, out: Path) -> None:
         root.removeFilter(advice)
 
 
+def export_fused_fp32(model_dir: Path, out: Path, attention: str = "eager") -> None:
+    """The fp32 graph serving's int8 file is quantised from: traced (`_export_fp32`), then
+    fused (`_fuse`) with the sizes from the model's config.json."""
+    _export_fp32(model_dir, out, attention=attention)
+    _fuse(out, read_json(model_dir / "config.json"))
+
+
 def export_onnx(model_dir: str | Path, *, quantize: bool = True) -> dict[str, Any]:
     """Export a model directory's checkpoint to ONNX (int8 unless `quantize=False`).
 
@@ -167,8 +174,7 @@ def export_onnx(model_dir: str | Path, *, quantize: bool = True) -> dict[str, An
     staging = Path(tempfile.mkdtemp(prefix=f".{ONNX_DIR}.", dir=model_dir))
     try:
         fp32 = staging / Path(ONNX_FP32).name
-        _export_fp32(model_dir, fp32)
-        _fuse(fp32, read_json(model_dir / "config.json"))
+        export_fused_fp32(model_dir, fp32)
         if quantize:
             _quantize_int8(fp32, staging / Path(ONNX_INT8).name)
             fp32.unlink()

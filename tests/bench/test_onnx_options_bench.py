@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,17 +12,23 @@ from bench import onnx_options
 
 pytestmark = pytest.mark.slow  # exports a model to ONNX
 
+TEXTS = ["my card was stolen", "refund", "I cannot sign in at all today", "hi"]
 
-def test_every_variant_is_measured_against_the_serving_options(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
+
+@pytest.fixture
+def exported(tiny_model_dir: Path, tmp_path: Path) -> Any:
+    """A copy of the tiny model with its int8 export, loaded as serving loads it."""
     from textgate.export import export_onnx
     from textgate.runtime import OnnxClassifier
 
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
     export_onnx(model_dir)
-    classifier = OnnxClassifier(model_dir, threads=1)
-    texts = ["my card was stolen", "refund", "I cannot sign in at all today", "hi"] * 20
+    return OnnxClassifier(model_dir, threads=1)
+
+
+def test_every_variant_is_measured_against_the_serving_options(exported: Any) -> None:
+    classifier = exported
+    texts = TEXTS * 20
     ids = onnx_options.encode(classifier, texts)
     rows = onnx_options.compare_options(classifier.onnx_path, ids, repeats=1)
     names = [row["variant"] for row in rows]
@@ -37,20 +44,15 @@ def test_every_variant_is_measured_against_the_serving_options(
 
 
 def test_the_earlier_export_and_static_int8_are_measured_with_the_serving_options(
-    tiny_model_dir: Path, tmp_path: Path
+    exported: Any, tmp_path: Path
 ) -> None:
     import onnx
 
-    from textgate.export import export_onnx
-    from textgate.runtime import OnnxClassifier
-
-    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
-    export_onnx(model_dir)
-    classifier = OnnxClassifier(model_dir, threads=1)
-    texts = ["my card was stolen", "refund", "I cannot sign in at all today", "hi"] * 10
+    classifier = exported
+    texts = TEXTS * 10
     work = tmp_path / "variants"
     work.mkdir()
-    files = onnx_options.export_variants(model_dir, texts[:12], work)
+    files = onnx_options.export_variants(classifier.model_dir, texts[:12], work)
     assert len(files) == 2 and all(path.is_file() for path in files.values())
     ops = {
         name: {node.op_type for node in onnx.load(str(path)).graph.node}
@@ -67,3 +69,12 @@ def test_the_earlier_export_and_static_int8_are_measured_with_the_serving_option
     assert set(files) < set(measured)
     # The same checkpoint: the variants answer much as the served file does.
     assert measured[before]["same_label_share"] > 0.9
+
+
+def test_a_negative_number_of_calibration_texts_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        onnx_options.main(["--model-dir", ".", "--calibration-texts", "-1"])
+    assert exit_info.value.code == 2
+    assert "--calibration-texts: must be 0 or more, got -1" in capsys.readouterr().err

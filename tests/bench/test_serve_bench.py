@@ -155,7 +155,7 @@ def _soak(growth: float) -> dict[str, object]:
     }
 
 
-def _report(bento: dict, baseline: dict, soak: dict | None) -> dict:
+def _report(bento: dict, baseline: dict, soak: dict | None, following: dict | None = None) -> dict:
     return bench.build_report(
         bento=bento,
         baseline=baseline,
@@ -163,6 +163,7 @@ def _report(bento: dict, baseline: dict, soak: dict | None) -> dict:
         agreement=1.0,
         config={"requests": 100},
         machine={"cpu_count": 2, "platform": "test", "load_average": [0.5, 0.4, 0.3]},
+        following=following,
     )
 
 
@@ -221,15 +222,7 @@ def test_following_figures_and_their_targets() -> None:
     following = _following(direct_cpu=5.0, served_cpu=5.2, served_rps=45.0)
     assert following["throughput_ratio"] == pytest.approx(4.5)
     assert following["cpu_increase_pct"] == pytest.approx(4.0)
-    report = bench.build_report(
-        bento=_summary(50.0, 900.0),
-        baseline=_summary(10.0, 1000.0),
-        soak_summary=None,
-        agreement=1.0,
-        config={},
-        machine={},
-        following=following,
-    )
+    report = _report(_summary(50.0, 900.0), _summary(10.0, 1000.0), None, following)
     assert report["targets"]["passed"]
     text = bench.format_report(report)
     assert "[pass] textgate serve/baseline throughput: 4.50x (target >= 3.0x)" in text
@@ -245,15 +238,7 @@ def test_following_figures_and_their_targets() -> None:
     ],
 )
 def test_each_following_target_can_fail(following: dict, failed: str) -> None:
-    report = bench.build_report(
-        bento=_summary(50.0, 900.0),
-        baseline=_summary(10.0, 1000.0),
-        soak_summary=None,
-        agreement=1.0,
-        config={},
-        machine={},
-        following=following,
-    )
+    report = _report(_summary(50.0, 900.0), _summary(10.0, 1000.0), None, following)
     assert not report["targets"][failed]["passed"] and not report["targets"]["passed"]
     assert "[FAIL]" in bench.format_report(report)
 
