@@ -512,7 +512,8 @@ def cmd_shadow(args: argparse.Namespace) -> int:
             reason="shadow candidate",
         )
         ensure_servable(release)
-    except (bentoml.exceptions.NotFound, PromotionError, IndexError) as error:
+    except (bentoml.exceptions.BentoMLException, PromotionError, IndexError) as error:
+        # BentoMLException: not found, or a version prefix that several bentos share
         raise TextgateError(f"cannot shadow {args.bento_tag}: {error}") from None
     (state_dir / SHADOW_LOG).unlink(missing_ok=True)  # evidence is about this candidate only
     write_shadow_target(state_dir, release)

@@ -636,12 +636,13 @@ def main(argv: list[str]) -> int:
     answer to each text, one at a time (as the switch check sends them), as a golden file."""
     import bentoml
 
+    from tasks.package import local_bento
     from tasks.served import write_golden
     from textgate.runtime import load_classifier
 
     bento_tag, texts_path, out = argv
     texts = json.loads(Path(texts_path).read_text(encoding="utf-8"))
-    model_tag = str(bentoml.bentos.get(bento_tag).info.all_models[0].tag)
+    model_tag = str(local_bento(bento_tag).info.all_models[0].tag)
     runtime = os.environ.get("TEXTGATE_RUNTIME", "").strip() or "auto"
     classifier = load_classifier(bentoml.models.get(model_tag).path, runtime=runtime, threads=1)
     cases = []

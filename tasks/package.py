@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-from bentoml.exceptions import BentoMLException
+from bentoml.exceptions import BentoMLException, NotFound
 
 from textgate.artifacts import (
     LABEL_MAP_FILE,
@@ -104,6 +104,31 @@ def package_model(
             raise PackageError(f"building the bento from {bentofile} failed: {error}") from error
         raise
     return PackageResult(model_tag=model_tag, bento_tag=str(bento.tag))
+
+
+def local_bento(tag: str) -> bentoml.Bento:
+    """The bento `tag` in the local BentoML store, its version matched exactly.
+
+    `bentoml.bentos.get` takes a version prefix ("textgate:a" is any version starting with
+    "a", and several such are an error); a production pointer names one bento, so only that
+    version answers.
+
+    Raises:
+        NotFound: no bento with exactly this tag is in the store.
+        ValueError: `tag` is not a valid bento tag.
+    """
+    wanted = bentoml.Tag.from_taglike(tag)
+    if wanted.version in (None, "latest"):
+        return bentoml.bentos.get(tag)
+    try:
+        bento = bentoml.bentos.get(tag)
+    except NotFound:
+        raise
+    except BentoMLException:  # several versions start with this one
+        raise NotFound(f"no bento {tag} in the store") from None
+    if bento.tag != wanted:
+        raise NotFound(f"no bento {tag} in the store (only {bento.tag})")
+    return bento
 
 
 def serving_runtime(model_dir: Path, params: Params, build_ctx: Path) -> tuple[str, Path]:

@@ -11,7 +11,7 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
-from tasks.package import PROJECT, PackageResult
+from tasks.package import PROJECT, PackageResult, local_bento
 from textgate.artifacts import EvaluateMetrics, evaluate_outputs, read_payload
 from textgate.config import Params
 from textgate.errors import TextgateError
@@ -146,7 +146,7 @@ def ensure_servable(release: Release) -> None:
 
 def _get_bento(tag: str, where: str) -> bentoml.Bento:
     try:
-        return bentoml.bentos.get(tag)
+        return local_bento(tag)
     except NotFound:
         raise PromotionError(
             f"{where}: no such bento in the BentoML store "

@@ -234,11 +234,12 @@ def ensure_local_bento(root: Path, tag: str, log: Callable[[str], None]) -> bool
     Raises:
         RemoteError: the remote is set but the bento cannot be imported from it.
     """
-    import bentoml
     from bentoml.exceptions import NotFound
 
+    from tasks.package import local_bento
+
     try:
-        bentoml.bentos.get(tag)
+        local_bento(tag)
         return False
     except NotFound:
         pass

@@ -155,3 +155,18 @@ def test_nulls_in_metrics_and_lineage_are_left_out_of_model_metadata(packaged_tw
     metadata = bentoml.models.get(second.model_tag).info.metadata
     assert metadata["metrics"] == {"accuracy": 0.95}
     assert metadata["lineage"] == {"run": "second"}
+
+
+def test_local_bento_matches_the_version_exactly_not_as_a_prefix(packaged_twice) -> None:
+    from bentoml.exceptions import NotFound
+
+    from tasks.package import local_bento
+
+    for result in packaged_twice:
+        assert str(local_bento(result.bento_tag).tag) == result.bento_tag
+        name, _, version = result.bento_tag.partition(":")
+        # BentoML's own lookup takes "name:<prefix>" for a bento; a pointer must not.
+        with pytest.raises(NotFound, match="no bento"):
+            local_bento(f"{name}:{version[:1]}")
+    with pytest.raises(NotFound):
+        local_bento(f"{name}:{version}x")
