@@ -117,3 +117,24 @@ def test_without_evidence_by_max_hours_the_shadow_check_fails(tmp_path: Path) ->
     candidate = Release.create(bento_tag="textgate:b", model_tag="m:b", reason="shadow")
     checks = serving.shadow_evidence(tmp_path, candidate, config, print, poll_s=0)
     assert not next(check for check in checks if check.name == "shadow").passed
+
+
+def test_the_proxy_runs_on_uvloop_where_installed_and_on_asyncio_without(monkeypatch) -> None:
+    import asyncio
+    import sys
+
+    import uvloop
+
+    from flows.serving import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    loop = new_event_loop()
+    try:
+        assert isinstance(loop, asyncio.BaseEventLoop) and not isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
