@@ -417,9 +417,14 @@ class ProxyThread:
 
         self.proxy = proxy
         self.loop = new_event_loop()
-        self.runner = web.AppRunner(proxy.app(), access_log=None, handle_signals=False)
-        self.loop.run_until_complete(self.runner.setup())
-        self.loop.run_until_complete(web.SockSite(self.runner, sock).start())
+
+        async def start() -> web.ServerRunner:  # aiohttp's server is made in its loop
+            runner = web.ServerRunner(proxy.server(), handle_signals=False)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            return runner
+
+        self.runner = self.loop.run_until_complete(start())
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="textgate-proxy", daemon=True
         )

@@ -81,6 +81,8 @@ class Backend:
                 timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                # A proxy keeps no cookies (nor spends the jar's work on each request).
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self.session
 
@@ -94,11 +96,15 @@ class Proxy:
         self.requests = 0
         self.shadow: Shadow | None = None
 
-    def app(self) -> web.Application:
-        """The aiohttp application: every method and path goes to `forward`."""
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.router.add_route("*", "/{tail:.*}", self.forward)
-        return app
+    def server(self) -> web.Server:
+        """aiohttp's low-level server: every method and path goes to `forward` (no router or
+        middleware to pass through; run it with `web.ServerRunner`)."""
+
+        def request(*args: Any) -> web.BaseRequest:  # message, payload, protocol, writer, task
+            loop = asyncio.get_running_loop()
+            return web.BaseRequest(*args, loop, client_max_size=MAX_BODY_BYTES)
+
+        return web.Server(self.forward, request_factory=request, access_log=None)
 
     async def switch(self, backend: Backend) -> Backend | None:
         """Send new requests to `backend`; return the previous one (still to be drained)."""
@@ -123,7 +129,7 @@ class Proxy:
             await self.current.session.close()
             self.current.session = None
 
-    async def forward(self, request: web.Request) -> web.Response:
+    async def forward(self, request: web.BaseRequest) -> web.Response:
         """Send the request to the current backend (again after a refused connection)."""
         body = await request.read()
         self.requests += 1
@@ -156,7 +162,7 @@ class Proxy:
 
     def _answer(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         response: aiohttp.ClientResponse,
         content: bytes,
         backend: Backend,

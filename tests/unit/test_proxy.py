@@ -23,7 +23,7 @@ async def backend_server(name: str, delay_s: float = 0.0) -> AsyncIterator[str]:
         headers = {} if name.startswith("old-") else {MODEL_HEADER: name}
         return web.json_response({"name": name, "path": request.path_qs}, headers=headers)
 
-    app = web.Application()
+    app = web.Application(client_max_size=4 << 20)  # the proxy's limit is the one tested
     app.router.add_route("*", "/{tail:.*}", answer)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -37,7 +37,7 @@ async def backend_server(name: str, delay_s: float = 0.0) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def proxy_server(proxy: Proxy) -> AsyncIterator[str]:
-    runner = web.AppRunner(proxy.app(), access_log=None)
+    runner = web.ServerRunner(proxy.server())
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -139,5 +139,25 @@ def test_the_proxy_names_the_backend_when_an_older_bento_does_not() -> None:
             assert (await classify(session, url))[:2] == (200, "textgate:old")
             async with session.get(f"{url}/readyz") as response:  # not an API route
                 assert MODEL_HEADER not in response.headers
+
+    asyncio.run(scenario())
+
+
+def test_a_body_over_the_proxys_limit_is_refused_with_413_and_one_under_it_is_forwarded() -> None:
+    from textgate.proxy import MAX_BODY_BYTES
+
+    async def scenario() -> None:
+        proxy = Proxy()
+        async with (
+            backend_server("textgate:a") as backend_url,
+            proxy_server(proxy) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            await proxy.switch(Backend("textgate:a", backend_url))
+            async with session.post(f"{url}/classify", data=b"x" * (MAX_BODY_BYTES + 1)) as big:
+                assert big.status == 413
+            # Under the proxy's limit (over the service's own 1 MiB): the backend answers.
+            async with session.post(f"{url}/classify", data=b"x" * (3 << 19)) as response:
+                assert response.status == 200
 
     asyncio.run(scenario())
