@@ -1,6 +1,6 @@
 """`textgate serve`: serve the production bento and follow the registry, switching live.
 
-The supervisor owns the public port through textgate.proxy (uvicorn in a thread) and runs
+The supervisor owns the public port through textgate.proxy (aiohttp, in a thread) and runs
 each bento with `bentoml serve` on a private loopback port. Every `serve.follow_poll_s` it
 reads the registry; when production changes (a pipeline promotion, `textgate promote`,
 `textgate rollback`) it switches:

@@ -1,6 +1,6 @@
 """The switch in front of the served bentos: an HTTP reverse proxy with one live backend.
 
-`textgate serve` listens with this aiohttp app and forwards every request to the current
+`textgate serve` listens with this aiohttp server and forwards every request to the current
 backend, a `bentoml serve` of the production bento on a private loopback port. `switch`
 points new requests at another backend at once (choosing a backend and counting the request
 happen in the event loop with no await between them, as does the switch, so none slips
