@@ -170,6 +170,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     head_learning_rate_multiplier: float = Field(gt=0)
+    # Each encoder layer learns this times as fast as the layer above it (layer-wise decay:
+    # the lower, more general layers move less); 1 = one learning rate for the encoder.
+    layer_learning_rate_decay: float = Field(default=1.0, gt=0, le=1)
+    # Cross-entropy against targets with this share spread over the other labels; 0 = off.
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(ge=0)
     warmup_ratio: float = Field(ge=0, lt=1)
     seed: int

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import resource
 import sys
 import time
@@ -253,24 +254,42 @@ def freeze_word_embeddings(model: PreTrainedModel) -> int:
     return weight.numel()
 
 
+def encoder_depth(name: str, layers: int) -> int:
+    """Where a pretrained weight sits: 0 for the embeddings, i + 1 for encoder layer i, and
+    layers + 1 above them (the pooler)."""
+    match = re.search(r"\.layers?\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if "embeddings" in name else layers + 1
+
+
 def _optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable weights; the new head learns `head_learning_rate_multiplier`
-    times faster than the pretrained encoder (it starts from random weights)."""
+    times faster than the pretrained encoder (it starts from random weights), and each encoder
+    layer `layer_learning_rate_decay` times as fast as the one above it."""
+    layers = int(getattr(model.config, "num_hidden_layers", 0))
     encoder = {id(parameter) for parameter in model.base_model.parameters()}
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for parameter in model.parameters():
+    groups: dict[tuple[bool, bool, int], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
+            head = id(parameter) not in encoder
+            depth = layers + 1 if head else encoder_depth(name, layers)
             # No weight decay on biases and LayerNorm weights, as in BERT's recipe.
-            key = (id(parameter) not in encoder, parameter.ndim >= 2)
-            groups.setdefault(key, []).append(parameter)
+            groups.setdefault((head, parameter.ndim >= 2, depth), []).append(parameter)
+
+    def learning_rate(head: bool, depth: int) -> float:
+        if head:
+            return config.learning_rate * config.head_learning_rate_multiplier
+        return config.learning_rate * config.layer_learning_rate_decay ** (layers + 1 - depth)
+
     return torch.optim.AdamW(
         [
             {
                 "params": parameters,
-                "lr": config.learning_rate * (config.head_learning_rate_multiplier if head else 1),
+                "lr": learning_rate(head, depth),
                 "weight_decay": config.weight_decay if decayed else 0.0,
             }
-            for (head, decayed), parameters in sorted(groups.items())
+            for (head, decayed, depth), parameters in sorted(groups.items())
         ],
         lr=config.learning_rate,
         # The fused kernel: one pass over all weights instead of one per tensor (CPU and CUDA).
@@ -645,7 +664,9 @@ def _train_step(run: _Run, index: np.ndarray) -> None:
         logits = run.trained(**batch).logits  # (batch, labels)
     # Summed over the shard and divided by the global batch: the mean over the global batch
     # once DDP has averaged the processes' gradients.
-    loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.float(), targets, reduction="sum", label_smoothing=run.config.label_smoothing
+    )
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss_sum * weight).backward()
     run.scaler.unscale_(run.optimizer)

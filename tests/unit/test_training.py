@@ -236,6 +236,46 @@ def test_the_new_head_learns_faster_than_the_encoder(tmp_path, tiny_base_model):
     assert seen == trainable and id(model.get_input_embeddings().weight) not in seen
 
 
+def test_each_encoder_layer_learns_decay_times_as_fast_as_the_one_above(tmp_path, tiny_base_model):
+    config = tiny_config(
+        tmp_path,
+        tiny_base_model,
+        learning_rate=1e-4,
+        head_learning_rate_multiplier=10,
+        layer_learning_rate_decay=0.5,
+    )
+    labels, _, _ = tiny_data()
+    model, _ = build_classifier(str(tiny_base_model), labels)
+    training.freeze_word_embeddings(model)
+    layers = model.config.num_hidden_layers
+    assert layers >= 2
+    depth = {
+        id(p): training.encoder_depth(name, layers)
+        for name, p in model.base_model.named_parameters()
+    }
+    head = {id(p) for p in model.classifier.parameters()}
+    rates = {}
+    for group in training._optimizer(model, config).param_groups:
+        for parameter in group["params"]:
+            key = "head" if id(parameter) in head else depth[id(parameter)]
+            rates.setdefault(key, set()).add(round(group["lr"], 12))
+    assert rates.pop("head") == {1e-3}
+    # Embeddings (0), each layer (1..layers), and the pooler above them.
+    assert sorted(rates) == list(range(layers + 2))
+    for key, rate in rates.items():
+        assert rate == {round(1e-4 * 0.5 ** (layers + 1 - key), 12)}
+
+
+@pytest.mark.slow  # trains the tiny model
+def test_label_smoothing_changes_what_training_learns(tmp_path, tiny_base_model, restore_threads):
+    trained = []
+    for smoothing in (0.0, 0.0, 0.3):
+        config = tiny_config(tmp_path, tiny_base_model, epochs=1, label_smoothing=smoothing)
+        trained.append(weights(train_tiny(tiny_base_model, config)[0]))
+    assert same_weights(trained[0], trained[1])  # the run is deterministic...
+    assert not same_weights(trained[0], trained[2])  # ...and the smoothing is in the loss
+
+
 @pytest.mark.slow  # trains the tiny model
 def test_early_stopping_stops_and_keeps_the_best_weights(
     tmp_path, tiny_base_model, monkeypatch, restore_threads
@@ -373,6 +413,10 @@ def test_peak_memory_on_the_cpu_is_the_peak_rss():
         ({"processes": 1.5}, "train.processes"),
         ({"freeze_embeddings": "yes"}, "train.freeze_embeddings"),
         ({"head_learning_rate_multiplier": 0}, "train.head_learning_rate_multiplier"),
+        ({"layer_learning_rate_decay": 0}, "train.layer_learning_rate_decay"),
+        ({"layer_learning_rate_decay": 1.2}, "train.layer_learning_rate_decay"),
+        ({"label_smoothing": 1.0}, "train.label_smoothing"),
+        ({"label_smoothing": -0.1}, "train.label_smoothing"),
         ({"evals_per_epoch": 0}, "train.evals_per_epoch"),
         ({"early_stopping_patience": -1}, "train.early_stopping_patience"),
         ({"checkpoint_every_steps": -5}, "train.checkpoint_every_steps"),
