@@ -126,7 +126,7 @@ def local_bento(tag: str) -> bentoml.Bento:
         raise
     except BentoMLException:  # several versions start with this one
         raise NotFound(f"no bento {tag} in the store") from None
-    if bento.tag != wanted:
+    if str(bento.tag) != str(wanted):
         raise NotFound(f"no bento {tag} in the store (only {bento.tag})")
     return bento
 

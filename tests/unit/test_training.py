@@ -217,7 +217,11 @@ def same_weights(first: dict, second: dict) -> bool:
 
 def test_the_new_head_learns_faster_than_the_encoder(tmp_path, tiny_base_model):
     config = tiny_config(
-        tmp_path, tiny_base_model, learning_rate=1e-4, head_learning_rate_multiplier=10
+        tmp_path,
+        tiny_base_model,
+        learning_rate=1e-4,
+        head_learning_rate_multiplier=10,
+        layer_learning_rate_decay=1.0,  # one rate for the encoder (decay: the next test)
     )
     labels, _, _ = tiny_data()
     model, _ = build_classifier(str(tiny_base_model), labels)
