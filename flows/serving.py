@@ -399,8 +399,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     """The proxy's event loop: uvloop's where it is installed (not on Windows).
 
     uvloop (libuv, as Node.js uses) runs the proxy's I/O in C: the supervisor spent about 20%
-    less CPU per proxied request with it than with asyncio's own loop (0.42 against 0.52 ms,
-    bench/serve.py --through-serve's measurement).
+    less CPU per proxied request with it than with asyncio's own loop (0.42 against 0.52 ms
+    in a paired run over bench/serve.py's alternating rounds; README "Following production").
     """
     try:
         import uvloop

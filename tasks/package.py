@@ -118,15 +118,11 @@ def local_bento(tag: str) -> bentoml.Bento:
         ValueError: `tag` is not a valid bento tag.
     """
     wanted = bentoml.Tag.from_taglike(tag)
-    if wanted.version in (None, "latest"):
-        return bentoml.bentos.get(tag)
     try:
         bento = bentoml.bentos.get(tag)
-    except NotFound:
-        raise
-    except BentoMLException:  # several versions start with this one
-        raise NotFound(f"no bento {tag} in the store") from None
-    if str(bento.tag) != str(wanted):
+    except BentoMLException as error:  # none, or several versions start with this one
+        raise NotFound(f"no bento {tag} in the store ({error})") from None
+    if wanted.version not in (None, "latest") and str(bento.tag) != str(wanted):
         raise NotFound(f"no bento {tag} in the store (only {bento.tag})")
     return bento
 

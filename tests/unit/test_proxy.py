@@ -48,6 +48,19 @@ async def proxy_server(proxy: Proxy) -> AsyncIterator[str]:
         await proxy.close()
 
 
+@asynccontextmanager
+async def one_backend(name: str, tag: str) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    """The proxy's URL, switched to one backend answering as `name` under `tag`, and a client."""
+    proxy = Proxy()
+    async with (
+        backend_server(name) as backend_url,
+        proxy_server(proxy) as url,
+        aiohttp.ClientSession() as session,
+    ):
+        await proxy.switch(Backend(tag, backend_url))
+        yield url, session
+
+
 async def classify(session: aiohttp.ClientSession, url: str) -> tuple[int, str | None, dict]:
     async with session.post(f"{url}/classify?x=1", json={"texts": ["hi"]}) as response:
         return response.status, response.headers.get(MODEL_HEADER), await response.json()
@@ -129,13 +142,7 @@ def test_a_refused_connection_is_retried_on_the_backend_switched_to() -> None:
 
 def test_the_proxy_names_the_backend_when_an_older_bento_does_not() -> None:
     async def scenario() -> None:
-        proxy = Proxy()
-        async with (
-            backend_server("old-bento") as old_url,
-            proxy_server(proxy) as url,
-            aiohttp.ClientSession() as session,
-        ):
-            await proxy.switch(Backend("textgate:old", old_url))
+        async with one_backend("old-bento", "textgate:old") as (url, session):
             assert (await classify(session, url))[:2] == (200, "textgate:old")
             async with session.get(f"{url}/readyz") as response:  # not an API route
                 assert MODEL_HEADER not in response.headers
@@ -147,13 +154,7 @@ def test_a_body_over_the_proxys_limit_is_refused_with_413_and_one_under_it_is_fo
     from textgate.proxy import MAX_BODY_BYTES
 
     async def scenario() -> None:
-        proxy = Proxy()
-        async with (
-            backend_server("textgate:a") as backend_url,
-            proxy_server(proxy) as url,
-            aiohttp.ClientSession() as session,
-        ):
-            await proxy.switch(Backend("textgate:a", backend_url))
+        async with one_backend("textgate:a", "textgate:a") as (url, session):
             async with session.post(f"{url}/classify", data=b"x" * (MAX_BODY_BYTES + 1)) as big:
                 assert big.status == 413
             # Under the proxy's limit (over the service's own 1 MiB): the backend answers.

@@ -215,18 +215,20 @@ def same_weights(first: dict, second: dict) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_the_new_head_learns_faster_than_the_encoder(tmp_path, tiny_base_model):
+def tiny_optimizer(tmp_path, tiny_base_model, **train):
+    """The tiny classifier (word embeddings frozen) and its optimizer at 1e-4, head at 10x."""
     config = tiny_config(
-        tmp_path,
-        tiny_base_model,
-        learning_rate=1e-4,
-        head_learning_rate_multiplier=10,
-        layer_learning_rate_decay=1.0,  # one rate for the encoder (decay: the next test)
+        tmp_path, tiny_base_model, learning_rate=1e-4, head_learning_rate_multiplier=10, **train
     )
     labels, _, _ = tiny_data()
     model, _ = build_classifier(str(tiny_base_model), labels)
     training.freeze_word_embeddings(model)
-    optimizer = training._optimizer(model, config)
+    return model, training._optimizer(model, config)
+
+
+def test_the_new_head_learns_faster_than_the_encoder(tmp_path, tiny_base_model):
+    # One rate for the encoder (layer decay: the next test).
+    model, optimizer = tiny_optimizer(tmp_path, tiny_base_model, layer_learning_rate_decay=1.0)
     head = {id(p) for p in model.classifier.parameters()}
     seen = set()
     for group in optimizer.param_groups:
@@ -241,16 +243,7 @@ def test_the_new_head_learns_faster_than_the_encoder(tmp_path, tiny_base_model):
 
 
 def test_each_encoder_layer_learns_decay_times_as_fast_as_the_one_above(tmp_path, tiny_base_model):
-    config = tiny_config(
-        tmp_path,
-        tiny_base_model,
-        learning_rate=1e-4,
-        head_learning_rate_multiplier=10,
-        layer_learning_rate_decay=0.5,
-    )
-    labels, _, _ = tiny_data()
-    model, _ = build_classifier(str(tiny_base_model), labels)
-    training.freeze_word_embeddings(model)
+    model, optimizer = tiny_optimizer(tmp_path, tiny_base_model, layer_learning_rate_decay=0.5)
     layers = model.config.num_hidden_layers
     assert layers >= 2
     depth = {
@@ -259,7 +252,7 @@ def test_each_encoder_layer_learns_decay_times_as_fast_as_the_one_above(tmp_path
     }
     head = {id(p) for p in model.classifier.parameters()}
     rates = {}
-    for group in training._optimizer(model, config).param_groups:
+    for group in optimizer.param_groups:
         for parameter in group["params"]:
             key = "head" if id(parameter) in head else depth[id(parameter)]
             rates.setdefault(key, set()).add(round(group["lr"], 12))
