@@ -131,13 +131,15 @@ async def drive(
     texts_per_request: int = 1,
     timeout_s: float = 60.0,
     first_index: int = 0,
+    source: str | None = None,
 ) -> LoadResult:
     """Send requests from `concurrency` concurrent clients; return what they saw.
 
     The clients take request indices from one shared counter, starting at `first_index`, until
     `requests` have been sent, or until `duration_s` has passed (give one or both). Each request is
     `POST {url}/classify {"texts": [...]}` with `texts_per_request` texts (`request_texts`).
-    The wall time runs from the first request to the last answer.
+    The wall time runs from the first request to the last answer. `source`: the address the
+    clients connect from (None: any).
     """
     if requests is None and duration_s is None:
         raise ValueError("drive needs a number of requests, a duration, or both")
@@ -176,7 +178,8 @@ async def drive(
     # client spent about 3 ms of CPU per request against aiohttp's 0.15 ms (measured against
     # a trivial ASGI app), which would have been taken from the server being measured.
     # trust_env=False (the default): a proxy in the environment must not see loopback requests.
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    local_addr = None if source is None else (source, 0)
+    connector = aiohttp.TCPConnector(limit=concurrency, local_addr=local_addr)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
@@ -238,6 +241,9 @@ class Server:
     # Processes counted without their descendants: `textgate serve`'s supervisor (where its
     # proxy runs), whose descendants are the bentos it serves (counted from `pid`).
     alone: tuple[int, ...] = ()
+    # The address to connect from: a bento on a slot of `textgate serve`'s steered port is
+    # reached directly from its slot's source (textgate.reuseport).
+    source: str | None = None
 
     def processes(self) -> list[psutil.Process]:
         """The server's process tree, and the `alone` processes."""
@@ -338,9 +344,10 @@ def serve_following(
 ) -> Iterator[tuple[Server, Server]]:
     """`textgate serve` following a throwaway registry whose production is `bento_tag`.
 
-    Yields the bento it started, reached directly (its private port; its process tree), and
-    the same bento through `textgate serve`'s port (the same tree plus the supervisor, where
-    the proxy runs): the cost of following, on the same bento process.
+    Yields the bento it started, reached directly (its private port, or its slot of the
+    steered port from the slot's source address; its process tree), and the same bento
+    through `textgate serve`'s port (the same tree plus the supervisor, where the proxy runs):
+    the cost of following, on the same bento process.
     """
     from bench.switch import serve_state, start_serve, wait_serving
     from textgate.registry import Release
@@ -361,7 +368,7 @@ def serve_following(
         bento = serve_state(work, port)["bentos"][0]
         bento_pid = int(bento["processes"][0][0])
         yield (
-            Server(url=bento["url"], pid=bento_pid),
+            Server(url=bento["url"], pid=bento_pid, source=bento.get("source")),
             Server(url=url, pid=bento_pid, start_s=start_s, alone=(supervisor.pid,)),
         )
     finally:
@@ -460,6 +467,7 @@ def warm_up(name: str, server: Server, texts: Sequence[str], options: Options) -
                 requests=options.warmup,
                 texts_per_request=options.texts_per_request,
                 timeout_s=options.timeout_s,
+                source=server.source,
             )
         )
 
@@ -522,6 +530,7 @@ def measure_rounds(
                     texts_per_request=options.texts_per_request,
                     timeout_s=options.timeout_s,
                     first_index=first,
+                    source=item.server.source,
                 )
             )
             item.cpu_s += tree_cpu_seconds(processes) - cpu_before

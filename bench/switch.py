@@ -7,7 +7,8 @@ It builds two tiny bentos (random BERTs, MiniLM tokenizer: no download) in a thr
 BentoML home and registry, starts `textgate serve` on them, and then:
 
 1. overhead (the baseline, in the same run): rounds of `--round-s` seconds in which the same
-   clients drive the serving bento directly (its private port) and through `textgate serve`,
+   clients drive the serving bento directly (its private port, or its slot of the steered
+   port from the slot's own source address) and through `textgate serve`,
    taking turns; throughput of each and CPU seconds per request (the bento's process tree,
    plus the supervisor when going through it);
 2. switch: `--clients` clients send `/classify` for `--steady` seconds, production is promoted
@@ -72,8 +73,11 @@ class Traffic:
     errors: list[str] = field(default_factory=list)
 
 
-async def drive(url: str, clients: int, stop: asyncio.Event, traffic: Traffic) -> None:
-    """`clients` clients sending one-text `/classify` requests back to back until `stop`."""
+async def drive(
+    url: str, clients: int, stop: asyncio.Event, traffic: Traffic, source: str | None = None
+) -> None:
+    """`clients` clients sending one-text `/classify` requests back to back until `stop`,
+    connecting from `source` (None: any address)."""
 
     async def client(session: aiohttp.ClientSession, index: int) -> None:
         n = index
@@ -92,7 +96,8 @@ async def drive(url: str, clients: int, stop: asyncio.Event, traffic: Traffic) -
                 traffic.errors.append(f"HTTP {status}")
             traffic.answers.append(Answer(sent, time.monotonic(), status, tag))
 
-    connector = aiohttp.TCPConnector(limit=clients)
+    local_addr = None if source is None else (source, 0)
+    connector = aiohttp.TCPConnector(limit=clients, local_addr=local_addr)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session, i) for i in range(clients)))
@@ -214,12 +219,17 @@ def tree_cpu_s(pids: list[int], alone: tuple[int, ...] = ()) -> float:
 
 
 async def timed_round(
-    url: str, clients: int, seconds: float, pids: list[int], alone: tuple[int, ...]
+    url: str,
+    clients: int,
+    seconds: float,
+    pids: list[int],
+    alone: tuple[int, ...],
+    source: str | None = None,
 ) -> dict[str, float]:
     stop = asyncio.Event()
     traffic = Traffic()
     cpu_before = tree_cpu_s(pids, alone)
-    task = asyncio.create_task(drive(url, clients, stop, traffic))
+    task = asyncio.create_task(drive(url, clients, stop, traffic, source))
     await asyncio.sleep(seconds)
     stop.set()
     await task
@@ -233,21 +243,30 @@ async def timed_round(
 
 
 async def overhead(
-    direct: str, proxied: str, bento_pid: int, supervisor_pid: int, args: argparse.Namespace
+    direct: str,
+    proxied: str,
+    bento_pid: int,
+    supervisor_pid: int,
+    args: argparse.Namespace,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Rounds in which the bento is driven directly and through `textgate serve` in turn."""
+    """Rounds in which the bento is driven directly and through `textgate serve` in turn.
+
+    Directly: its private port, or, where `textgate serve` steers its port (the bento then
+    accepts on a slot of it, textgate.reuseport), its slot, reached from the slot's `source`.
+    """
     totals = {
         "direct": dict.fromkeys(("ok", "errors", "wall_s", "cpu_s"), 0.0),
         "textgate_serve": dict.fromkeys(("ok", "errors", "wall_s", "cpu_s"), 0.0),
     }
-    await timed_round(direct, args.clients, 3, [bento_pid], ())  # warm-up, untimed
+    await timed_round(direct, args.clients, 3, [bento_pid], (), source)  # warm-up, untimed
     for index in range(args.overhead_rounds):
         order = [
-            ("direct", direct, ()),
-            ("textgate_serve", proxied, (supervisor_pid,)),  # the proxy runs in it
+            ("direct", direct, (), source),
+            ("textgate_serve", proxied, (supervisor_pid,), None),  # the proxy runs in it
         ]
-        for name, url, alone in order if index % 2 == 0 else order[::-1]:
-            result = await timed_round(url, args.clients, args.round_s, [bento_pid], alone)
+        for name, url, alone, via in order if index % 2 == 0 else order[::-1]:
+            result = await timed_round(url, args.clients, args.round_s, [bento_pid], alone, via)
             for key, value in result.items():
                 totals[name][key] += value
     out: dict[str, Any] = {}
@@ -436,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_serving(url, releases[0].bento_tag, serve, args.switch_timeout)
         state = serve_state(work, port)
         bento = state["bentos"][0]
-        log(f"overhead: {bento['url']} directly vs {url}")
-        over = asyncio.run(overhead(bento["url"], url, bento["processes"][0][0], serve.pid, args))
+        source = bento.get("source")
+        log(f"overhead: {bento['url']} directly (from {source or 'any address'}) vs {url}")
+        pid = bento["processes"][0][0]
+        over = asyncio.run(overhead(bento["url"], url, pid, serve.pid, args, source))
         log("switch: promote, then roll back, under load")
         traffic, done = asyncio.run(switches(url, registry, releases, args))
     finally:

@@ -87,6 +87,7 @@ import json
 import logging
 import os
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
 from datetime import UTC, datetime
@@ -132,6 +133,7 @@ from textgate.config import (  # noqa: E402
 from textgate.errors import ConfigError  # noqa: E402
 from textgate.requestlog import BACKUPS_ENV, MAX_BYTES_ENV, RequestLogWriter  # noqa: E402
 from textgate.requestlog import request_log_path as configured_request_log  # noqa: E402
+from textgate.reuseport import SHED_FILE_ENV, SUPERVISOR_ADDRESS_ENV  # noqa: E402
 from textgate.runtime import (  # noqa: E402
     MAX_EXPLAIN_CHARS,
     default_threads,
@@ -629,6 +631,52 @@ class ModelHeaderMiddleware:
         await self.app(scope, receive, with_model)
 
 
+class ShedMiddleware:
+    """While `textgate serve` moves traffic off this bento (its shed file exists), each answer
+    to a client connected directly says `Connection: close`: the client's next request opens a
+    new connection, which the port steers to the supervisor's proxy (textgate.reuseport).
+    Connections from the supervisor's own address stay open. The file is looked at once per
+    `CHECK_EVERY_S` at most; without the variable (a bento served otherwise) nothing changes.
+    """
+
+    CHECK_EVERY_S = 0.05
+
+    def __init__(
+        self, app: ASGIApp, path: str | None = None, supervisor: str | None = None
+    ) -> None:
+        self.app = app
+        self.path = os.environ.get(SHED_FILE_ENV, "") if path is None else path
+        self.supervisor = (
+            os.environ.get(SUPERVISOR_ADDRESS_ENV, "") if supervisor is None else supervisor
+        )
+        self.checked = -1.0
+        self.shedding = False
+
+    def _shedding(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked >= self.CHECK_EVERY_S or now < self.checked:
+            self.checked = now
+            self.shedding = os.path.exists(self.path)
+        return self.shedding
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.path or scope["type"] != "http" or not self._shedding():
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        if client and client[0] == self.supervisor:
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
 class OverloadMiddleware:
     """At most `max_concurrency` full requests' worth of work in flight on the API routes,
     per worker.
@@ -893,6 +941,7 @@ for _api in TextgateService.apis.values():
     # schema (generated anew per response: 0.9 ms of a 13 ms request in a py-spy profile).
     _api.output_spec.media_type = "application/json"
 # The first added is the outermost.
+TextgateService.add_asgi_middleware(ShedMiddleware)
 TextgateService.add_asgi_middleware(JsonErrorsMiddleware)
 TextgateService.add_asgi_middleware(OpenApiSecurityMiddleware, routes=API_ROUTES)
 TextgateService.add_asgi_middleware(ApiKeyMiddleware)

@@ -1,9 +1,13 @@
 """`textgate serve`: serve the production bento and follow the registry, switching live.
 
-The supervisor owns the public port through textgate.proxy (aiohttp, in a thread) and runs
-each bento with `bentoml serve` on a private loopback port. Every `serve.follow_poll_s` it
-reads the registry; when production changes (a pipeline promotion, `textgate promote`,
-`textgate rollback`) it switches:
+The supervisor owns the public port. On Linux with an IPv4 host it binds it as an
+SO_REUSEPORT group steered by a BPF program (textgate.reuseport): each bento's `bentoml serve`
+accepts on a slot of the port (textgate.bento_launch), and in steady state the kernel hands
+new connections straight to the serving bento, with nothing in between. Elsewhere, and
+whenever requests must be switched one by one, connections go to textgate.proxy (aiohttp, in
+a thread), which forwards each request to the serving bento. Every `serve.follow_poll_s` the
+supervisor reads the registry; when production changes (a pipeline promotion,
+`textgate promote`, `textgate rollback`) it switches:
 
 1. the bento is looked up in the BentoML store (tasks.promote.ensure_servable);
 2. it is started beside the serving one and must answer `/readyz` within
@@ -11,9 +15,15 @@ reads the registry; when production changes (a pipeline promotion, `textgate pro
 3. the golden requests (evaluate's golden.json texts) must be answered as the bento's model
    answers them offline (computed once per bento, in a child process, while it starts),
    within `gate.served_score_tolerance`;
-4. the proxy sends new requests to it; the old one drains (at most `serve.drain_timeout_s`)
-   and stays on standby for `serve.standby_s`: if the new bento dies meanwhile (a crash
-   under load), traffic goes straight back to the old one, with an alert; then it is stopped.
+4. new connections go to the proxy, and the old bento's directly connected clients are moved
+   there (each answer it gives them says `Connection: close`; an idle one is closed by its
+   keep-alive timeout); the proxy then sends new requests to the new bento and the old one
+   drains (at most `serve.drain_timeout_s`); new connections go straight to the new bento,
+   and the proxy's clients follow (its answers say `Connection: close` too). So no client
+   gets an answer from the old model after one from the new. The old bento stays on standby
+   for `serve.standby_s`: if the new one dies meanwhile (a crash under load), traffic goes
+   straight back to it, with an alert; then it is stopped. While a shadow candidate is
+   mirrored, all traffic goes through the proxy.
 
 A candidate that fails any step is stopped, the old bento goes on serving, an alert goes to
 the notification block, and the state file (read by `textgate status`) records the problem;
@@ -65,9 +75,18 @@ from textgate.process import (
 )
 from textgate.proxy import Backend, Proxy, Shadow
 from textgate.registry import Registry, RegistryError, Release
+from textgate.reuseport import (
+    SHED_FILE_ENV,
+    SUPERVISOR_ADDRESS_ENV,
+    Slot,
+    Steering,
+    SteeringUnavailable,
+    connect_host,
+)
 from textgate.shadow import read_shadow_log, shadow_checks, summarise
 
 STOP_GRACE_S = 20.0
+LAUNCHER = Path(__file__).resolve().parents[1] / "textgate" / "bento_launch.py"
 # Texts for the switch check when the workspace has no golden.json (no evaluation yet).
 FALLBACK_TEXTS = ["hello", "I lost my card", "please refund my order", "I cannot log in"]
 
@@ -103,6 +122,8 @@ class Served:
     process: ManagedProcess
     backend: Backend
     workers: dict[int, psutil.Process] = field(default_factory=dict)
+    slot: Slot | None = None  # the slot of the public port it accepts on (None: a private port)
+    shed_file: Path | None = None  # exists while its direct clients are moved off
 
     @property
     def tag(self) -> str:
@@ -118,11 +139,42 @@ class Served:
         """The processes to stop after a crash of the supervisor: pid and start time each."""
         processes = [self.process.pid, *self.workers]
         processes_started = [[pid, _started(pid)] for pid in processes]
-        return {"tag": self.tag, "url": self.backend.url, "processes": processes_started}
+        record = {"tag": self.tag, "url": self.backend.url, "processes": processes_started}
+        if self.backend.local_addr is not None:
+            record["source"] = self.backend.local_addr  # its slot's: connect from it to reach it
+        return record
 
     def stop(self) -> None:
         stop(self.process, STOP_GRACE_S)
         terminate_then_kill([w for w in self.workers.values() if w.is_running()], STOP_GRACE_S)
+        self.shed(False)
+
+    def shed(self, on: bool) -> None:
+        """Have the bento close its direct clients' connections after each answer (or not)."""
+        if self.shed_file is None:
+            return
+        if on:
+            self.shed_file.touch()
+        else:
+            self.shed_file.unlink(missing_ok=True)
+
+    def direct_clients(self) -> int:
+        """Connections to its slot from anything but the supervisor (its slot's source)."""
+        if self.slot is None:
+            return 0
+        port, own = self.slot.sock.getsockname()[1], self.slot.source
+        count = 0
+        for process in [psutil.Process(self.process.pid), *self.workers.values()]:
+            with suppress(psutil.Error):
+                for connection in process.net_connections(kind="tcp4"):
+                    if (
+                        connection.status == psutil.CONN_ESTABLISHED
+                        and connection.laddr.port == port
+                        and connection.raddr
+                        and connection.raddr.ip != own
+                    ):
+                        count += 1
+        return count
 
 
 def _started(pid: int) -> float | None:
@@ -135,26 +187,44 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def launch_bento(release: Release, options: ServeOptions, workdir: Path) -> Served:
-    """Start `bentoml serve` of the release's bento on a free loopback port (not yet ready).
+def launch_bento(
+    release: Release, options: ServeOptions, workdir: Path, slot: Slot | None = None
+) -> Served:
+    """Start `bentoml serve` of the release's bento (not yet ready): on `slot` of the public
+    port (textgate.bento_launch), or without one on a free loopback port.
 
     It gets SIGTERM from the kernel if this process dies (start it from the main thread).
     """
-    port = free_port()
     env = {**options.env, "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("PYTHONPATH", None)  # a bento is self-contained
-    command = [sys.executable, "-m", "bentoml", "serve", release.bento_tag]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
     workdir.mkdir(parents=True, exist_ok=True)
+    shed_file = None
+    if slot is None:
+        port = free_port()
+        command = [sys.executable, "-m", "bentoml", "serve", release.bento_tag]
+        backend = Backend(release.bento_tag, f"http://127.0.0.1:{port}")
+        log_name = f"bentoml-serve-{port}.log"
+    else:
+        port = slot.sock.getsockname()[1]
+        launcher = LAUNCHER.read_text(encoding="utf-8")
+        command = [sys.executable, "-c", launcher, str(slot.sock.fileno())]
+        command += ["serve", release.bento_tag]
+        url = f"http://{connect_host(options.host)}:{port}"
+        backend = Backend(release.bento_tag, url, local_addr=slot.source)
+        shed_file = workdir / f"shed-slot-{slot.index}-{time.time_ns()}"
+        env.update({SHED_FILE_ENV: str(shed_file), SUPERVISOR_ADDRESS_ENV: slot.source})
+        log_name = f"bentoml-serve-slot-{slot.index}.log"
+    command += ["--host", "127.0.0.1" if slot is None else options.host, "--port", str(port)]
     process = start_process(
         command,
         env=env,
         cwd=workdir,
-        log_path=workdir / f"bentoml-serve-{port}.log",
+        log_path=workdir / log_name,
         name=f"bentoml serve {release.bento_tag}",
         preexec_fn=die_with_parent(),
+        pass_fds=() if slot is None else (slot.sock.fileno(),),
     )
-    return Served(release, process, Backend(release.bento_tag, f"http://127.0.0.1:{port}"))
+    return Served(release, process, backend, slot=slot, shed_file=shed_file)
 
 
 def wait_bento_ready(served: Served, timeout_s: float) -> None:
@@ -166,7 +236,7 @@ def wait_bento_ready(served: Served, timeout_s: float) -> None:
 
     def ready() -> bool:
         served.note_workers()
-        return url_ready(f"{served.backend.url}/readyz")
+        return url_ready(f"{served.backend.url}/readyz", local_address=served.backend.local_addr)
 
     try:
         wait_ready(served.process, ready, timeout_s)
@@ -227,7 +297,13 @@ def offline_answers(bento_tag: str, options: ServeOptions, cache: Path) -> Itera
 
 def check_answers(served: Served, golden: list[GoldenCase], tolerance: float) -> None:
     """Replay the golden cases on the candidate; SwitchError unless every one matches."""
-    report = replay(served.backend.url, golden, score_tolerance=tolerance, bento_tag=served.tag)
+    report = replay(
+        served.backend.url,
+        golden,
+        score_tolerance=tolerance,
+        bento_tag=served.tag,
+        local_address=served.backend.local_addr,
+    )
     if not report.passed:
         problems = [*report.errors, *(json.dumps(m) for m in report.mismatches)]
         raise SwitchError(
@@ -395,6 +471,22 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def open_port(
+    host: str, port: int, say: Callable[[str], None]
+) -> tuple[socket.socket, Steering | None]:
+    """The public port: a steered SO_REUSEPORT group (textgate.reuseport) where the kernel
+    allows, so bentos take their connections directly; else one socket for the proxy."""
+    listen(host, port).close()  # a busy port fails here, with the message that says so
+    try:
+        steering = Steering.open(host, port)
+    except SteeringUnavailable as error:
+        say(f"textgate: serve: every request goes through the proxy: {error}")
+        return listen(host, port), None
+    except OSError as error:
+        raise TextgateError(f"cannot listen on {host}:{port}: {error}") from None
+    return steering.proxy, steering
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """The proxy's event loop: uvloop's where it is installed (not on Windows).
 
@@ -434,6 +526,22 @@ class ProxyThread:
         """Run `coroutine` in the proxy's loop; its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
+    def adopt(self, connections: list[socket.socket]) -> None:
+        """Serve connections accepted elsewhere (what waited in a freed slot's queue)."""
+        if not connections:
+            return
+        server = self.runner.server
+        assert server is not None
+
+        async def adopt_all() -> None:
+            for connection in connections:
+                try:
+                    await self.loop.connect_accepted_socket(server, connection)
+                except OSError:
+                    connection.close()
+
+        self.call(adopt_all(), timeout_s=10)
+
     def stop(self) -> None:
         with suppress(Exception):  # stopping: what is left goes with the process
             self.call(self.runner.cleanup(), timeout_s=10)
@@ -464,6 +572,7 @@ class Supervisor:
         self.shadow_tried: tuple[str, str] | None = None
         self.standby: Served | None = None
         self.standby_until = 0.0
+        self.steering: Steering | None = None  # None: every connection goes to the proxy
 
     def run(self, on_ready: Callable[[str], None] = print) -> None:
         """Serve until a signal; TextgateError if the first production bento cannot serve."""
@@ -473,15 +582,17 @@ class Supervisor:
             if stopped:
                 on_ready(f"stopped {stopped} bento process(es) a killed `textgate serve` left")
             self.state.write()
-            sock = listen(options.host, options.port)
+            sock, self.steering = open_port(options.host, options.port, on_ready)
             proxy_thread = ProxyThread(self.proxy, sock)
             try:
                 self._serve(proxy_thread, on_ready)
             finally:
                 proxy_thread.stop()
-                sock.close()
                 for served in self._running():
                     served.stop()
+                if self.steering is not None:
+                    self.steering.close()
+                sock.close()
                 self.state.write(serving=None, bentos=[])
 
     def _serve(self, proxy_thread: ProxyThread, on_ready: Callable[[str], None]) -> None:
@@ -503,7 +614,7 @@ class Supervisor:
         if self.serving is not None and not self.serving.process.running():
             self._serving_died()
         if self.standby is not None and time.monotonic() >= self.standby_until:
-            self.standby.stop()
+            self._stop(self.standby)
             self.standby = None
             self._record()
         try:
@@ -526,13 +637,19 @@ class Supervisor:
         again until production changes); else start production again."""
         dead, self.serving = self.serving, None
         assert dead is not None
+        self._via_proxy()
         why = f"{dead.tag} exited (code {dead.process.popen.returncode})"
         standby, self.standby = self.standby, None
         if standby is not None and standby.process.running():
             self.serving = standby
             self.proxy_thread.call(self.proxy.switch(standby.backend))
+            self._direct(standby)
+            self._stop(dead)  # its workers, and what waits in its slot's queue
             self._fail(dead.release, f"{why}; back to serving {standby.tag}")
             return
+        if dead.slot is not None:  # on a slot, a dead bento's connections wait, unrefused
+            self.proxy_thread.call(self.proxy.switch(None))
+        self._stop(dead)
         self._fail(dead.release, why)
         self.tried = None  # start production again
 
@@ -551,14 +668,19 @@ class Supervisor:
         if self.shadowing is not None:
             old, self.shadowing = self.shadowing, None
             self.proxy_thread.call(self._set_shadow(None))
-            old.stop()
+            self._stop(old)
         if target is None:
+            self._direct(self.serving)
             return
         try:
             self.shadowing = self._start_checked(target)
         except (TextgateError, OSError) as error:
             self._fail(target, f"shadow candidate not started: {error}")
+            self._direct(self.serving)
             return
+        # Mirrored requests go through the proxy: so does all traffic while it lasts.
+        self._via_proxy()
+        self._shed(self.serving)
         sink = shadow_sink(self.options.state_dir / SHADOW_LOG)
         shadow = Shadow(self.shadowing.backend, sink, self.options.shadow_sample_rate)
         self.proxy_thread.call(self._set_shadow(shadow))
@@ -584,13 +706,17 @@ class Supervisor:
             self._fail(release, f"{error}; still serving {self._serving_tag()}")
             return False
         previous = self.serving
+        if previous is not None:  # its clients move to the proxy, which switches per request
+            self._via_proxy()
+            self._shed(previous)
         self.serving = candidate
         old = self.proxy_thread.call(self.proxy.switch(candidate.backend))
         self._record(problem=None)
         if old is not None:  # a dead bento's pool is closed too
             self.proxy_thread.call(self.proxy.drain(old, self.options.drain_timeout_s))
+        self._direct(candidate)
         if self.standby is not None:
-            self.standby.stop()
+            self._stop(self.standby)
         self.standby, self.standby_until = previous, time.monotonic() + self.options.standby_s
         self._record()
         print(
@@ -608,7 +734,7 @@ class Supervisor:
             raise SwitchError(str(error)) from None
         cache = self.options.state_dir / "serve-golden"
         with offline_answers(release.bento_tag, self.options, cache) as golden:
-            served = launch_bento(release, self.options, self.workdir)
+            served = self._launch(release)
             self.candidates.append(served)  # recorded at once: a crash here leaves no orphan
             self._record()
             try:
@@ -616,11 +742,64 @@ class Supervisor:
                 self._record()  # with its workers
                 check_answers(served, golden(), self.options.score_tolerance)
             except (TextgateError, ServedCheckError, OSError, ValueError) as error:
-                served.stop()
+                self._stop(served)
                 raise SwitchError(str(error)) from None
             finally:
                 self.candidates.remove(served)
         return served
+
+    def _launch(self, release: Release) -> Served:
+        if self.steering is None:
+            return launch_bento(release, self.options, self.workdir)
+        slot = self.steering.take()
+        try:
+            return launch_bento(release, self.options, self.workdir, slot)
+        except BaseException:
+            self._give_back(slot)
+            raise
+
+    def _stop(self, served: Served) -> None:
+        """Stop a bento; its slot is free again, and what waited in its queue goes to the
+        proxy."""
+        served.stop()
+        if served.slot is not None:
+            self._give_back(served.slot)
+
+    def _give_back(self, slot: Slot) -> None:
+        assert self.steering is not None
+        waiting = self.steering.give_back(slot)
+        if self.steering.default is None:
+            self.proxy.release = False
+        self.proxy_thread.adopt(waiting)
+
+    def _direct(self, served: Served | None) -> None:
+        """New connections straight to `served`'s slot (none while a shadow is mirrored);
+        the proxy's clients are moved there too, one answer each."""
+        if self.steering is None or served is None or served.slot is None:
+            return
+        if self.shadowing is not None:
+            return
+        served.shed(False)
+        self.steering.route(served.slot)
+        self.proxy.release = True
+
+    def _via_proxy(self) -> None:
+        """New connections to the proxy (which switches per request)."""
+        if self.steering is None or self.steering.default is None:
+            return
+        self.proxy.release = False
+        self.steering.route(None)
+
+    def _shed(self, served: Served | None) -> None:
+        """Move `served`'s direct clients to the proxy: each gets one more answer with
+        `Connection: close` (an idle one is closed by the bento's keep-alive timeout);
+        wait until none is left, or `serve.drain_timeout_s`."""
+        if served is None or served.slot is None:
+            return
+        served.shed(True)
+        deadline = time.monotonic() + self.options.drain_timeout_s
+        while served.direct_clients() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _fail(self, release: Release | None, problem: str) -> None:
         self._record(problem=problem, problem_at=now())  # first: status says so at once

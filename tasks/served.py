@@ -237,6 +237,7 @@ def replay(
     timeout_s: float = 30,
     warmup: int = 3,
     bento_tag: str = "",
+    local_address: str | None = None,
 ) -> ServedReport:
     """Send each golden text as its own request, in order, and compare with the offline answer.
 
@@ -252,12 +253,15 @@ def replay(
         timeout_s: per-request timeout.
         warmup: untimed requests sent first.
         bento_tag: recorded in the report.
+        local_address: the address to connect from (a bento on a slot of `textgate serve`'s
+            port is reached through its slot's source address).
     """
     if not golden:
         raise DataError("replay needs at least one golden case")
     endpoint = f"{url.rstrip('/')}/classify"
     outcome = _ReplayOutcome()
-    with httpx.Client(trust_env=False, timeout=timeout_s) as client:
+    transport = httpx.HTTPTransport(local_address=local_address)
+    with httpx.Client(trust_env=False, timeout=timeout_s, transport=transport) as client:
         for case in golden[:warmup]:
             with suppress(httpx.HTTPError):  # the timed pass reports it
                 client.post(endpoint, json={"texts": [case.text]})

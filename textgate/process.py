@@ -101,6 +101,7 @@ def start_process(
     name: str | None = None,
     grace_s: float = STOP_GRACE_S,
     preexec_fn: Callable[[], None] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> ManagedProcess:
     """Start `command` in a new session, so it and what it forks form one process group.
 
@@ -112,6 +113,7 @@ def start_process(
         name: what messages call it (default: the command line).
         grace_s: how long `stop` waits after SIGTERM when the process leaves a `with` block.
         preexec_fn: run in the child before the command (e.g. to die with its parent).
+        pass_fds: descriptors the child inherits (e.g. a listening socket to serve on).
     """
     arguments = [str(part) for part in command]
     label = name or " ".join(arguments)
@@ -122,6 +124,7 @@ def start_process(
             env=None if env is None else dict(env),
             start_new_session=True,
             preexec_fn=preexec_fn,
+            pass_fds=tuple(pass_fds),
         )
     else:
         with Path(log_path).open("wb") as handle:  # the child keeps its own descriptor
@@ -133,15 +136,22 @@ def start_process(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=preexec_fn,
+                pass_fds=tuple(pass_fds),
             )
     return ManagedProcess(popen=popen, name=label, log_path=log_path, grace_s=grace_s)
 
 
-def url_ready(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """True when `GET url` answers 200; False when nothing answers or it answers otherwise."""
+def url_ready(
+    url: str, timeout_s: float = PROBE_TIMEOUT_S, *, local_address: str | None = None
+) -> bool:
+    """True when `GET url` answers 200; False when nothing answers or it answers otherwise.
+
+    `local_address`: the address to connect from (None: any).
+    """
     # trust_env=False: a proxy configured in the environment must not see loopback requests.
+    transport = httpx.HTTPTransport(local_address=local_address)
     try:
-        with httpx.Client(trust_env=False, timeout=timeout_s) as client:
+        with httpx.Client(trust_env=False, timeout=timeout_s, transport=transport) as client:
             return client.get(url).status_code == 200
     except httpx.TransportError:
         return False  # not listening yet

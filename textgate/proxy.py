@@ -67,13 +67,19 @@ class Backend:
     tag: str
     url: str
     in_flight: int = 0
+    # The loopback address to connect from: a bento on a slot of the public port is reached
+    # through its slot's source address (textgate.reuseport); None: any.
+    local_addr: str | None = None
     session: aiohttp.ClientSession | None = field(default=None, repr=False)
 
     def open(self) -> aiohttp.ClientSession:
         """The connection pool to this backend (created in the event loop that uses it)."""
         if self.session is None:
             connector = aiohttp.TCPConnector(
-                limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S, force_close=False
+                limit=MAX_CONNECTIONS,
+                keepalive_timeout=KEEPALIVE_S,
+                force_close=False,
+                local_addr=None if self.local_addr is None else (self.local_addr, 0),
             )
             self.session = aiohttp.ClientSession(
                 base_url=self.url,
@@ -95,6 +101,9 @@ class Proxy:
         self.api_routes = frozenset(api_routes)
         self.requests = 0
         self.shadow: Shadow | None = None
+        # True while new connections go straight to the serving bento (textgate.reuseport):
+        # each answer here then closes its connection, so the client reconnects to the bento.
+        self.release = False
 
     def server(self) -> web.Server:
         """aiohttp's low-level server: every method and path goes to `forward` (no router or
@@ -106,9 +115,11 @@ class Proxy:
 
         return web.Server(self.forward, request_factory=request, access_log=None)
 
-    async def switch(self, backend: Backend) -> Backend | None:
-        """Send new requests to `backend`; return the previous one (still to be drained)."""
-        backend.open()
+    async def switch(self, backend: Backend | None) -> Backend | None:
+        """Send new requests to `backend` (None: answer 503 until there is one); return the
+        previous one (still to be drained)."""
+        if backend is not None:
+            backend.open()
         previous, self.current = self.current, backend
         return previous
 
@@ -148,7 +159,10 @@ class Proxy:
                     if self.shadow is not None and request.path == SHADOWED_ROUTE:
                         elapsed_ms = (time.perf_counter() - started) * 1000
                         self.shadow.mirror(backend.tag, body, headers, content, elapsed_ms)
-                    return self._answer(request, response, content, backend)
+                    answer = self._answer(request, response, content, backend)
+                    if self.release:
+                        answer.force_close()
+                    return answer
             except aiohttp.ClientConnectorError as error:
                 if attempt == RETRIES:
                     return _error(503, f"{backend.tag} is not answering: {error}", True)

@@ -38,6 +38,7 @@ from bentos.service import (
     OverloadMiddleware,
     RejectionLogFilter,
     RequestLog,
+    ShedMiddleware,
     configured_api_key,
     request_log_path,
     request_log_rotation,
@@ -997,3 +998,37 @@ def test_a_bento_serves_with_the_params_it_was_packaged_with(
         response = classify(url, {"texts": ["x" * 21]})
     assert response.status_code == 400
     assert "string_too_long" in response.text
+
+
+def test_while_shedding_direct_clients_are_told_to_close_and_the_supervisor_is_not(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    async def ok(scope: dict, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    flag = tmp_path / "shed"
+    middleware = ShedMiddleware(ok, str(flag), "127.0.0.2")  # type: ignore[arg-type]
+    middleware.CHECK_EVERY_S = 0.0
+
+    def connection_header(client: str) -> bytes | None:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/classify", "client": (client, 40000)}
+        asyncio.run(middleware(scope, None, send))  # type: ignore[arg-type]
+        assert sent[1]["body"] == b"ok"
+        return dict(sent[0]["headers"]).get(b"connection")
+
+    assert connection_header("127.0.0.1") is None
+    flag.touch()
+    assert connection_header("127.0.0.1") == b"close"
+    assert connection_header("127.0.0.2") is None  # the supervisor's checks and proxy
+    flag.unlink()
+    assert connection_header("127.0.0.1") is None
+    unset = ShedMiddleware(ok, "", "")  # type: ignore[arg-type]
+    assert unset.path == ""  # a bento not on a slot never sheds

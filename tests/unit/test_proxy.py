@@ -162,3 +162,22 @@ def test_a_body_over_the_proxys_limit_is_refused_with_413_and_one_under_it_is_fo
                 assert response.status == 200
 
     asyncio.run(scenario())
+
+
+def test_while_released_each_answer_closes_its_connection() -> None:
+    async def scenario() -> None:
+        proxy = Proxy()
+        async with (
+            backend_server("a") as backend_url,
+            proxy_server(proxy) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            await proxy.switch(Backend("textgate:a", backend_url))
+            async with session.post(f"{url}/classify", json={}) as response:
+                assert response.status == 200 and "Connection" not in response.headers
+            proxy.release = True  # the clients' new connections now reach the bento directly
+            async with session.post(f"{url}/classify", json={}) as response:
+                assert response.status == 200 and response.headers["Connection"] == "close"
+                assert response.headers[MODEL_HEADER] == "a"
+
+    asyncio.run(scenario())
