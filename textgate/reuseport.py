@@ -92,7 +92,7 @@ def _member(host: str, port: int) -> socket.socket:
 
 def connect_host(host: str) -> str:
     """The address to connect to for a server bound on `host` (the wildcard: loopback)."""
-    return "127.0.0.1" if host in ("", "0.0.0.0") else host
+    return "127.0.0.1" if host in ("", "0.0.0.0", "localhost") else host
 
 
 @dataclass(eq=False)

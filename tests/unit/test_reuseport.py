@@ -65,6 +65,8 @@ def test_a_port_another_program_shares_is_not_steered() -> None:
 def test_only_ipv4_hosts_are_steered() -> None:
     with pytest.raises(SteeringUnavailable, match="not an IPv4 address"):
         Steering.open("::1", free_port())
+    for host in ("0.0.0.0", "localhost"):  # reached on loopback
+        Steering.open(host, free_port()).close()
 
 
 def test_slots_are_lent_once_and_a_freed_slot_hands_over_its_waiting_clients(
