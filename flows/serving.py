@@ -206,8 +206,10 @@ def launch_bento(
         log_name = f"bentoml-serve-{port}.log"
     else:
         port = slot.sock.getsockname()[1]
-        launcher = LAUNCHER.read_text(encoding="utf-8")
-        command = [sys.executable, "-c", launcher, str(slot.sock.fileno())]
+        launcher = workdir / LAUNCHER.name  # run as a script: a bento imports only its own code
+        if not launcher.is_file():
+            launcher.write_text(LAUNCHER.read_text(encoding="utf-8"), encoding="utf-8")
+        command = [sys.executable, str(launcher), str(slot.sock.fileno())]
         command += ["serve", release.bento_tag]
         url = f"http://{connect_host(options.host)}:{port}"
         backend = Backend(release.bento_tag, url, local_addr=slot.source)

@@ -1,12 +1,12 @@
 """`bentoml serve` on a listening socket it is handed: a slot of textgate.reuseport.
 
-    python -c "$(cat bento_launch.py)" FD serve BENTO_TAG --host HOST --port PORT ...
+    python bento_launch.py FD serve BENTO_TAG --host HOST --port PORT ...
 
 BentoML's `serve` binds its API socket itself (circus' CircusSocket, shared by its workers).
 This launcher has that socket made from descriptor FD instead, already bound to the public
 port and listening in the supervisor's SO_REUSEPORT group, and then runs BentoML's own
-command line with the rest of the arguments. It is run as source (`-c`), not imported from
-textgate: a bento is served with its own packages only.
+command line with the rest of the arguments. `textgate serve` runs a copy of this file as a
+script, not as part of the textgate package: a bento is served with its own code only.
 """
 
 import os
