@@ -1,10 +1,14 @@
 """The supervisor's switch logic with stand-in bentos: small aiohttp servers in processes of
-their own, answering like a bento (`/readyz`, `/classify` with the model header). The real
-`bentoml serve` path is tests/bentos/test_switch.py (slow)."""
+their own, answering like a bento (`/readyz`, `/classify` with the model header). Each test
+runs twice: with every connection on the proxy (bentos on private ports), and with the port
+steered (textgate.reuseport: bentos accept on slots of the public port, shedding their direct
+clients while the shed file exists). The real `bentoml serve` path is
+tests/bentos/test_switch.py (slow)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import threading
 import time
@@ -21,11 +25,14 @@ from textgate.errors import TextgateError
 from textgate.process import free_port, start_process
 from textgate.proxy import Backend
 from textgate.registry import Registry, Release
+from textgate.reuseport import SHED_FILE_ENV, SUPERVISOR_ADDRESS_ENV, Slot, Steering
 
 FAKE_BENTO = """
-import os, sys
+import os, socket, sys
 from aiohttp import web
-tag, label, crash_after = sys.argv[1], sys.argv[2], int(sys.argv[4])
+tag, label, where, crash_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+shed = os.environ.get("TEXTGATE_SHED_FILE")
+supervisor = os.environ.get("TEXTGATE_SUPERVISOR_ADDRESS")
 if label == "crash":
     sys.exit(3)
 answered = 0
@@ -38,11 +45,17 @@ async def classify(request):
         os._exit(4)
     texts = (await request.json())["texts"]
     body = [{"label": label, "score": 0.5, "abstained": False} for _ in texts]
-    return web.json_response(body, headers={"X-Textgate-Model": tag})
+    response = web.json_response(body, headers={"X-Textgate-Model": tag})
+    if shed and os.path.exists(shed) and request.remote != supervisor:
+        response.force_close()
+    return response
 app = web.Application()
 app.router.add_get("/readyz", ready)
 app.router.add_post("/classify", classify)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[3]), print=None)
+if where.startswith("fd:"):  # a slot of the steered port
+    web.run_app(app, sock=socket.socket(fileno=int(where[3:])), print=None)
+else:
+    web.run_app(app, host="127.0.0.1", port=int(where), print=None)
 """
 # What each stand-in bento answers, and what its model answers offline.
 ANSWERS = {
@@ -55,14 +68,27 @@ OFFLINE = dict(ANSWERS)
 CRASH_AFTER = {"textgate:fragile": 10}
 
 
-def launch(release: Release, options: serving.ServeOptions, workdir: Path) -> serving.Served:
-    port = free_port()
-    command = [sys.executable, "-c", FAKE_BENTO, release.bento_tag]
-    crash_after = CRASH_AFTER.get(release.bento_tag, 1 << 30)
-    command += [ANSWERS[release.bento_tag], str(port), str(crash_after)]
-    process = start_process(command, log_path=workdir / f"fake-{port}.log")
-    backend = Backend(release.bento_tag, f"http://127.0.0.1:{port}")
-    return serving.Served(release, process, backend)
+def launch(
+    release: Release, options: serving.ServeOptions, workdir: Path, slot: Slot | None = None
+) -> serving.Served:
+    command = [sys.executable, "-c", FAKE_BENTO, release.bento_tag, ANSWERS[release.bento_tag]]
+    crash_after = str(CRASH_AFTER.get(release.bento_tag, 1 << 30))
+    if slot is None:
+        port = free_port()
+        process = start_process([*command, str(port), crash_after], log_path=workdir / f"{port}")
+        backend = Backend(release.bento_tag, f"http://127.0.0.1:{port}")
+        return serving.Served(release, process, backend)
+    shed_file = workdir / f"shed-{slot.index}-{time.time_ns()}"
+    env = {**os.environ, SHED_FILE_ENV: str(shed_file), SUPERVISOR_ADDRESS_ENV: slot.source}
+    process = start_process(
+        [*command, f"fd:{slot.sock.fileno()}", crash_after],
+        env=env,
+        log_path=workdir / f"slot-{slot.index}-{time.time_ns()}.log",
+        pass_fds=(slot.sock.fileno(),),
+    )
+    url = f"http://127.0.0.1:{slot.sock.getsockname()[1]}"
+    backend = Backend(release.bento_tag, url, local_addr=slot.source)
+    return serving.Served(release, process, backend, slot=slot, shed_file=shed_file)
 
 
 @contextmanager
@@ -80,8 +106,10 @@ def release(tag: str) -> Release:
     return Release.create(bento_tag=tag, model_tag=f"m-{tag}", reason="test")
 
 
-@pytest.fixture
-def supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[serving.Supervisor]:
+@pytest.fixture(params=["proxy", "steered"])
+def supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[serving.Supervisor]:
     monkeypatch.setattr(serving, "launch_bento", launch)
     monkeypatch.setattr(serving, "offline_answers", offline)
     options = serving.ServeOptions(
@@ -99,15 +127,34 @@ def supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[serv
     alerts: list[tuple[str, str]] = []
     supervisor = serving.Supervisor(options, lambda *alert: alerts.append(alert), servable)
     supervisor.alerts = alerts  # type: ignore[attr-defined]
-    sock = serving.listen(options.host, options.port)
+    if request.param == "steered":
+        if not sys.platform.startswith("linux"):
+            pytest.skip("the port is steered on Linux only")
+        supervisor.steering = Steering.open(options.host, options.port)
+        sock = supervisor.steering.proxy
+    else:
+        sock = serving.listen(options.host, options.port)
     supervisor.proxy_thread = serving.ProxyThread(supervisor.proxy, sock)
     try:
         yield supervisor
     finally:
         supervisor.proxy_thread.stop()
-        sock.close()
         for served in supervisor._running():
             served.stop()
+        if supervisor.steering is not None:
+            supervisor.steering.close()
+        sock.close()
+
+
+def steered_to(supervisor: serving.Supervisor) -> str | None:
+    """The bento new connections go to directly ("proxy": to the proxy; None: not steered)."""
+    if supervisor.steering is None:
+        return None
+    default = supervisor.steering.default
+    if default is None:
+        return "proxy"
+    [served] = [s for s in supervisor._running() if s.slot is default]
+    return served.tag
 
 
 def answered_by(supervisor: serving.Supervisor) -> str | None:
@@ -124,6 +171,7 @@ def test_a_promotion_switches_traffic_and_stops_the_old_bento(
     registry.promote(release("textgate:a"))
     supervisor.follow()
     assert answered_by(supervisor) == "textgate:a"
+    assert steered_to(supervisor) in (None, "textgate:a")
     old = supervisor.serving
     registry.promote(release("textgate:b"))
     errors: list[str] = []
@@ -143,6 +191,7 @@ def test_a_promotion_switches_traffic_and_stops_the_old_bento(
     thread.join()
     assert errors == []
     assert answered_by(supervisor) == "textgate:b"
+    assert steered_to(supervisor) in (None, "textgate:b")
     assert old is not None and supervisor.standby is old  # ready to take traffic back
     supervisor.follow()  # serve.standby_s (0 here) is over
     assert not old.process.running()
@@ -233,11 +282,75 @@ def test_a_new_bento_crashing_under_load_hands_traffic_back_to_the_standby(
     registry.promote(release("textgate:fragile"))
     supervisor.follow()
     assert [answered_by(supervisor) for _ in range(3)] == ["textgate:fragile"] * 3
-    with pytest.raises(AssertionError):  # the fourth crashes it: that request fails (502)
+    # The fourth crashes it: that request fails (502 from the proxy; a reset connection
+    # when the bento was reached directly).
+    with pytest.raises((AssertionError, httpx.HTTPError)):
         answered_by(supervisor)
     time.sleep(0.2)
     supervisor.follow()
     assert answered_by(supervisor) == "textgate:a"
     assert "textgate:fragile exited (code 4); back to serving textgate:a" in supervisor.problem
     supervisor.follow()  # the release that crashed is not tried again
+    assert answered_by(supervisor) == "textgate:a"
+    assert steered_to(supervisor) in (None, "textgate:a")
+
+
+def test_clients_kept_alive_see_the_model_change_once_then_reach_it_directly(
+    supervisor: serving.Supervisor,
+) -> None:
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    url = f"http://127.0.0.1:{supervisor.options.port}/classify"
+    stop = threading.Event()
+    seen: list[list[str | None]] = [[] for _ in range(4)]
+
+    def client(index: int) -> None:
+        with httpx.Client(timeout=10, trust_env=False) as http:  # one kept-alive connection
+            while not stop.is_set():
+                try:
+                    response = http.post(url, json={"texts": ["hi"]})
+                    seen[index].append(response.headers.get("x-textgate-model"))
+                except httpx.HTTPError as error:
+                    seen[index].append(type(error).__name__)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    registry.promote(release("textgate:b"))
+    supervisor.follow()
+    time.sleep(0.5)
+    proxied = supervisor.proxy.requests
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    for answers in seen:
+        collapsed = [tag for i, tag in enumerate(answers) if i == 0 or answers[i - 1] != tag]
+        assert collapsed == ["textgate:a", "textgate:b"]  # no error, no answer from a after b
+    if supervisor.steering is not None:  # the clients left the proxy: nothing goes through it
+        assert steered_to(supervisor) == "textgate:b"
+        assert supervisor.proxy.requests == proxied
+
+
+def test_while_a_shadow_is_mirrored_every_connection_goes_through_the_proxy(
+    supervisor: serving.Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor, "options", dataclasses.replace(supervisor.options, shadow=True))
+    registry = supervisor.options.registry
+    registry.promote(release("textgate:a"))
+    supervisor.follow()
+    state_dir = supervisor.options.state_dir
+    serving.write_shadow_target(state_dir, release("textgate:b"))
+    supervisor.follow()
+    assert supervisor.shadowing is not None and supervisor.shadowing.tag == "textgate:b"
+    assert steered_to(supervisor) in (None, "proxy")
+    before = supervisor.proxy.requests
+    assert answered_by(supervisor) == "textgate:a"  # production answers; the shadow gets a copy
+    assert supervisor.proxy.requests == before + 1
+    serving.write_shadow_target(state_dir, None)
+    supervisor.follow()
+    assert supervisor.shadowing is None
+    assert steered_to(supervisor) in (None, "textgate:a")
     assert answered_by(supervisor) == "textgate:a"
