@@ -325,6 +325,10 @@ def _print_serving(state: dict[str, Any], production: Release | None) -> None:
     )
     if production is not None and state.get("serving") != production.bento_tag:
         print(f"  WARNING: production is {production.bento_tag}, but it is not served")
+    if state.get("connections") == "direct":
+        print("  connections: straight to the bento (textgate serve steers its port)")
+    elif state.get("connections") == "proxy":
+        print("  connections: through textgate serve's proxy (a switch, a shadow, or no steering)")
     if state.get("problem"):
         print(f"  PROBLEM at {state.get('problem_at')}: {state['problem']}")
 

@@ -784,6 +784,7 @@ class Supervisor:
         served.shed(False)
         self.steering.route(served.slot)
         self.proxy.release = True
+        self._record()
 
     def _via_proxy(self) -> None:
         """New connections to the proxy (which switches per request)."""
@@ -791,6 +792,7 @@ class Supervisor:
             return
         self.proxy.release = False
         self.steering.route(None)
+        self._record()
 
     def _shed(self, served: Served | None) -> None:
         """Move `served`'s direct clients to the proxy: each gets one more answer with
@@ -809,6 +811,12 @@ class Supervisor:
         subject = f"textgate serve: {release.bento_tag if release else 'registry'} not served"
         self.alert(subject, problem)
 
+    def _connections(self) -> str:
+        """Where new connections go, for `textgate status`."""
+        if self.steering is None:
+            return "proxy"  # every request through the proxy (the port is not steered)
+        return "proxy" if self.steering.default is None else "direct"
+
     def _serving_tag(self) -> str:
         return self.serving.tag if self.serving else "nothing"
 
@@ -821,6 +829,7 @@ class Supervisor:
             self.problem = changes["problem"]
         running = self._running()
         changes["shadow"] = self.shadowing.tag if self.shadowing else None
+        changes["connections"] = self._connections()
         serving = self.serving.tag if self.serving else None
         if serving != self.state.data.get("serving"):
             changes["since"] = now()

@@ -138,3 +138,13 @@ def test_the_proxy_runs_on_uvloop_where_installed_and_on_asyncio_without(monkeyp
         assert isinstance(loop, asyncio.BaseEventLoop) and not isinstance(loop, uvloop.Loop)
     finally:
         loop.close()
+
+
+def test_status_says_where_connections_go(capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import _print_serving
+
+    state = {"port": 3000, "pid": 1, "serving": "textgate:a", "since": "now"}
+    _print_serving({**state, "connections": "direct"}, None)
+    assert "connections: straight to the bento" in capsys.readouterr().out
+    _print_serving({**state, "connections": "proxy"}, None)
+    assert "connections: through textgate serve's proxy" in capsys.readouterr().out

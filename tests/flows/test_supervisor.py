@@ -197,6 +197,7 @@ def test_a_promotion_switches_traffic_and_stops_the_old_bento(
     assert not old.process.running()
     state = serving.read_serve_states(supervisor.options.state_dir)[0]
     assert state["serving"] == "textgate:b" and state["problem"] is None
+    assert state["connections"] == ("proxy" if supervisor.steering is None else "direct")
     assert [bento["tag"] for bento in state["bentos"]] == ["textgate:b"]
 
 
