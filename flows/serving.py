@@ -769,29 +769,28 @@ class Supervisor:
 
     def _give_back(self, slot: Slot) -> None:
         assert self.steering is not None
-        waiting = self.steering.give_back(slot)
-        if self.steering.default is None:
-            self.proxy.release = False
-        self.proxy_thread.adopt(waiting)
+        if self.steering.default is slot:
+            self._via_proxy()
+        self.proxy_thread.adopt(self.steering.give_back(slot))
 
     def _direct(self, served: Served | None) -> None:
-        """New connections straight to `served`'s slot (none while a shadow is mirrored);
-        the proxy's clients are moved there too, one answer each."""
-        if self.steering is None or served is None or served.slot is None:
-            return
-        if self.shadowing is not None:
+        """New connections straight to `served`'s slot (none while a shadow is mirrored)."""
+        if served is None or served.slot is None or self.shadowing is not None:
             return
         served.shed(False)
-        self.steering.route(served.slot)
-        self.proxy.release = True
-        self._record()
+        self._route(served.slot)
 
     def _via_proxy(self) -> None:
         """New connections to the proxy (which switches per request)."""
-        if self.steering is None or self.steering.default is None:
-            return
-        self.proxy.release = False
-        self.steering.route(None)
+        if self.steering is not None and self.steering.default is not None:
+            self._route(None)
+
+    def _route(self, slot: Slot | None) -> None:
+        """Steer new connections to `slot` (None: the proxy). While they go to a slot, the
+        proxy's answers close their connections, so its clients move there too."""
+        assert self.steering is not None
+        self.steering.route(slot)
+        self.proxy.release = slot is not None
         self._record()
 
     def _shed(self, served: Served | None) -> None:

@@ -12,7 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.serving import ServeState, listen, port_lock, read_serve_states, stop_leftovers
+from flows.serving import (
+    ServeState,
+    listen,
+    open_port,
+    port_lock,
+    read_serve_states,
+    stop_leftovers,
+)
 from textgate.errors import TextgateError
 
 
@@ -34,6 +41,20 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         with pytest.raises(TextgateError, match=rf"cannot listen on 127.0.0.1:{port}.*--port"):
             listen("127.0.0.1", port)
+        # The steered port too: a port held without SO_REUSEPORT is never joined.
+        with pytest.raises(TextgateError, match=rf"cannot listen on 127.0.0.1:{port}.*--port"):
+            open_port("127.0.0.1", port, print)
+
+
+def test_without_steering_every_connection_goes_to_the_proxy_and_says_why(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sock, steering = open_port("::1", 0, print)
+    sock.close()
+    assert steering is None
+    assert "every request goes through the proxy: ::1 is not an IPv4 address" in (
+        capsys.readouterr().out
+    )
 
 
 def test_the_next_start_stops_what_a_killed_supervisor_recorded_and_only_that(

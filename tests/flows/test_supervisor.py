@@ -157,6 +157,12 @@ def steered_to(supervisor: serving.Supervisor) -> str | None:
     return served.tag
 
 
+def follow_promotion(supervisor: serving.Supervisor, tag: str) -> None:
+    """Promote `tag` in the supervisor's registry, and let it see the change."""
+    supervisor.options.registry.promote(release(tag))
+    supervisor.follow()
+
+
 def answered_by(supervisor: serving.Supervisor) -> str | None:
     url = f"http://127.0.0.1:{supervisor.options.port}/classify"
     response = httpx.post(url, json={"texts": ["hi"]}, timeout=10, trust_env=False)
@@ -168,8 +174,7 @@ def test_a_promotion_switches_traffic_and_stops_the_old_bento(
     supervisor: serving.Supervisor,
 ) -> None:
     registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
     assert answered_by(supervisor) == "textgate:a"
     assert steered_to(supervisor) in (None, "textgate:a")
     old = supervisor.serving
@@ -212,8 +217,7 @@ def test_a_candidate_that_cannot_serve_leaves_production_serving_and_alerts(
     supervisor: serving.Supervisor, tag: str, problem: str
 ) -> None:
     registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
     registry.promote(release(tag))
     supervisor.follow()
     assert answered_by(supervisor) == "textgate:a"
@@ -229,11 +233,8 @@ def test_a_candidate_answering_unlike_offline_gets_no_traffic(
     supervisor: serving.Supervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(OFFLINE, "textgate:b", "refund")  # offline it says refund, served login
-    registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
-    registry.promote(release("textgate:b"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
+    follow_promotion(supervisor, "textgate:b")
     assert answered_by(supervisor) == "textgate:a"
     assert "answered 0/4 golden requests as offline" in supervisor.problem
     assert supervisor.candidates == []
@@ -243,8 +244,7 @@ def test_a_corrupt_registry_keeps_serving_then_clears_once_readable(
     supervisor: serving.Supervisor,
 ) -> None:
     registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
     good = registry.path.read_bytes()
     registry.path.write_text('{"schema_version": 1, "releases": [')
     supervisor.follow()
@@ -255,9 +255,7 @@ def test_a_corrupt_registry_keeps_serving_then_clears_once_readable(
 
 
 def test_a_serving_bento_that_dies_is_started_again(supervisor: serving.Supervisor) -> None:
-    registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
     first = supervisor.serving
     assert first is not None
     first.process.popen.kill()
@@ -277,11 +275,8 @@ def test_a_new_bento_crashing_under_load_hands_traffic_back_to_the_standby(
         "options",
         dataclasses.replace(supervisor.options, standby_s=60.0),
     )
-    registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
-    registry.promote(release("textgate:fragile"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
+    follow_promotion(supervisor, "textgate:fragile")
     assert [answered_by(supervisor) for _ in range(3)] == ["textgate:fragile"] * 3
     # The fourth crashes it: that request fails (502 from the proxy; a reset connection
     # when the bento was reached directly).
@@ -299,9 +294,7 @@ def test_a_new_bento_crashing_under_load_hands_traffic_back_to_the_standby(
 def test_clients_kept_alive_see_the_model_change_once_then_reach_it_directly(
     supervisor: serving.Supervisor,
 ) -> None:
-    registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
     url = f"http://127.0.0.1:{supervisor.options.port}/classify"
     stop = threading.Event()
     seen: list[list[str | None]] = [[] for _ in range(4)]
@@ -319,8 +312,7 @@ def test_clients_kept_alive_see_the_model_change_once_then_reach_it_directly(
     for thread in threads:
         thread.start()
     time.sleep(0.5)
-    registry.promote(release("textgate:b"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:b")
     time.sleep(0.5)
     proxied = supervisor.proxy.requests
     time.sleep(0.5)
@@ -339,9 +331,7 @@ def test_while_a_shadow_is_mirrored_every_connection_goes_through_the_proxy(
     supervisor: serving.Supervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(supervisor, "options", dataclasses.replace(supervisor.options, shadow=True))
-    registry = supervisor.options.registry
-    registry.promote(release("textgate:a"))
-    supervisor.follow()
+    follow_promotion(supervisor, "textgate:a")
     state_dir = supervisor.options.state_dir
     serving.write_shadow_target(state_dir, release("textgate:b"))
     supervisor.follow()

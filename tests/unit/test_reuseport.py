@@ -3,10 +3,13 @@ with real sockets on loopback."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +95,17 @@ def test_slots_are_lent_once_and_a_freed_slot_hands_over_its_waiting_clients(
     finally:
         client.close()
         own.close()
+
+
+def test_the_launcher_refuses_a_descriptor_that_is_not_a_socket() -> None:
+    launcher = Path(__file__).resolve().parents[2] / "textgate" / "bento_launch.py"
+    with open(os.devnull, "rb") as devnull:
+        done = subprocess.run(
+            [sys.executable, str(launcher), "0", "serve", "textgate:any"],
+            stdin=devnull,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "descriptor 0 is not a socket" in done.stderr
