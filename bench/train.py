@@ -207,15 +207,34 @@ def thresholded(
     gaussian: Any = None,
 ) -> dict[str, Any]:
     """One unknown score: its threshold chosen on val (params' targets), scored on both."""
-    from textgate.unknown import choose_unknown_threshold, served_unknown, unknown_scores
+    from textgate.unknown import (
+        choose_unknown_threshold,
+        fit_standardization,
+        served_unknown,
+        unknown_scores,
+    )
 
     config = _train_config(options)
     oos = list(labels).index(options.oos_label) if options.oos_label in labels else None
     result: dict[str, Any] = {"method": method}
     policy = None
+    y_val = np.asarray(val[2])
+    standardization = fit_standardization(
+        method,
+        val[0],
+        val[1],
+        y_val != oos if oos is not None else np.ones(len(y_val), dtype=bool),
+        temperature=temperature,
+        gaussian=gaussian,
+    )
     for name, (logits, embeddings, y) in (("val", val), ("test", test)):
         scores = unknown_scores(
-            method, logits, embeddings, temperature=temperature, gaussian=gaussian
+            method,
+            logits,
+            embeddings,
+            temperature=temperature,
+            gaussian=gaussian,
+            standardization=standardization,
         )
         if policy is None:
             policy = choose_unknown_threshold(
@@ -227,6 +246,7 @@ def thresholded(
                 target_precision=config.abstain_target_precision,
                 target_oos_recall=config.abstain_target_oos_recall,
                 max_unknown_share=config.abstain_max_share,
+                standardization=standardization,
             )
             result["policy"] = policy.to_dict()
         unknown = served_unknown(logits.argmax(axis=1), scores, policy.threshold, oos)
@@ -285,7 +305,8 @@ def run_baseline(options: Options) -> dict[str, Any]:
     device = select_device(config.device)
     torch.set_num_threads(share_cpus(1))  # the same threads as textgate's
     seed_everything(config.seed)
-    model, tokenizer = build_classifier(config.base_model, labels)
+    # transformers' own head for the base model (a plain fine-tune, as a user would write it)
+    model, tokenizer = build_classifier(config.base_model, labels, pooling="cls")
 
     def dataset(split: Split) -> list[dict[str, torch.Tensor]]:
         encoded = tokenizer(
@@ -363,7 +384,7 @@ def run_textgate(options: Options) -> dict[str, Any]:
     ids = {name: [label_ids[label] for label in split.labels] for name, split in splits.items()}
     device = select_device(config.device)
     seed_everything(config.seed)
-    model, tokenizer = build_classifier(config.base_model, labels)
+    model, tokenizer = build_classifier(config.base_model, labels, config.pooling)
     test_texts = splits["test"].texts
     points: list[dict[str, Any]] = []
     hook_seconds = 0.0

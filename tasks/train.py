@@ -69,6 +69,7 @@ from textgate.unknown import (
     UnknownPolicy,
     choose_unknown_threshold,
     fit_gaussian,
+    fit_standardization,
     unknown_scores,
 )
 
@@ -170,7 +171,7 @@ def train_and_save(params: Params, world: World, device: torch.device) -> dict[s
     oos_index(params, splits.labels)  # a wrong out-of-scope label fails before training
     checkpoint_dir = config.checkpoint_dir / run_fingerprint(config, splits.files, world.size)
     seed_everything(config.seed)  # before the new classification head is initialised
-    model, tokenizer = build_classifier(config.base_model, splits.labels)
+    model, tokenizer = build_classifier(config.base_model, splits.labels, config.pooling)
     result = train_classifier(
         model,
         tokenizer,
@@ -308,22 +309,34 @@ def choose_abstention(
 ) -> UnknownPolicy:
     """The unknown score's threshold, chosen on validation; printed with what it gives."""
     config = params.train
+    y_val = np.asarray(splits.targets(splits.val))
+    oos = oos_index(params, splits.labels)
+    standardization = fit_standardization(
+        config.unknown_score,
+        val_logits,
+        val_embeddings,
+        y_val != oos if oos is not None else np.ones(len(y_val), dtype=bool),
+        temperature=temperature,
+        gaussian=gaussian,
+    )
     scores = unknown_scores(
         config.unknown_score,
         val_logits,
         val_embeddings,
         temperature=temperature,
         gaussian=gaussian,
+        standardization=standardization,
     )
     policy = choose_unknown_threshold(
         config.unknown_score,
         scores,
-        splits.targets(splits.val),
+        y_val,
         val_logits.argmax(axis=1),
-        oos_index=oos_index(params, splits.labels),
+        oos_index=oos,
         target_precision=config.abstain_target_precision,
         target_oos_recall=config.abstain_target_oos_recall,
         max_unknown_share=config.abstain_max_share,
+        standardization=standardization,
     )
     recall = "" if policy.oos_recall is None else f", out-of-scope recall {policy.oos_recall:.4f}"
     print(

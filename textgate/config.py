@@ -185,14 +185,17 @@ class TrainConfig(_Section):
     # Under the precision target, at most this share of validation answered "unknown" by
     # score; None = no cap.
     abstain_max_share: float | None = Field(ge=0, le=1)
-    # The unknown score (textgate.unknown): msp | energy | mahalanobis.
-    unknown_score: Literal["msp", "energy", "mahalanobis"]
+    # The unknown score (textgate.unknown): msp | energy | mahalanobis | mahalanobis+energy.
+    unknown_score: Literal["msp", "energy", "mahalanobis", "mahalanobis+energy"]
     # With out-of-scope examples in validation: the share of them to answer "unknown"
     # (this target instead of abstain_target_precision); None = the precision target.
     abstain_target_oos_recall: float | None = Field(gt=0, le=1)
     # Training processes (torchrun / DDP); auto = one per CUDA GPU, else 1.
     processes: Annotated[int, Field(ge=1)] | Literal["auto"]
     freeze_embeddings: bool
+    # What the classification head reads: mean = the mean-pooled token states (BERT-family
+    # encoders), cls = the family's own head, auto = mean for BERT-family encoders, else cls.
+    pooling: Literal["auto", "mean", "cls"]
     evals_per_epoch: int = Field(ge=1)
     early_stopping_patience: Annotated[int, Field(ge=0)] | None  # 0 or None: off
     checkpoint_dir: FilePath

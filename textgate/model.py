@@ -27,9 +27,11 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as transformers_logging
 
 from textgate.artifacts import LABEL_MAP_FILE, TRAINING_FILE
@@ -68,6 +70,7 @@ __all__ = [
     "batched_logits",
     "batched_outputs",
     "build_classifier",
+    "load_sequence_classifier",
     "check_explainable",
     "explain_by_occlusion",
     "length_sorted_batches",
@@ -150,20 +153,91 @@ def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | 
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def mean_pooled(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) mean of (batch, tokens, hidden) states over the real (unmasked) tokens:
+    the representation the unknown score (textgate.unknown) reads, in PyTorch and in ONNX."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (batch, tokens, 1)
+    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class MeanPooledBertForSequenceClassification(BertForSequenceClassification):
+    """A BERT-family classifier whose head reads the mean of the last hidden states over the
+    real tokens (how sentence-transformers encoders such as MiniLM were trained to summarise
+    a text) instead of BERT's [CLS] pooler; the same dropout and linear layer on top.
+
+    Saved and loaded as any transformers checkpoint (`config.architectures` names this class:
+    `load_sequence_classifier` picks it), traced to ONNX like the original.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.bert.pooler = None  # unused: no weights, no compute
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        output = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        pooled = mean_pooled(output.last_hidden_state, attention_mask)
+        logits = self.classifier(self.dropout(pooled))
+        return SequenceClassifierOutput(logits=logits, hidden_states=output.hidden_states)
+
+
+MEAN_POOLED = MeanPooledBertForSequenceClassification.__name__
+
+
+def load_sequence_classifier(path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """A saved classifier checkpoint, with the class it was saved from (mean-pooled or the
+    family's own head)."""
+    config = AutoConfig.from_pretrained(path)
+    if MEAN_POOLED in (getattr(config, "architectures", None) or []):
+        return MeanPooledBertForSequenceClassification.from_pretrained(path, **kwargs)
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
 def build_classifier(
-    base_model: str, labels: Sequence[str]
+    base_model: str, labels: Sequence[str], pooling: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base encoder with a fresh classification head for `labels`."""
+    """Load the base encoder with a fresh classification head for `labels`.
+
+    `pooling` (train.pooling): `mean` = the head reads the mean-pooled token states (BERT-family
+    encoders); `cls` = the family's own head (BERT's [CLS] pooler); `auto` = mean where the
+    encoder is of the BERT family, else cls.
+    """
     source = resolve_base_model(base_model)
     id2label = dict(enumerate(labels))
     label2id = {label: index for index, label in id2label.items()}
     try:
+        config = AutoConfig.from_pretrained(source)
+        bert_family = config.model_type == "bert"
+        if pooling == "mean" and not bert_family:
+            raise ConfigError(
+                f"train.pooling: mean needs a BERT-family encoder; {base_model!r} is "
+                f"{config.model_type!r}: set train.pooling to cls (or auto)"
+            )
+        mean = pooling == "mean" or (pooling == "auto" and bert_family)
+        model_class = (
+            MeanPooledBertForSequenceClassification if mean else AutoModelForSequenceClassification
+        )
         tokenizer = AutoTokenizer.from_pretrained(source)
-        # The classification head is new by design: silence the "newly initialized" report.
+        # The classification head is new by design (and a mean-pooled head leaves the [CLS]
+        # pooler's weights unused): silence the "newly initialized" / "unused" report.
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = model_class.from_pretrained(
                 source, num_labels=len(labels), id2label=id2label, label2id=label2id
             )
         finally:
@@ -171,13 +245,6 @@ def build_classifier(
     except OSError as error:
         raise ConfigError(f"train.base_model: cannot load {base_model!r}: {error}") from None
     return model, tokenizer
-
-
-def mean_pooled(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, hidden) mean of (batch, tokens, hidden) states over the real (unmasked) tokens:
-    the representation the unknown score (textgate.unknown) reads, in PyTorch and in ONNX."""
-    mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (batch, tokens, 1)
-    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 def _torch_inputs(
@@ -269,7 +336,7 @@ class TextClassifier(Classifier):
         self.device = select_device(device)
         self.runtime = f"torch-{self.device.type}"  # torch-cpu or torch-cuda
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_dir)
+        self.model = load_sequence_classifier(self.model_dir)
         self.model.to(self.device).eval()
 
     def logits_from_ids(

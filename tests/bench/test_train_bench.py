@@ -205,7 +205,7 @@ def test_textgate_side_records_test_accuracy_at_each_validation(tiny_data, tiny_
     # Abstention as served, and every unknown-score method thresholded on val.
     assert result["served_runtime"] == "onnx-int8"
     assert set(result["test"]) >= {"in_scope_accuracy", "oos_recall", "unknown_auroc", "coverage"}
-    assert set(result["methods"]) == {"msp", "energy", "mahalanobis"}
+    assert set(result["methods"]) == {"msp", "energy", "mahalanobis", "mahalanobis+energy"}
 
 
 @pytest.mark.slow  # trains the tiny model

@@ -78,18 +78,25 @@ def decisive_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     training) spreads the scores over about 0.1 to 0.9 while float32 noise stays near 1e-5.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from textgate.io import read_json
-    from textgate.model import LABEL_MAP_FILE, TRAINING_FILE, save_classifier
+    from textgate.model import (
+        LABEL_MAP_FILE,
+        TRAINING_FILE,
+        load_sequence_classifier,
+        mean_pooled,
+        save_classifier,
+    )
 
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    model = load_sequence_classifier(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     with torch.no_grad():
         batch = tokenizer(
             PROBE_TEXTS, truncation=True, max_length=32, padding=True, return_tensors="pt"
         )
-        pooled = model.bert(**batch).pooler_output  # (texts, hidden)
+        states = model.bert(**batch).last_hidden_state
+        pooled = mean_pooled(states, batch["attention_mask"])  # what the head reads
         mean = pooled.mean(0)
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(model.config.num_labels, pooled.shape[1], generator=generator)

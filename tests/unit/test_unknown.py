@@ -11,6 +11,7 @@ from textgate.unknown import (
     auroc,
     choose_unknown_threshold,
     fit_gaussian,
+    fit_standardization,
     load_detector,
     served_scores,
     served_unknown,
@@ -68,6 +69,87 @@ def test_mahalanobis_without_embeddings_is_refused():
         unknown_scores("mahalanobis", np.zeros((2, 3)))
     with pytest.raises(ValueError, match="unknown score method"):
         unknown_scores("cosine", np.zeros((2, 3)))
+
+
+def two_kinds_of_unknown(seed: int = 3):
+    """In-scope rows (near a class, confident logits) and two kinds of out-of-scope rows: far
+    from every class but confidently classified, and near a class but with flat logits.
+
+    Returns (gaussian, logits, embeddings, is_oos)."""
+    rng = np.random.default_rng(seed)
+    train, y, test, is_oos = clusters(seed)
+    gaussian = fit_gaussian(train, y)
+    n_in, n_far = int((~is_oos).sum()), int(is_oos.sum())
+    near = test[:n_far] + rng.normal(0, 0.2, size=(n_far, HIDDEN))  # close to in-scope rows
+    embeddings = np.vstack([test, near])
+    logits = np.zeros((len(embeddings), 3))
+    confident = rng.normal(8, 1, size=n_in + n_far)
+    logits[np.arange(n_in + n_far), rng.integers(0, 3, n_in + n_far)] = confident
+    logits[n_in + n_far :] = rng.normal(0, 0.1, size=(n_far, 3))  # the near ones: flat
+    return gaussian, logits, embeddings, np.r_[is_oos, np.ones(n_far, bool)]
+
+
+def test_the_combined_score_finds_both_kinds_of_unknown_each_part_misses_one():
+    gaussian, logits, embeddings, is_oos = two_kinds_of_unknown()
+    in_scope = ~is_oos
+    std = fit_standardization("mahalanobis+energy", logits, embeddings, in_scope, gaussian=gaussian)
+    assert set(std) == {"mahalanobis", "energy"}
+    combined = unknown_scores(
+        "mahalanobis+energy", logits, embeddings, gaussian=gaussian, standardization=std
+    )
+    parts = {
+        m: unknown_scores(m, logits, embeddings, gaussian=gaussian)
+        for m in ("mahalanobis", "energy")
+    }
+    for part, scores in parts.items():
+        assert auroc(is_oos, scores) < 0.8, part  # each part misses one kind
+    assert auroc(is_oos, combined) > 0.95
+    # standardised on the in-scope rows: each part weighs the same there
+    mean, sd = std["energy"]
+    z = (parts["energy"][in_scope] - mean) / sd
+    assert z.mean() == pytest.approx(0, abs=1e-9) and z.std() == pytest.approx(1)
+    assert fit_standardization("mahalanobis", logits, embeddings, in_scope) is None
+    with pytest.raises(ValueError, match="standardization of its parts"):
+        unknown_scores("mahalanobis+energy", logits, embeddings, gaussian=gaussian)
+
+
+def test_a_combined_detector_round_trips_through_training_json(tmp_path):
+    import json
+
+    gaussian, logits, embeddings, is_oos = two_kinds_of_unknown()
+    gaussian.save(tmp_path)
+    std = fit_standardization(
+        "mahalanobis+energy", logits, embeddings, ~is_oos, temperature=1.5, gaussian=gaussian
+    )
+    scores = unknown_scores(
+        "mahalanobis+energy",
+        logits,
+        embeddings,
+        temperature=1.5,
+        gaussian=gaussian,
+        standardization=std,
+    )
+    policy = choose_unknown_threshold(
+        "mahalanobis+energy",
+        scores,
+        np.where(is_oos, 3, 0),
+        logits.argmax(axis=1),
+        oos_index=3,
+        target_precision=0.98,
+        target_oos_recall=0.9,
+        standardization=std,
+    )
+    metadata = json.loads(json.dumps({"abstention": policy.to_dict()}))
+    detector = load_detector(metadata, tmp_path, ["a", "b", "c"], temperature=1.5)
+    np.testing.assert_allclose(detector.scores(logits, embeddings), scores)
+    assert detector.unknown(logits, embeddings)[is_oos].mean() >= 0.9
+    broken = {"abstention": {**metadata["abstention"], "standardization": {"energy": [0, 1]}}}
+    with pytest.raises(ValueError, match="mean and standard deviation of each"):
+        load_detector(broken, tmp_path, ["a", "b", "c"], temperature=1.5)
+    zero = {"mahalanobis": [1.0, 0.0], "energy": [0.0, 1.0]}
+    broken["abstention"]["standardization"] = zero
+    with pytest.raises(ValueError, match="standard deviation > 0"):
+        load_detector(broken, tmp_path, ["a", "b", "c"], temperature=1.5)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.95])
