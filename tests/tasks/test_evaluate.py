@@ -68,7 +68,8 @@ def test_an_out_of_scope_label_is_served_as_unknown_scored_and_gated(tmp_path, t
     write_csv(tmp_path / "must_pass.csv", MUST_PASS_ROWS)
     overrides = tiny_overrides(tmp_path, tiny_base_model)
     overrides["data"]["out_of_scope_label"] = "oos"
-    overrides["train"] |= {"unknown_score": "mahalanobis", "abstain_target_oos_recall": 0.9}
+    combined = "mahalanobis+energy"  # the default: its standardization travels in training.json
+    overrides["train"] |= {"unknown_score": combined, "abstain_target_oos_recall": 0.9}
     params = make_params(overrides)
     params.validate_.output_dir.mkdir(parents=True)
     labels = sorted({label for _, label in rows})
@@ -77,10 +78,11 @@ def test_an_out_of_scope_label_is_served_as_unknown_scored_and_gated(tmp_path, t
     train.run(params)
     meta = json.loads((params.train.output_dir / "model" / "training.json").read_text())
     assert meta["out_of_scope_label"] == "oos" and meta["abstention"]["target"] == "oos_recall"
+    assert set(meta["abstention"]["standardization"]) == {"mahalanobis", "energy"}
     evaluate.run(params)
     written = json.loads((params.evaluate.output_dir / "metrics.json").read_text())
     served = written["abstention"]
-    assert served["out_of_scope_label"] == "oos" and served["method"] == "mahalanobis"
+    assert served["out_of_scope_label"] == "oos" and served["method"] == combined
     for key in ("in_scope_accuracy", "oos_recall", "oos_precision", "unknown_auroc", "coverage"):
         assert served[key] is None or 0 <= served[key] <= 1, key
     assert served["oos_recall"] is not None and served["coverage"] < 1
