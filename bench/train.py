@@ -709,7 +709,7 @@ def format_methods(methods: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "unknown-score methods (fp32; threshold chosen on val for the params' target):",
-        f"{'method':14}{'val AUROC':>10}{'val oos rec.':>13}{'val in-scope':>13}"
+        f"{'method':20}{'val AUROC':>10}{'val oos rec.':>13}{'val in-scope':>13}"
         f"{'test AUROC':>11}{'test oos rec.':>14}{'test in-scope':>14}",
     ]
     for method, result in methods.items():
@@ -722,7 +722,7 @@ def format_methods(methods: dict[str, Any]) -> list[str]:
             (test["oos_recall"], 14),
             (test["in_scope_accuracy"], 14),
         ]
-        lines.append(f"{method:14}" + "".join(f"{_cell(v, '{:.4f}'):>{w}}" for v, w in cells))
+        lines.append(f"{method:20}" + "".join(f"{_cell(v, '{:.4f}'):>{w}}" for v, w in cells))
     return lines
 
 
