@@ -218,14 +218,8 @@ def thresholded(
     oos = list(labels).index(options.oos_label) if options.oos_label in labels else None
     result: dict[str, Any] = {"method": method}
     policy = None
-    y_val = np.asarray(val[2])
     standardization = fit_standardization(
-        method,
-        val[0],
-        val[1],
-        y_val != oos if oos is not None else np.ones(len(y_val), dtype=bool),
-        temperature=temperature,
-        gaussian=gaussian,
+        method, *val, oos, temperature=temperature, gaussian=gaussian
     )
     for name, (logits, embeddings, y) in (("val", val), ("test", test)):
         scores = unknown_scores(

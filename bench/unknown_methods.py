@@ -41,6 +41,7 @@ def scores_table(
         choose_unknown_threshold,
         fit_gaussian,
         fit_standardization,
+        served_scores,
         served_unknown,
         unknown_scores,
     )
@@ -62,20 +63,16 @@ def scores_table(
     )
 
     def served(split: tuple, scores: np.ndarray, threshold: float | None) -> dict[str, float]:
-        logits, _, y = split
-        predicted = logits.argmax(axis=1)
+        predicted, y = split[0].argmax(axis=1), split[2]
         unknown = served_unknown(predicted, scores, threshold, oos)
-        in_scope = y != oos
-        return {
-            "in_scope_accuracy": float(((predicted == y) & ~unknown)[in_scope].mean()),
-            "oos_recall": float(unknown[~in_scope].mean()),
-        }
+        figures = served_scores(y, predicted, unknown, scores, oos)
+        return {key: figures[key] for key in ("in_scope_accuracy", "oos_recall")}
 
     val, test = splits["val"], splits["test"]
     result: dict[str, Any] = {"argmax": served(test, np.zeros(len(test[2])), None)}
     for method in METHODS:
         fitted = {"temperature": temperature, "gaussian": gaussian}
-        standardization = fit_standardization(method, val[0], val[1], val[2] != oos, **fitted)
+        standardization = fit_standardization(method, *val, oos, **fitted)
         fitted["standardization"] = standardization
         score = {name: unknown_scores(method, s[0], s[1], **fitted) for name, s in splits.items()}
         row: dict[str, Any] = {

@@ -315,7 +315,8 @@ def choose_abstention(
         config.unknown_score,
         val_logits,
         val_embeddings,
-        y_val != oos if oos is not None else np.ones(len(y_val), dtype=bool),
+        y_val,
+        oos,
         temperature=temperature,
         gaussian=gaussian,
     )

@@ -138,16 +138,20 @@ def fit_standardization(
     method: str,
     logits: np.ndarray,
     embeddings: np.ndarray | None,
-    in_scope: np.ndarray,
+    y_true: Sequence[int] | np.ndarray,
+    oos_index: int | None,
     *,
     temperature: float = 1.0,
     gaussian: Gaussian | None = None,
 ) -> Standardization | None:
-    """Each part's mean and standard deviation on the `in_scope` rows (of the validation
-    split) for a combined `method`; None for a single score."""
+    """Each part's mean and standard deviation on the in-scope rows (`y_true` other than
+    `oos_index`; all rows when None) of the validation split, for a combined `method`; None
+    for a single score."""
     if method not in COMBINED:
         return None
-    in_scope = np.asarray(in_scope, dtype=bool)
+    in_scope = (
+        np.asarray(y_true) != oos_index if oos_index is not None else np.ones(len(logits), bool)
+    )
     if not in_scope.any():
         raise ValueError(f"cannot standardize the {method} score: no in-scope examples")
     out: Standardization = {}

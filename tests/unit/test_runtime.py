@@ -182,7 +182,7 @@ def test_onnx_gives_the_unknown_score_torch_gives(
         # int8 noise: the distance is checked above, the logits by the next test.)
         combined = "mahalanobis+energy"
         std = fit_standardization(
-            combined, torch_logits, reference, np.ones(len(TEXTS), bool), gaussian=gaussian
+            combined, torch_logits, reference, np.zeros(len(TEXTS)), None, gaussian=gaussian
         )
         both = {"gaussian": gaussian, "standardization": std}
         expected = unknown_scores(combined, torch_logits, reference, **both)

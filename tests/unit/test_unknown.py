@@ -92,7 +92,8 @@ def two_kinds_of_unknown(seed: int = 3):
 def test_the_combined_score_finds_both_kinds_of_unknown_each_part_misses_one():
     gaussian, logits, embeddings, is_oos = two_kinds_of_unknown()
     in_scope = ~is_oos
-    std = fit_standardization("mahalanobis+energy", logits, embeddings, in_scope, gaussian=gaussian)
+    y = np.where(is_oos, 3, 0)  # label 3: out of scope
+    std = fit_standardization("mahalanobis+energy", logits, embeddings, y, 3, gaussian=gaussian)
     assert set(std) == {"mahalanobis", "energy"}
     combined = unknown_scores(
         "mahalanobis+energy", logits, embeddings, gaussian=gaussian, standardization=std
@@ -108,7 +109,9 @@ def test_the_combined_score_finds_both_kinds_of_unknown_each_part_misses_one():
     mean, sd = std["energy"]
     z = (parts["energy"][in_scope] - mean) / sd
     assert z.mean() == pytest.approx(0, abs=1e-9) and z.std() == pytest.approx(1)
-    assert fit_standardization("mahalanobis", logits, embeddings, in_scope) is None
+    assert fit_standardization("mahalanobis", logits, embeddings, y, 3) is None
+    with pytest.raises(ValueError, match="no in-scope examples"):
+        fit_standardization("mahalanobis+energy", logits, embeddings, np.full(len(y), 3), 3)
     with pytest.raises(ValueError, match="standardization of its parts"):
         unknown_scores("mahalanobis+energy", logits, embeddings, gaussian=gaussian)
 
@@ -118,8 +121,9 @@ def test_a_combined_detector_round_trips_through_training_json(tmp_path):
 
     gaussian, logits, embeddings, is_oos = two_kinds_of_unknown()
     gaussian.save(tmp_path)
+    y = np.where(is_oos, 3, 0)
     std = fit_standardization(
-        "mahalanobis+energy", logits, embeddings, ~is_oos, temperature=1.5, gaussian=gaussian
+        "mahalanobis+energy", logits, embeddings, y, 3, temperature=1.5, gaussian=gaussian
     )
     scores = unknown_scores(
         "mahalanobis+energy",
@@ -132,7 +136,7 @@ def test_a_combined_detector_round_trips_through_training_json(tmp_path):
     policy = choose_unknown_threshold(
         "mahalanobis+energy",
         scores,
-        np.where(is_oos, 3, 0),
+        y,
         logits.argmax(axis=1),
         oos_index=3,
         target_precision=0.98,
